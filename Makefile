@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine with Python 3.11:
+#   make demo   set up, then run the main job on the bundled model
+#   make test   set up, then run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned (2.13.0, a CPU wheel on our machines' disk; the same pin serves CUDA users)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[all,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/layerprune demo -o $(OUT)
+
+test: setup
+	$(PY) -m ruff check src tests bench recipes
+	$(PY) -m ruff format --check src tests bench recipes
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) runs build .pytest_cache

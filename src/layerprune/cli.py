@@ -1,0 +1,406 @@
+"""The `layerprune` command: thin subcommands over the library functions, in pipeline order.
+
+Every error a user can cause is printed on one line that names the fix, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LayerpruneError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    from .models.loading import load
+
+    return load(args.model, device=args.device, quiet=args.quiet)
+
+
+def _mask_arg(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    bits = text.replace(",", "").strip()
+    if not bits or set(bits) - {"0", "1"}:
+        raise LayerpruneError(f"--mask '{text}' must be a string of 0/1, one per unit (1 = keep)")
+    return [int(b) for b in bits]
+
+
+# ---- info -------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    lm = _load(args)
+    a = lm.adapter
+    total = sum(p.numel() for p in lm.model.parameters())
+    per_block = [sum(p.numel() for p in b.parameters()) for b in a.blocks]
+    info = {
+        "model": args.model,
+        "path": str(lm.path) if lm.path else None,
+        "architecture": a.spec.name,
+        "class": type(lm.model).__name__,
+        "blocks": a.num_blocks,
+        "parameters": total,
+        "parameters_in_blocks": sum(per_block),
+        "parameters_per_block": per_block,
+        "linear_roles": a.roles,
+        "has_attention_mlp_split": a.has_parts(),
+        "context_length": a.context_length,
+        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "fingerprint": lm.fingerprint,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"model          {args.model}" + (f"  ({lm.path})" if lm.path and str(lm.path) != args.model else "")
+    )
+    print(f"architecture   {info['architecture']} ({info['class']})")
+    print(f"blocks         {info['blocks']}")
+    print(f"parameters     {total:,} ({sum(per_block):,} in blocks, {total - sum(per_block):,} elsewhere)")
+    print(f"context        {info['context_length'] or 'unbounded'}")
+    print(f"linear roles   {', '.join(a.roles)}")
+    print(f"fingerprint    {info['fingerprint']}")
+    header = "block  parameters" + ("   attention         mlp" if a.has_parts() else "")
+    print(header)
+    for i, n in enumerate(per_block):
+        row = f"{i:>5}  {n:>10,}"
+        if a.has_parts():
+            from .models.adapter import Unit
+
+            row += f"  {a.unit_params(Unit(i, 'attn')):>10,}  {a.unit_params(Unit(i, 'mlp')):>10,}"
+        print(row)
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .evaluate.perplexity import perplexity
+    from .io import atomic_write_json, check_output_outside
+    from .models.loading import resolve
+    from .provenance import stamp
+
+    if not args.ppl:
+        raise LayerpruneError("nothing to evaluate; pass --ppl SOURCE (e.g. --ppl fixture:test)")
+    if args.output:
+        check_output_outside(args.output, resolve(args.model)[1])
+    mask = _mask_arg(args.mask)
+    lm = _load(args)
+    results = []
+    for source in args.ppl:
+        r = perplexity(
+            lm,
+            source,
+            seqlen=args.seqlen,
+            bos=args.bos,
+            max_windows=args.max_windows,
+            batch_size=args.batch_size,
+            mask=mask,
+            granularity=args.unit,
+            progress=not args.quiet,
+        )
+        p = r.protocol
+        print(
+            f"{source}: perplexity {r.ppl:.4f}  ({p['windows']} windows x {p['seqlen']} tokens, BOS {p['bos']}, {r.seconds:.1f}s)"
+        )
+        results.append(r.to_dict())
+    if args.output:
+        doc = {"model": args.model, "model_fingerprint": lm.fingerprint, "perplexity": results, **stamp()}
+        atomic_write_json(args.output, doc)
+        print(f"wrote {args.output}")
+    return 0
+
+
+# ---- score / plan / apply ----------------------------------------------------------------------
+def _calibration(lm, args):
+    from .score.run import calibration
+
+    return calibration(lm, args.calib, args.samples, args.seqlen, args.seed, args.bos)
+
+
+def cmd_score(args) -> int:
+    from .io import check_output_outside
+    from .models.loading import resolve
+    from .score import scorer
+    from .score.run import run
+
+    scorer(args.method)  # an unknown method fails before the model is loaded
+    check_output_outside(args.output, resolve(args.model)[1])
+    lm = _load(args)
+    windows = _calibration(lm, args)
+    params: dict = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    if args.store and args.method in ("ppl", "sleb"):
+        from .engine.store import EvalStore
+
+        params["store"] = EvalStore(args.store, lm.fingerprint, windows.fingerprint, windows.protocol)
+    if args.method == "sleb":
+        from .allocate.depth import protected_blocks
+
+        params["steps"] = args.steps
+        params["protected"] = protected_blocks(args.protect, lm.adapter.num_blocks, "sleb")
+    if args.method == "taylor":
+        params["norm_power"] = args.norm_power
+    scores = run(lm, args.method, windows, unit=args.unit, progress=not args.quiet, **params)
+    scores.save(args.output)
+    print(
+        f"{args.method} importance per {args.unit} ({scores.seconds:.1f}s, calibration {windows.protocol['samples']} x {windows.protocol['seqlen']}):"
+    )
+    _print_importance(scores)
+    print(f"wrote {args.output}")
+    if not args.no_plot:
+        from .report.plots import importance_chart
+
+        png = importance_chart(scores, Path(args.output).with_suffix(".png"))
+        if png:
+            print(f"wrote {png}")
+    return 0
+
+
+def _print_importance(scores, removed=()) -> None:
+    ranked = sorted(
+        (i for i, v in enumerate(scores.importance) if v is not None), key=lambda i: scores.importance[i]
+    )
+    rank = {i: r + 1 for r, i in enumerate(ranked)}
+    for i, (u, v) in enumerate(zip(scores.units, scores.importance)):
+        mark = "  <- removed" if u in removed else ""
+        value = "removed" if v is None else f"{v:.6g}"
+        print(f"  {u:>7}  {value:>12}  rank {rank.get(i, '-')}{mark}")
+
+
+def cmd_plan(args) -> int:
+    from .allocate.depth import make_plan
+    from .io import check_output_outside
+    from .models.loading import load_config, resolve
+    from .score.base import Scores
+
+    check_output_outside(args.output, resolve(args.model)[1])
+    scores = Scores.load(args.scores)
+    config = load_config(args.model)
+    from .models.adapter import spec_for
+
+    spec = spec_for(config)
+    L = config.num_hidden_layers
+    expected = L * (1 if scores.unit == "block" else 2)
+    if len(scores.units) != expected or scores.model.get("num_blocks") != L:
+        raise LayerpruneError(
+            f"{args.scores} scores {len(scores.units)} {scores.unit} units but {args.model} has {expected} "
+            f"({spec.name}, {L} blocks); score this model with `layerprune score`"
+        )
+    rescore = None
+    if args.iterative and scores.method not in ("sleb", "angular"):
+        lm = _load(args)
+        if lm.fingerprint != scores.model["fingerprint"]:
+            raise LayerpruneError(
+                f"{args.scores} was computed on model fingerprint {scores.model['fingerprint']}, "
+                f"not on {args.model} ({lm.fingerprint}); re-score this model"
+            )
+        rescore = _rescorer(lm, scores, args)
+    plan = make_plan(
+        scores,
+        remove=args.remove,
+        ratio=args.ratio,
+        protect=args.protect,
+        iterative=args.iterative,
+        rescore=rescore,
+    )
+    plan.save(args.output)
+    print(
+        f"depth plan ({plan.method}{', iterative' if args.iterative else ''}): remove {', '.join(plan.remove)} "
+        f"of {scores.model['num_blocks']} blocks; protected {plan.params['protected'] or 'none'}"
+    )
+    print(f"wrote {args.output}")
+    if not args.no_plot:
+        from .report.plots import importance_chart
+
+        png = importance_chart(scores, Path(args.output).with_suffix(".png"), removed=plan.remove)
+        if png:
+            print(f"wrote {png}")
+    return 0
+
+
+def _rescorer(lm, scores, args):
+    from .data import calibration_windows, load_text
+    from .score.run import run
+
+    c = scores.calibration
+    windows = calibration_windows(
+        lm.tokenizer, load_text(c["dataset"], "train"), c["samples"], c["seqlen"], c["seed"], c["bos"]
+    )
+    if windows.fingerprint != c["fingerprint"]:
+        raise LayerpruneError(
+            f"the calibration data of {args.scores} ({c['dataset']}) changed since scoring; re-score"
+        )
+    params = {k: v for k, v in scores.params.items() if k in ("batch_size", "norm_power")}
+
+    def rescore(removed):
+        return run(
+            lm, scores.method, windows, unit=scores.unit, removed=removed, progress=not args.quiet, **params
+        ).importance
+
+    return rescore
+
+
+def cmd_apply(args) -> int:
+    from .evaluate.perplexity import perplexity
+    from .export import export
+    from .io import check_output_outside
+    from .models.loading import resolve
+    from .plan import Plan
+    from .prune.depth import apply
+
+    plan = Plan.load(args.plan)
+    model_name = args.model or plan.model["name"]
+    check_output_outside(args.output, resolve(model_name)[1])
+    args.model = model_name
+    lm = _load(args)
+    counts = apply(lm, plan)
+    evaluation = []
+    for source in args.eval or []:
+        r = perplexity(lm, source, seqlen=args.seqlen, batch_size=args.batch_size, progress=not args.quiet)
+        print(
+            f"{source}: perplexity {r.ppl:.4f} after pruning ({r.protocol['windows']} windows x {r.protocol['seqlen']})"
+        )
+        evaluation.append(r.to_dict())
+    out = export(
+        lm, args.output, plan, {"pruning": counts, "evaluation": evaluation}, overwrite=args.overwrite
+    )
+    print(
+        f"removed {', '.join(plan.remove)}: {counts['blocks_before']} -> {counts['blocks_after']} blocks, "
+        f"{counts['parameters_before']:,} -> {counts['parameters_after']:,} parameters"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_calibration(p: argparse.ArgumentParser, samples: int, seqlen: int) -> None:
+    p.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text (default: fixture:val for the fixture, else bookcorpus)",
+    )
+    p.add_argument("--samples", type=int, default=samples, help=f"calibration samples (default {samples})")
+    p.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per sample (default {seqlen})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bos", choices=("none", "first", "every"), default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="samples per forward (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="layerprune",
+        description="Decide, layer by layer, how to prune a causal LM; apply, recover and measure the result.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="blocks, parameters per block, architecture of a model")
+    p.add_argument("model", help="a local model folder, a hub id, or 'fixture'")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity (under an optional layer mask)")
+    p.add_argument("model", help="a local model folder, a hub id, or 'fixture'")
+    p.add_argument(
+        "--ppl",
+        action="append",
+        metavar="SRC",
+        help="text source: fixture:test, a .txt/.jsonl file or folder, wikitext2, ptb, c4 (repeatable)",
+    )
+    p.add_argument(
+        "--seqlen", type=int, default=None, help="window length (default: model context up to 2048)"
+    )
+    p.add_argument(
+        "--bos",
+        choices=("none", "first", "every"),
+        default=None,
+        help="BOS policy (default: as the tokenizer does; every window for Gemma)",
+    )
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mask", default=None, help="evaluate with units skipped: one 0/1 per unit, 1 = keep")
+    p.add_argument(
+        "--unit", choices=("block", "module"), default="block", help="what a --mask entry stands for"
+    )
+    p.add_argument("-o", "--output", type=Path, default=None, help="write results JSON here")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    from .score import DEPTH_METHODS
+
+    p = sub.add_parser("score", help="importance of each block (or attention / MLP part)")
+    p.add_argument("model", help="a local model folder, a hub id, or 'fixture'")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(DEPTH_METHODS)}")
+    p.add_argument(
+        "--unit", choices=("block", "module"), default="block", help="whole blocks or attention/MLP parts"
+    )
+    _add_calibration(p, 10, 128)
+    p.add_argument("--store", default=None, help="SQLite evaluation store: a killed run resumes (ppl, sleb)")
+    p.add_argument(
+        "--protect", default="default", help="sleb: blocks never removed (ends, plus, none, or 0,1,-1)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="sleb: greedy removal steps (default: all)")
+    p.add_argument("--norm-power", type=int, default=1, choices=(1, 2), help="taylor: |s|^p")
+    p.add_argument("-o", "--output", type=Path, required=True, help="scores.json")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG bar chart next to the output")
+    _add_common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("plan", help="turn scores into a plan (JSON)")
+    p.add_argument("model", help="the model the scores belong to")
+    p.add_argument("--scores", type=Path, required=True, help="scores.json from `layerprune score`")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--remove", type=int, default=None, help="number of units to remove")
+    g.add_argument("--ratio", type=float, default=None, help="fraction of units to remove (rounded)")
+    p.add_argument("--iterative", action="store_true", help="re-score after each removal")
+    p.add_argument(
+        "--protect",
+        default="default",
+        help="blocks never removed: plus (Taylor+), ends, none, or 0,1,-1 (default: plus for taylor, ends for sleb)",
+    )
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("-o", "--output", type=Path, required=True, help="plan.json")
+    p.add_argument("--no-plot", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="apply a plan and write the pruned checkpoint")
+    p.add_argument("plan", type=Path, help="plan.json")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--model", default=None, help="the model to prune (default: the one the plan names)")
+    p.add_argument(
+        "--eval", action="append", metavar="SRC", help="perplexity of the result on SRC (repeatable)"
+    )
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_common(p)
+    p.set_defaults(func=cmd_apply)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LayerpruneError as e:
+        print(f"layerprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerprune: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `layerprune ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Calibration and evaluation text, cut into token windows with a recorded protocol.
+
+A source is one of:
+- `fixture:val`, `fixture:test` — the bundled model's held-out text;
+- a local `.txt` file (one document), `.jsonl` file (one document per line: {"text": ...} or a
+  string), or a folder of those (sorted, recursively);
+- a named dataset, `wikitext2`, `ptb`, `c4`, `bookcorpus`, with an optional `:train|val|test`
+  split, through `datasets` when a network exists. Offline, a name fails at once and names the
+  local alternative.
+Documents are joined with a blank line ("\\n\\n"), the convention of the perplexity protocol.
+
+BOS policy: "none" (no BOS), "first" (BOS once, before the joined text — what `tokenizer(text)`
+does for Llama-style tokenizers), "every" (each window starts with BOS; Gemma needs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import LayerpruneError
+from .models.loading import FIXTURE_DIR
+
+BOS_POLICIES = ("none", "first", "every")
+JOIN = "\n\n"
+_DOC_SAMPLING_CHARS = 20_000_000  # above this, calibration samples documents instead of tokenizing all
+
+NAMED = {
+    "wikitext2": {
+        "args": ("wikitext", "wikitext-2-raw-v1"),
+        "splits": {"train": "train", "val": "validation", "test": "test"},
+        "field": "text",
+    },
+    "ptb": {
+        "args": ("ptb_text_only", "penn_treebank"),
+        "splits": {"train": "train", "val": "validation", "test": "test"},
+        "field": "sentence",
+    },
+    "c4": {
+        "args": ("allenai/c4",),
+        "data_files": {
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-01024.json.gz",
+        },
+        "splits": {"train": "train", "val": "validation", "test": "validation"},
+        "field": "text",
+    },
+    "bookcorpus": {"args": ("bookcorpus",), "splits": {"train": "train"}, "field": "text"},
+}
+
+
+@dataclass
+class Text:
+    name: str  # how the source was named, e.g. "fixture:test", "wikitext2:test", a path
+    documents: list[str]
+    _text: str | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = JOIN.join(self.documents)
+        return self._text
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+def _split_of(spec: str, default: str) -> tuple[str, str]:
+    name, _, split = spec.partition(":")
+    split = {"validation": "val", "valid": "val"}.get(split, split) or default
+    return name, split
+
+
+def load_text(source: str, default_split: str = "test") -> Text:
+    """Read a text source (see module docstring). `default_split` applies to named datasets."""
+    if source.startswith("fixture:") or source == "fixture":
+        split = source.partition(":")[2] or default_split
+        if split not in ("val", "test"):
+            raise LayerpruneError(
+                f"fixture has splits val and test, not '{split}'; use fixture:val or fixture:test"
+            )
+        path = FIXTURE_DIR / "data" / f"{split}.txt"
+        if not path.exists():
+            raise LayerpruneError(f"{path} is missing; reinstall layerprune")
+        return _checked(Text(f"fixture:{split}", [path.read_text(encoding="utf-8")]))
+    path = Path(source).expanduser()
+    if path.exists():
+        return _checked(Text(source, _read_local(path)))
+    name, split = _split_of(source, default_split)
+    if name in NAMED:
+        return _checked(_load_named(name, split))
+    raise LayerpruneError(
+        f"text source '{source}' is not a file, a folder, fixture:val|test, or one of {', '.join(NAMED)}"
+    )
+
+
+def _checked(text: Text) -> Text:
+    if not any(d.strip() for d in text.documents):
+        raise LayerpruneError(f"text source {text.name} is empty; give it some text")
+    return text
+
+
+def _read_local(path: Path) -> list[str]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise LayerpruneError(f"folder {path} has no .txt or .jsonl files")
+    docs: list[str] = []
+    for f in files:
+        if f.suffix not in (".txt", ".jsonl", ".raw", ".tokens"):
+            raise LayerpruneError(
+                f'cannot read {f}: use a .txt file, a .jsonl file ({{"text": ...}} per line) or a folder'
+            )
+        try:
+            content = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LayerpruneError(f"cannot read {f}: {e}") from None
+        if f.suffix != ".jsonl":
+            docs.append(content)
+            continue
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise LayerpruneError(
+                    f'{f}:{n} is not valid JSON; each line must be {{"text": ...}}'
+                ) from None
+            text = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise LayerpruneError(f'{f}:{n} has no "text" field')
+            docs.append(text)
+    return docs
+
+
+def _load_named(name: str, split: str) -> Text:
+    from .models.loading import hub_offline
+
+    info = NAMED[name]
+    if split not in info["splits"]:
+        raise LayerpruneError(f"{name} has splits {', '.join(info['splits'])}, not '{split}'")
+    local = "a local .txt/.jsonl file or folder, or fixture:val / fixture:test"
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or hub_offline():
+        raise LayerpruneError(f"dataset '{name}' needs a network and none is reachable; use {local}")
+    try:
+        import datasets
+    except ImportError:
+        raise LayerpruneError(
+            f"dataset '{name}' needs the datasets package: pip install datasets; or use {local}"
+        ) from None
+    kwargs = {"data_files": info["data_files"]} if "data_files" in info else {}
+    ds = datasets.load_dataset(*info["args"], split=info["splits"][split], **kwargs)
+    return Text(f"{name}:{split}", [row[info["field"]] for row in ds])
+
+
+# ---- tokens ----------------------------------------------------------------------------------
+def default_bos(tokenizer, adapter=None) -> str:
+    """What the reference scripts do: BOS wherever `tokenizer(text)` puts one (Gemma: every window)."""
+    if adapter is not None and adapter.default_bos == "every":
+        return "every"
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return "none"
+    ids = tokenizer("a")["input_ids"]
+    return "first" if ids and ids[0] == bos else "none"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: a long text is expected here; it is cut into windows afterwards.
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+@dataclass
+class Windows:
+    """Token windows [n, seqlen] and the protocol that produced them."""
+
+    input_ids: torch.Tensor
+    protocol: dict
+
+    @property
+    def fingerprint(self) -> str:
+        return self.protocol["fingerprint"]
+
+
+def _bos_id(tokenizer, bos: str) -> int | None:
+    if bos not in BOS_POLICIES:
+        raise LayerpruneError(f"unknown BOS policy '{bos}'; use one of {', '.join(BOS_POLICIES)}")
+    if bos == "none":
+        return None
+    if tokenizer.bos_token_id is None:
+        raise LayerpruneError(f"this tokenizer has no BOS token; use --bos none instead of '{bos}'")
+    return tokenizer.bos_token_id
+
+
+def _finish(ids: torch.Tensor, protocol: dict) -> Windows:
+    h = hashlib.sha256(ids.numpy().astype("int64").tobytes())
+    h.update(json.dumps(protocol, sort_keys=True).encode())
+    protocol["fingerprint"] = h.hexdigest()[:16]
+    return Windows(ids, protocol)
+
+
+def check_seqlen(seqlen: int, context: int | None) -> None:
+    if seqlen < 2:
+        raise LayerpruneError(f"seqlen {seqlen} is too short; use at least 2 tokens")
+    if context is not None and seqlen > context:
+        raise LayerpruneError(
+            f"seqlen {seqlen} exceeds the model's context of {context} tokens; use --seqlen {context} or less"
+        )
+
+
+def eval_windows(
+    tokenizer, text: Text, seqlen: int, bos: str = "first", max_windows: int | None = None
+) -> Windows:
+    """Non-overlapping windows of the joined text. Every window predicts seqlen - 1 tokens."""
+    bos_id = _bos_id(tokenizer, bos)
+    ids = encode(tokenizer, text.text)
+    if bos == "every":
+        step = seqlen - 1
+        n = len(ids) // step
+        body = torch.tensor(ids[: n * step], dtype=torch.long).view(n, step)
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), body], dim=1)
+    else:
+        if bos == "first":
+            ids = [bos_id, *ids]
+        n = len(ids) // seqlen
+        windows = torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+    if n == 0:
+        raise LayerpruneError(
+            f"{text.name} has {len(ids)} tokens, fewer than one window of {seqlen}; use more text or a smaller --seqlen"
+        )
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    protocol = {
+        "dataset": text.name,
+        "text_sha256": text.fingerprint,
+        "seqlen": seqlen,
+        "bos": bos,
+        "windows": int(windows.shape[0]),
+        "tokens": int(windows.shape[0] * (seqlen - 1)),
+        "join": JOIN,
+        "kind": "eval",
+    }
+    return _finish(windows, protocol)
+
+
+def calibration_windows(
+    tokenizer, text: Text, n: int, seqlen: int, seed: int = 0, bos: str = "first"
+) -> Windows:
+    """n windows of seqlen tokens at seeded random offsets.
+
+    Small sources are tokenized whole and windows drawn from the joined stream; large ones (C4) are
+    sampled document by document, as Wanda and SparseGPT sample C4."""
+    if n < 1:
+        raise LayerpruneError(f"--samples must be at least 1, not {n}")
+    bos_id = _bos_id(tokenizer, bos)
+    # "first" and "every" coincide for independent samples: each is a sequence of its own.
+    body_len = seqlen if bos_id is None else seqlen - 1
+    rng = random.Random(seed)
+    if sum(len(d) for d in text.documents) > _DOC_SAMPLING_CHARS:
+        rows = []
+        for _ in range(50 * n):
+            doc = encode(tokenizer, text.documents[rng.randrange(len(text.documents))])
+            if len(doc) > body_len:
+                start = rng.randrange(len(doc) - body_len + 1)
+                rows.append(doc[start : start + body_len])
+                if len(rows) == n:
+                    break
+        if len(rows) < n:
+            raise LayerpruneError(f"{text.name}: too few documents of {body_len}+ tokens for {n} samples")
+    else:
+        ids = encode(tokenizer, text.text)
+        if len(ids) < n * body_len:
+            raise LayerpruneError(
+                f"{text.name} has {len(ids)} tokens; {n} samples x {body_len} tokens need {n * body_len}. "
+                "Use more text, fewer --samples or a smaller --seqlen"
+            )
+        starts = [rng.randrange(len(ids) - body_len + 1) for _ in range(n)]
+        rows = [ids[s : s + body_len] for s in starts]
+    windows = torch.tensor(rows, dtype=torch.long)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), windows], dim=1)
+    protocol = {
+        "dataset": text.name,
+        "text_sha256": text.fingerprint,
+        "samples": n,
+        "seqlen": seqlen,
+        "seed": seed,
+        "bos": bos,
+        "tokens": int(n * (seqlen - 1)),
+        "kind": "calibration",
+    }
+    return _finish(windows, protocol)

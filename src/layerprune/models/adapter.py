@@ -1,0 +1,267 @@
+"""ModelAdapter: the only code that knows where a model keeps its blocks, projections and norms.
+
+Methods ask the adapter for blocks, the linear layers of a block by role, the attention / MLP parts,
+and use its two operations on depth:
+- `skip(mask)`: a context in which masked blocks (or attention / MLP parts) act as identity on the
+  residual stream. The ModuleList entries are swapped for weightless stand-ins, nothing is copied,
+  and everything is put back on exit. For evaluation without a KV cache.
+- `remove_blocks(indices)`: delete blocks for good, re-number every `layer_idx` (the KV cache is
+  indexed by it), and fix the config: `num_hidden_layers` and every per-layer list (`layer_types`,
+  ...), so that `save_pretrained` writes a checkpoint that loads with plain transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LayerpruneError
+from .registry import BY_MODEL_TYPE, SUPPORTED, ArchSpec
+
+# Config attributes that are lists but not one entry per layer.
+_NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, leaf, new)
+
+
+def spec_for(config) -> ArchSpec:
+    spec = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    if spec is None:
+        raise LayerpruneError(
+            f"architecture '{getattr(config, 'model_type', '?')}' is not supported; supported: {SUPPORTED}"
+        )
+    return spec
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """A prunable unit of depth: a whole block, or its attention or MLP part."""
+
+    block: int
+    part: str = "block"  # "block" | "attn" | "mlp"
+
+    def __str__(self) -> str:
+        return str(self.block) if self.part == "block" else f"{self.block}.{self.part}"
+
+    @classmethod
+    def parse(cls, text: str) -> Unit:
+        block, _, part = str(text).partition(".")
+        if not block.isdigit() or part not in ("", "attn", "mlp"):
+            raise LayerpruneError(f"unit '{text}' is not a block index ('3') or a part ('3.attn', '3.mlp')")
+        return cls(int(block), part or "block")
+
+
+class SkippedBlock(nn.Module):
+    """Stands in for a block: returns the residual stream unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class ZeroBranch(nn.Module):
+    """Stands in for an attention or MLP part: contributes nothing to the residual stream."""
+
+    def __init__(self, out_features: int | None = None, returns_tuple: bool = False):
+        super().__init__()
+        self.out_features = out_features
+        self.returns_tuple = returns_tuple
+
+    def forward(self, *args, **kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if self.out_features is None:
+            out = torch.zeros_like(x)
+        else:
+            out = x.new_zeros(*x.shape[:-1], self.out_features)
+        return (out, None) if self.returns_tuple else out
+
+
+class ModelAdapter:
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+        self.model = model
+        self.config = model.config
+        self.spec = spec or spec_for(model.config)
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return get_module(self.model, self.spec.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.spec.linears)
+
+    def linears(self, i: int) -> dict[str, nn.Module]:
+        block = self.blocks[i]
+        return {role: get_module(block, path) for role, path in self.spec.linears.items()}
+
+    def weight(self, layer: nn.Module) -> torch.Tensor:
+        """The weight of a linear layer as (out_features, in_features), a view of the parameter."""
+        return layer.weight.T if self.spec.transposed_weights else layer.weight
+
+    def norms(self, i: int) -> dict[str, nn.Module]:
+        block = self.blocks[i]
+        return {path: get_module(block, path) for path in self.spec.norms}
+
+    def has_parts(self) -> bool:
+        return self.spec.attention is not None and self.spec.mlp is not None
+
+    def part(self, i: int, part: str) -> nn.Module:
+        path = {"attn": self.spec.attention, "mlp": self.spec.mlp}[part]
+        if path is None:
+            raise LayerpruneError(f"{self.spec.name} blocks have no attention / MLP split; use --unit block")
+        return get_module(self.blocks[i], path)
+
+    def units(self, granularity: str = "block") -> list[Unit]:
+        if granularity == "block":
+            return [Unit(i) for i in range(self.num_blocks)]
+        if granularity == "module":
+            if not self.has_parts():
+                raise LayerpruneError(
+                    f"{self.spec.name} blocks have no attention / MLP split; use --unit block"
+                )
+            return [Unit(i, p) for i in range(self.num_blocks) for p in ("attn", "mlp")]
+        raise LayerpruneError(f"unknown unit '{granularity}'; use block or module")
+
+    def unit_parameters(self, unit: Unit) -> list[tuple[str, nn.Parameter]]:
+        """(name within the block, parameter) of a unit: a whole block, or a part with its norms."""
+        params = list(self.blocks[unit.block].named_parameters())
+        if unit.part == "block":
+            return params
+        if not self.has_parts():
+            raise LayerpruneError(f"{self.spec.name} blocks have no attention / MLP split; use --unit block")
+        if unit.part == "attn":
+            modules = (self.spec.attention,)
+        else:
+            modules = self.spec.mlp_modules or (self.spec.mlp,)
+        prefixes = tuple(m + "." for m in modules)
+        prefixes += tuple(n + "." for n, part in self.spec.norms.items() if part == unit.part)
+        return [(n, p) for n, p in params if n.startswith(prefixes)]
+
+    def unit_params(self, unit: Unit) -> int:
+        return sum(p.numel() for _, p in self.unit_parameters(unit))
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def default_bos(self) -> str:
+        return "every" if self.spec.bos_every_window else "first"
+
+    # ---- masks -----------------------------------------------------------------------------
+    def check_mask(self, mask: Sequence[int | bool], granularity: str = "block") -> list[bool]:
+        n = len(self.units(granularity))
+        keep = [bool(int(b)) for b in mask]
+        if len(keep) != n:
+            raise LayerpruneError(
+                f"mask has {len(keep)} entries but the model has {n} {granularity} units; give one 0/1 per unit"
+            )
+        if granularity == "block" and not any(keep):
+            raise LayerpruneError("mask removes every block; keep at least one (a 1 in the mask)")
+        if granularity == "module" and not any(keep):
+            raise LayerpruneError("mask removes every attention and MLP part; keep at least one")
+        return keep
+
+    @contextlib.contextmanager
+    def skip(self, mask: Sequence[int | bool], granularity: str = "block") -> Iterator[None]:
+        """Within the context, units whose mask entry is 0 are identity. No weight is copied."""
+        keep = self.check_mask(mask, granularity)
+        if granularity == "block":
+            blocks = self.blocks
+            saved = {i: blocks[i] for i, k in enumerate(keep) if not k}
+            try:
+                for i in saved:
+                    blocks[i] = SkippedBlock()
+                yield
+            finally:
+                for i, b in saved.items():
+                    blocks[i] = b
+            return
+        units = self.units(granularity)
+        off: dict[int, list[str]] = {}
+        for unit, k in zip(units, keep):
+            if not k:
+                off.setdefault(unit.block, []).append(unit.part)
+        with contextlib.ExitStack() as stack:
+            for i, parts in off.items():
+                stack.enter_context(self.zero_parts(i, parts))
+            yield
+
+    @contextlib.contextmanager
+    def zero_parts(self, i: int, parts: Sequence[str]) -> Iterator[None]:
+        """Within the context, the given parts ("attn", "mlp") of block i add nothing to the residual."""
+        block = self.blocks[i]
+        saved: list[tuple[str, nn.Module]] = []
+        try:
+            for part in parts:
+                path = self._part_path(part)
+                saved.append((path, get_module(block, path)))
+                self._silence(i, part)
+            yield
+        finally:
+            for path, original in reversed(saved):
+                set_module(block, path, original)
+
+    def silence_parts(self, units: Sequence[Unit]) -> None:
+        """Replace parts by no-ops for good (used on load for checkpoints whose parts were removed)."""
+        for u in units:
+            if not isinstance(self.part(u.block, u.part), ZeroBranch):
+                self._silence(u.block, u.part)
+
+    def _part_path(self, part: str) -> str:
+        self.units("module")  # raises for architectures without the split
+        return self.spec.attention if part == "attn" else self.spec.mlp
+
+    def _silence(self, i: int, part: str) -> None:
+        original = self.part(i, part)
+        if part == "attn":
+            stand_in = ZeroBranch(returns_tuple=self.spec.attn_returns_tuple)
+        else:  # an MLP module keeps the width; OPT's fc2 maps to the hidden size
+            stand_in = ZeroBranch(out_features=getattr(original, "out_features", None))
+        set_module(self.blocks[i], self._part_path(part), stand_in)
+
+    # ---- removal ---------------------------------------------------------------------------
+    def remove_blocks(self, indices: Sequence[int]) -> None:
+        """Delete blocks in place; the model then saves and reloads as a standard checkpoint."""
+        L = self.num_blocks
+        drop = sorted({int(i) for i in indices})
+        if any(i < 0 or i >= L for i in drop):
+            raise LayerpruneError(f"block indices {drop} out of range: the model has blocks 0..{L - 1}")
+        if len(drop) >= L:
+            raise LayerpruneError(f"cannot remove {len(drop)} of {L} blocks; keep at least one")
+        if getattr(self.config, "scale_attn_by_inverse_layer_idx", False):
+            raise LayerpruneError(
+                "this GPT-2 scales attention by 1/layer_idx, which removing blocks would change; "
+                "depth pruning is not supported for it"
+            )
+        keep = [i for i in range(L) if i not in set(drop)]
+        blocks = self.blocks
+        new_blocks = nn.ModuleList([blocks[i] for i in keep])
+        for j, block in enumerate(new_blocks):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = j
+        set_module(self.model, self.spec.blocks, new_blocks)
+        for key, value in list(vars(self.config).items()):
+            if key.startswith("_") or key in _NOT_PER_LAYER:
+                continue
+            if isinstance(value, (list, tuple)) and len(value) == L:
+                setattr(self.config, key, type(value)(value[i] for i in keep))
+        self.config.num_hidden_layers = len(keep)

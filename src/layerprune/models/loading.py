@@ -1,0 +1,179 @@
+"""Resolve a MODEL argument (`fixture`, a local folder, a hub id), load it, fingerprint it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import LayerpruneError
+from .adapter import ModelAdapter, spec_for
+
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixture"
+# Config fields that say nothing about the function a model computes.
+_VOLATILE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash", "architectures"}
+
+
+def hub_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or name.count("/") != 1
+        or os.sep + os.sep in name
+    )
+
+
+def resolve(name: str) -> tuple[str, Path | None]:
+    """Return (what from_pretrained takes, the local folder or None for a hub id)."""
+    if name == "fixture":
+        if not (FIXTURE_DIR / "config.json").exists():
+            raise LayerpruneError(f"the bundled fixture is missing from {FIXTURE_DIR}; reinstall layerprune")
+        return str(FIXTURE_DIR), FIXTURE_DIR
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LayerpruneError(f"model path {name} is a file; pass the folder that holds config.json")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise LayerpruneError(f"model folder {name} is not readable; check its permissions")
+        if not (path / "config.json").is_file():
+            raise LayerpruneError(
+                f"{name} has no config.json: not a Hugging Face model folder (save one with save_pretrained)"
+            )
+        return str(path), path
+    if _looks_like_path(name):
+        raise LayerpruneError(
+            f"model path {name} does not exist; pass a model folder, a hub id, or 'fixture'"
+        )
+    if hub_offline():
+        raise LayerpruneError(
+            f"'{name}' is not a local folder and the Hugging Face hub is unreachable; "
+            "download it where there is a network and pass its folder, or use 'fixture'"
+        )
+    return name, None
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    source, _ = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise LayerpruneError(f"cannot read the config of {name}: {str(e).splitlines()[0]}") from None
+    # BERT-like encoders are listed as causal LMs too (their *LMHeadModel); they are not decoders.
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+        config, "is_decoder", False
+    )
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder or config.is_encoder_decoder:
+        raise LayerpruneError(
+            f"{name} is a '{config.model_type}' model, not a causal LM; layerprune prunes decoder LMs"
+        )
+    spec_for(config)  # unsupported architecture: fail before loading any weight
+    return config
+
+
+def default_dtype(device: str) -> torch.dtype | str:
+    # CPUs without native bf16 (most) run bf16 matmuls tens of times slower: compute in float32 there.
+    return "auto" if device.startswith("cuda") else torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    path: Path | None  # the local folder, None for a hub id
+    source_dtype: torch.dtype | None = None  # the checkpoint's dtype: exports are written in it
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def modified(self) -> None:
+        """Call after changing the weights in place: the fingerprint is computed anew."""
+        self._fingerprint = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load(
+    name: str, device: str | None = None, dtype: torch.dtype | str | None = None, quiet: bool = False
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for pruning. Weights in float32 on CPU by default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.disable_progress_bar()
+    config = load_config(name)
+    source, path = resolve(name)
+    device = device or default_device()
+    dtype = dtype if dtype is not None else default_dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise LayerpruneError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    adapter = ModelAdapter(model)
+    removed_parts = getattr(model.config, "layerprune_removed_parts", None)
+    if removed_parts:  # parts zeroed by a depth plan: run them as no-ops (same function, no compute)
+        from .adapter import Unit
+
+        adapter.silence_parts([Unit.parse(u) for u in removed_parts])
+    return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
+
+
+def _dtype_of(config) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def model_fingerprint(model: torch.nn.Module, samples: int = 1024) -> str:
+    """A short hash of what the model computes: its config and a strided sample of every tensor.
+
+    Values are hashed as float32, so the same weights loaded in bf16 and in fp32 agree; any pruning
+    (removed blocks, zeroed weights, changed shapes) changes it. Reading a few thousand values per
+    tensor keeps it fast on models of any size."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[idx].float().cpu().numpy().tobytes())
+        h.update(str(int((flat == 0).sum())).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,155 @@
+"""Where each supported architecture keeps its blocks, projections and norms.
+
+Adding an architecture is adding one `ArchSpec` here (and a tiny config in tiny.py for its tests);
+no method anywhere else names an architecture.
+
+Roles of linear layers use one vocabulary across architectures: q, k, v, o for attention and
+gate, up, down for the MLP; fused projections are qkv and gate_up; Mamba's are in, x, dt, out.
+Each role belongs to a part of the block, "attn" or "mlp" (Mamba's mixer counts as "mlp").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str  # attribute path of the ModuleList of blocks, from the *ForCausalLM root
+    linears: dict[str, str]  # role -> attribute path inside a block
+    attention: str | None  # submodule whose output is the attention branch of the residual stream
+    mlp: str | None  # submodule whose output is the MLP branch
+    norms: dict[str, str]  # norm path -> the part ("attn" | "mlp") whose input or output it normalises
+    attn_returns_tuple: bool = True  # attention modules return (output, weights)
+    transposed_weights: bool = False  # GPT-2's Conv1D stores weight as (in, out)
+    bos_every_window: bool = False  # Gemma expects BOS at the start of every sequence
+    parts: dict[str, str] = field(default_factory=dict)  # role -> "attn" | "mlp" (derived if empty)
+    mlp_modules: tuple[str, ...] = ()  # the MLP's submodules when it is not one module (OPT: fc1, fc2)
+
+    def part_of(self, role: str) -> str:
+        if role in self.parts:
+            return self.parts[role]
+        return "attn" if role in ("q", "k", "v", "o", "qkv") else "mlp"
+
+
+_LLAMA_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+_LLAMA_NORMS = {"input_layernorm": "attn", "post_attention_layernorm": "mlp"}
+# Gemma normalises both sides of each branch.
+_GEMMA_NORMS = {
+    "input_layernorm": "attn",
+    "post_attention_layernorm": "attn",
+    "pre_feedforward_layernorm": "mlp",
+    "post_feedforward_layernorm": "mlp",
+}
+
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",), "model.layers", _LLAMA_LINEARS, "self_attn", "mlp", _LLAMA_NORMS),
+    ArchSpec("mistral", ("mistral",), "model.layers", _LLAMA_LINEARS, "self_attn", "mlp", _LLAMA_NORMS),
+    ArchSpec("qwen2", ("qwen2",), "model.layers", _LLAMA_LINEARS, "self_attn", "mlp", _LLAMA_NORMS),
+    ArchSpec(
+        "qwen3",
+        ("qwen3",),
+        "model.layers",
+        _LLAMA_LINEARS,
+        "self_attn",
+        "mlp",
+        {**_LLAMA_NORMS, "self_attn.q_norm": "attn", "self_attn.k_norm": "attn"},
+    ),
+    ArchSpec(
+        "gemma2",
+        ("gemma2",),
+        "model.layers",
+        _LLAMA_LINEARS,
+        "self_attn",
+        "mlp",
+        _GEMMA_NORMS,
+        bos_every_window=True,
+    ),
+    ArchSpec(
+        "gemma3",
+        ("gemma3_text",),
+        "model.layers",
+        _LLAMA_LINEARS,
+        "self_attn",
+        "mlp",
+        {**_GEMMA_NORMS, "self_attn.q_norm": "attn", "self_attn.k_norm": "attn"},
+        bos_every_window=True,
+    ),
+    ArchSpec(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        {
+            "qkv": "self_attn.qkv_proj",
+            "o": "self_attn.o_proj",
+            "gate_up": "mlp.gate_up_proj",
+            "down": "mlp.down_proj",
+        },
+        "self_attn",
+        "mlp",
+        _LLAMA_NORMS,
+    ),
+    ArchSpec(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        {
+            "q": "self_attn.q_proj",
+            "k": "self_attn.k_proj",
+            "v": "self_attn.v_proj",
+            "o": "self_attn.out_proj",
+            "up": "fc1",
+            "down": "fc2",
+        },
+        "self_attn",
+        "fc2",  # OPT has no MLP module: zeroing fc2's output removes the MLP branch
+        {"self_attn_layer_norm": "attn", "final_layer_norm": "mlp"},
+        mlp_modules=("fc1", "fc2"),
+    ),
+    ArchSpec(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        {"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
+        "attn",
+        "mlp",
+        {"ln_1": "attn", "ln_2": "mlp"},
+        transposed_weights=True,
+    ),
+    ArchSpec(
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        {
+            "qkv": "attention.query_key_value",
+            "o": "attention.dense",
+            "up": "mlp.dense_h_to_4h",
+            "down": "mlp.dense_4h_to_h",
+        },
+        "attention",
+        "mlp",
+        {"input_layernorm": "attn", "post_attention_layernorm": "mlp"},
+    ),
+    ArchSpec(
+        "mamba",
+        ("mamba",),
+        "backbone.layers",
+        {"in": "mixer.in_proj", "x": "mixer.x_proj", "dt": "mixer.dt_proj", "out": "mixer.out_proj"},
+        None,  # a Mamba block is one mixer: no attention / MLP split
+        None,
+        {"norm": "mlp"},
+    ),
+)
+
+BY_MODEL_TYPE = {t: s for s in SPECS for t in s.model_types}
+SUPPORTED = ", ".join(s.name for s in SPECS)

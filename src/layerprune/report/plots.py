@@ -1,0 +1,44 @@
+"""PNG charts of scores and plans (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def importance_chart(scores, path: str | Path, removed: list[str] | None = None) -> Path | None:
+    """Bar chart of per-unit importance; removed units (a plan) in another colour."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = Path(path)
+    values = [float("nan") if v is None else v for v in scores.importance]
+    removed = set(removed or [])
+    colours = ["#d62728" if u in removed else "#1f77b4" for u in scores.units]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(values) + 2), 3.6))
+    ax.bar(range(len(values)), values, color=colours)
+    ax.set_xticks(range(len(values)), scores.units, rotation=90 if len(values) > 24 else 0, fontsize=8)
+    positive = [v for v in values if v == v and v > 0]
+    if positive and len(positive) == len(values) and max(positive) / min(positive) > 10:
+        ax.set_yscale("log")  # a trained model's first block often dwarfs the others
+    ax.set_xlabel(scores.unit)
+    ax.set_ylabel(f"importance ({scores.method})")
+    title = f"{scores.model['name']}: {scores.method} importance per {scores.unit}"
+    if removed:
+        title += f" (red: removed {', '.join(sorted(removed, key=lambda u: (int(u.split('.')[0]), u)))})"
+    ax.set_title(title, fontsize=9)
+    if scores.method == "ppl" and "calibration_ppl" in scores.extra:
+        ax.axhline(
+            scores.extra["calibration_ppl"], color="grey", ls="--", lw=1, label="calibration ppl, all units"
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

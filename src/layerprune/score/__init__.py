@@ -1,0 +1,16 @@
+"""Importance scorers. `METHODS` maps a method name to its module; see score/base.py for the contract."""
+
+from __future__ import annotations
+
+import importlib
+
+DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb")
+
+
+def scorer(method: str):
+    from ..errors import LayerpruneError
+
+    modules = {"ppl": "ppl", "taylor": "taylor", "bi": "influence", "angular": "angular", "sleb": "sleb"}
+    if method not in modules:
+        raise LayerpruneError(f"unknown scoring method '{method}'; use one of {', '.join(modules)}")
+    return importlib.import_module(f"{__name__}.{modules[method]}").score

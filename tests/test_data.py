@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from layerprune.data import calibration_windows, default_bos, eval_windows, load_text
+from layerprune.errors import LayerpruneError
+
+
+@pytest.fixture(scope="module")
+def tok(fixture_lm):
+    return fixture_lm.tokenizer
+
+
+def test_local_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "gamma"}) + "\n\n" + json.dumps("delta") + "\n")
+    assert load_text(str(tmp_path / "a.txt")).text == "alpha beta"
+    assert load_text(str(tmp_path / "b.jsonl")).documents == ["gamma", "delta"]
+    folder = load_text(str(tmp_path))
+    assert folder.text == "alpha beta\n\ngamma\n\ndelta"
+    assert folder.fingerprint != load_text(str(tmp_path / "a.txt")).fingerprint
+
+
+def test_source_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(LayerpruneError, match="is empty"):
+        load_text(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(LayerpruneError, match="bad.jsonl:1 is not valid JSON"):
+        load_text(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(LayerpruneError, match="needs a network.*fixture:val"):
+        load_text("wikitext2")
+    with pytest.raises(LayerpruneError, match="not a file, a folder"):
+        load_text("no-such-source")
+    with pytest.raises(LayerpruneError, match="splits val and test"):
+        load_text("fixture:train")
+
+
+def test_fixture_splits_are_held_out():
+    val, test = load_text("fixture:val"), load_text("fixture:test")
+    assert len(val.text) > 100_000 and len(test.text) > 100_000
+    assert val.text[:2000] not in test.text
+
+
+def test_eval_windows_bos_policies(tok):
+    text = load_text("fixture:val")
+    ids = tok(text.text, add_special_tokens=False, verbose=False)["input_ids"]
+    none = eval_windows(tok, text, 64, "none")
+    first = eval_windows(tok, text, 64, "first")
+    every = eval_windows(tok, text, 64, "every")
+    assert none.input_ids.shape == (len(ids) // 64, 64)
+    assert torch.equal(none.input_ids[0], torch.tensor(ids[:64]))
+    assert first.input_ids[0, 0] == tok.bos_token_id and torch.equal(
+        first.input_ids[0, 1:], torch.tensor(ids[:63])
+    )
+    assert (every.input_ids[:, 0] == tok.bos_token_id).all()
+    assert torch.equal(every.input_ids[1, 1:], torch.tensor(ids[63:126]))  # no text token is skipped
+    assert len({none.fingerprint, first.fingerprint, every.fingerprint}) == 3
+    assert default_bos(tok) == "first"  # the fixture's tokenizer adds BOS like Llama's
+
+
+def test_calibration_is_seeded_and_checked(tok):
+    text = load_text("fixture:val")
+    a = calibration_windows(tok, text, 10, 128, seed=0)
+    b = calibration_windows(tok, text, 10, 128, seed=0)
+    c = calibration_windows(tok, text, 10, 128, seed=1)
+    assert a.input_ids.shape == (10, 128) and torch.equal(a.input_ids, b.input_ids)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert (a.input_ids[:, 0] == tok.bos_token_id).all()
+    short = load_text(str(_write(text.text[:300])))
+    with pytest.raises(LayerpruneError, match="need .* Use more text, fewer --samples"):
+        calibration_windows(tok, short, 10, 128)
+    with pytest.raises(LayerpruneError, match="fewer than one window"):
+        eval_windows(tok, short, 256)
+
+
+def _write(text):
+    import tempfile
+    from pathlib import Path
+
+    p = Path(tempfile.mkdtemp()) / "short.txt"
+    p.write_text(text)
+    return p
