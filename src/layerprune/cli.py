@@ -117,24 +117,35 @@ def cmd_eval(args) -> int:
 
 
 # ---- score / plan / apply ----------------------------------------------------------------------
-def _calibration(lm, args):
+DEPTH_CALIB = (10, 128)  # Shortened LLaMA / Cooperative Game: 10 samples x 128 tokens
+SPARSITY_CALIB = (128, None)  # Wanda / SparseGPT / AlphaPruning: 128 x min(2048, context)
+
+
+def _calibration(lm, args, defaults):
     from .score.run import calibration
 
-    return calibration(lm, args.calib, args.samples, args.seqlen, args.seed, args.bos)
+    samples = args.samples if args.samples is not None else defaults[0]
+    seqlen = args.seqlen if args.seqlen is not None else defaults[1]
+    default_source = None if lm.name == "fixture" or defaults is DEPTH_CALIB else "c4"
+    return calibration(lm, args.calib, samples, seqlen, args.seed, args.bos, default_source=default_source)
 
 
 def cmd_score(args) -> int:
     from .io import check_output_outside
     from .models.loading import resolve
-    from .score import scorer
+    from .score import SPARSITY_METHODS, scorer
     from .score.run import run
 
     scorer(args.method)  # an unknown method fails before the model is loaded
     check_output_outside(args.output, resolve(args.model)[1])
     lm = _load(args)
-    windows = _calibration(lm, args)
     params: dict = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    if args.store and args.method in ("ppl", "sleb"):
+    if args.method == "alpha":
+        windows = None  # data-free
+        params = {"metric": args.metric, "lower_bound": args.lower_bound}
+    else:
+        windows = _calibration(lm, args, SPARSITY_CALIB if args.method in SPARSITY_METHODS else DEPTH_CALIB)
+    if args.store and args.method in ("ppl", "sleb", "shapley"):
         from .engine.store import EvalStore
 
         params["store"] = EvalStore(args.store, lm.fingerprint, windows.fingerprint, windows.protocol)
@@ -145,11 +156,29 @@ def cmd_score(args) -> int:
         params["protected"] = protected_blocks(args.protect, lm.adapter.num_blocks, "sleb")
     if args.method == "taylor":
         params["norm_power"] = args.norm_power
+    if args.method == "owl":
+        params["hyper_m"] = args.owl_m
+    if args.method == "shapley":
+        params.update(
+            estimator=args.estimator,
+            budget=args.budget,
+            seed=args.seed,
+            sampler=args.sampler,
+            epochs=args.epochs,
+            hidden=args.hidden,
+            ratio=args.target_ratio,
+        )
+        if args.strata:
+            try:
+                params["strata"] = [int(k) for k in args.strata.split(",")]
+            except ValueError:
+                raise LayerpruneError(
+                    f"--strata '{args.strata}': give kept-block counts like 11,10,9"
+                ) from None
     scores = run(lm, args.method, windows, unit=args.unit, progress=not args.quiet, **params)
     scores.save(args.output)
-    print(
-        f"{args.method} importance per {args.unit} ({scores.seconds:.1f}s, calibration {windows.protocol['samples']} x {windows.protocol['seqlen']}):"
-    )
+    calib = f", calibration {windows.protocol['samples']} x {windows.protocol['seqlen']}" if windows else ""
+    print(f"{args.method} importance per {scores.unit} ({scores.seconds:.1f}s{calib}):")
     _print_importance(scores)
     print(f"wrote {args.output}")
     if not args.no_plot:
@@ -173,16 +202,29 @@ def _print_importance(scores, removed=()) -> None:
 
 
 def cmd_plan(args) -> int:
-    from .allocate.depth import make_plan
     from .io import check_output_outside
-    from .models.loading import load_config, resolve
-    from .score.base import Scores
+    from .models.loading import resolve
 
     check_output_outside(args.output, resolve(args.model)[1])
-    scores = Scores.load(args.scores)
-    config = load_config(args.model)
-    from .models.adapter import spec_for
+    if args.sparsity is not None:
+        return _plan_sparsity(args)
+    if args.scores is None:
+        raise LayerpruneError("pass --scores scores.json (depth) or --sparsity S (unstructured / N:M)")
+    return _plan_depth(args)
 
+
+def _plan_depth(args) -> int:
+    from .allocate.depth import make_plan
+    from .models.adapter import spec_for
+    from .models.loading import load_config
+    from .score.base import Scores
+
+    scores = Scores.load(args.scores)
+    if scores.unit not in ("block", "module"):
+        raise LayerpruneError(
+            f"{args.scores} holds {scores.method} scores per {scores.unit}: use --sparsity S to plan with them"
+        )
+    config = load_config(args.model)
     spec = spec_for(config)
     L = config.num_hidden_layers
     expected = L * (1 if scores.unit == "block" else 2)
@@ -192,14 +234,11 @@ def cmd_plan(args) -> int:
             f"({spec.name}, {L} blocks); score this model with `layerprune score`"
         )
     rescore = None
+    lm = None
     if args.iterative and scores.method not in ("sleb", "angular"):
         lm = _load(args)
-        if lm.fingerprint != scores.model["fingerprint"]:
-            raise LayerpruneError(
-                f"{args.scores} was computed on model fingerprint {scores.model['fingerprint']}, "
-                f"not on {args.model} ({lm.fingerprint}); re-score this model"
-            )
         rescore = _rescorer(lm, scores, args)
+    evaluate = _set_evaluator(lm or _load(args), scores, args) if args.recheck else None
     plan = make_plan(
         scores,
         remove=args.remove,
@@ -207,6 +246,8 @@ def cmd_plan(args) -> int:
         protect=args.protect,
         iterative=args.iterative,
         rescore=rescore,
+        recheck=args.recheck,
+        evaluate=evaluate,
     )
     plan.save(args.output)
     print(
@@ -223,10 +264,62 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _rescorer(lm, scores, args):
-    from .data import calibration_windows, load_text
-    from .score.run import run
+def _plan_sparsity(args) -> int:
+    from .allocate.sparsity import make_plan
+    from .prune.unstructured import parse_nm
 
+    nm = parse_nm(args.nm)
+    lm = _load(args)
+    needs_data = args.pruner != "magnitude" or args.allocation == "owl"
+    windows = _calibration(lm, args, SPARSITY_CALIB) if needs_data else None
+    plan = make_plan(
+        lm,
+        args.sparsity,
+        args.allocation,
+        args.pruner,
+        windows,
+        nm=nm,
+        epsilon=args.epsilon,
+        metric=args.metric,
+        lower_bound=args.lower_bound,
+        hyper_m=args.owl_m,
+        lam=args.owl_lambda,
+        clip=args.clip,
+        batch_size=args.batch_size or 8,
+        progress=not args.quiet,
+    )
+    plan.save(args.output)
+    layers = plan.sparsity["layers"]
+    L = lm.adapter.num_blocks
+    per_block = [
+        sum(v for k, v in layers.items() if k.split(".")[0] == str(b)) / len(lm.adapter.roles)
+        for b in range(L)
+    ]
+    print(
+        f"sparsity plan: {args.allocation} allocation, {args.pruner} pruner"
+        + (f", {nm[0]}:{nm[1]}" if nm else "")
+        + f", target {args.sparsity}; per block: "
+        + " ".join(f"{v:.3f}" for v in per_block)
+    )
+    print(f"wrote {args.output}")
+    if not args.no_plot:
+        from .report.plots import allocation_chart
+
+        png = allocation_chart(plan, Path(args.output).with_suffix(".png"))
+        if png:
+            print(f"wrote {png}")
+    return 0
+
+
+def _scores_windows(lm, scores, args):
+    """The calibration windows a scores file was computed on, checked by fingerprint."""
+    from .data import calibration_windows, load_text
+
+    if lm.fingerprint != scores.model["fingerprint"]:
+        raise LayerpruneError(
+            f"{args.scores} was computed on model fingerprint {scores.model['fingerprint']}, "
+            f"not on {args.model} ({lm.fingerprint}); re-score this model"
+        )
     c = scores.calibration
     windows = calibration_windows(
         lm.tokenizer, load_text(c["dataset"], "train"), c["samples"], c["seqlen"], c["seed"], c["bos"]
@@ -235,6 +328,28 @@ def _rescorer(lm, scores, args):
         raise LayerpruneError(
             f"the calibration data of {args.scores} ({c['dataset']}) changed since scoring; re-score"
         )
+    return windows
+
+
+def _set_evaluator(lm, scores, args):
+    """evaluate(sets of unit indices) -> real calibration perplexity without each set (--recheck)."""
+    from .engine.masked import MaskEvaluator
+
+    windows = _scores_windows(lm, scores, args)
+    evaluator = MaskEvaluator(
+        lm.model, lm.adapter, windows.input_ids, granularity=scores.unit, progress=not args.quiet
+    )
+
+    def evaluate(sets):
+        return evaluator.ppl([[0 if j in s else 1 for j in range(len(scores.units))] for s in sets])
+
+    return evaluate
+
+
+def _rescorer(lm, scores, args):
+    from .score.run import run
+
+    windows = _scores_windows(lm, scores, args)
     params = {k: v for k, v in scores.params.items() if k in ("batch_size", "norm_power")}
 
     def rescore(removed):
@@ -245,23 +360,68 @@ def _rescorer(lm, scores, args):
     return rescore
 
 
+def _plan_windows(lm, plan, args):
+    """The calibration the plan recorded, or --calib SRC with the same samples and length."""
+    from .data import calibration_windows, load_text
+
+    c = plan.calibration
+    if c is None:
+        if args.calib is None:
+            return None
+        raise LayerpruneError("this plan needs no calibration; drop --calib")
+    source = args.calib or c["dataset"]
+    windows = calibration_windows(
+        lm.tokenizer, load_text(source, "train"), c["samples"], c["seqlen"], c["seed"], c["bos"]
+    )
+    if args.calib is None and windows.fingerprint != c["fingerprint"]:
+        raise LayerpruneError(
+            f"the plan's calibration text {source} changed since planning; pass --calib SRC"
+        )
+    return windows
+
+
 def cmd_apply(args) -> int:
     from .evaluate.perplexity import perplexity
     from .export import export
     from .io import check_output_outside
     from .models.loading import resolve
     from .plan import Plan
-    from .prune.depth import apply
 
     plan = Plan.load(args.plan)
     model_name = args.model or plan.model["name"]
     check_output_outside(args.output, resolve(model_name)[1])
     args.model = model_name
     lm = _load(args)
-    counts = apply(lm, plan)
+    if plan.kind == "depth":
+        from .prune.depth import apply
+
+        counts = apply(lm, plan)
+        summary = (
+            f"removed {', '.join(plan.remove)}: {counts['blocks_before']} -> {counts['blocks_after']} blocks, "
+            f"{counts['parameters_before']:,} -> {counts['parameters_after']:,} parameters"
+        )
+    elif plan.kind == "sparsity":
+        from .prune.unstructured import apply
+
+        counts = apply(
+            lm,
+            plan,
+            _plan_windows(lm, plan, args),
+            batch_size=args.batch_size,
+            offload=args.offload,
+            progress=not args.quiet,
+        )
+        summary = (
+            f"{counts['pruner']} pruned {len(counts['layers'])} layers to a mean sparsity of "
+            f"{counts['achieved_mean_sparsity']:.4f} (zeros stored densely: same size, same speed without sparse kernels)"
+        )
+    else:
+        raise LayerpruneError(f"{plan.kind} plans cannot be applied by this version of layerprune")
     evaluation = []
     for source in args.eval or []:
-        r = perplexity(lm, source, seqlen=args.seqlen, batch_size=args.batch_size, progress=not args.quiet)
+        r = perplexity(
+            lm, source, seqlen=args.eval_seqlen, batch_size=args.batch_size, progress=not args.quiet
+        )
         print(
             f"{source}: perplexity {r.ppl:.4f} after pruning ({r.protocol['windows']} windows x {r.protocol['seqlen']})"
         )
@@ -269,29 +429,57 @@ def cmd_apply(args) -> int:
     out = export(
         lm, args.output, plan, {"pruning": counts, "evaluation": evaluation}, overwrite=args.overwrite
     )
-    print(
-        f"removed {', '.join(plan.remove)}: {counts['blocks_before']} -> {counts['blocks_after']} blocks, "
-        f"{counts['parameters_before']:,} -> {counts['parameters_after']:,} parameters"
-    )
+    print(summary)
     print(f"wrote {out}")
     return 0
 
 
-def _add_calibration(p: argparse.ArgumentParser, samples: int, seqlen: int) -> None:
+def cmd_demo(args) -> int:
+    from .demo import demo
+
+    demo(args.output, method=args.method, remove=args.remove, quiet=args.quiet)
+    return 0
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib",
         default=None,
-        help="calibration text (default: fixture:val for the fixture, else bookcorpus)",
+        help="calibration text (default: fixture:val for the fixture; "
+        "bookcorpus for depth methods, c4 for sparsity, as the papers)",
     )
-    p.add_argument("--samples", type=int, default=samples, help=f"calibration samples (default {samples})")
-    p.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per sample (default {seqlen})")
+    p.add_argument(
+        "--samples", type=int, default=None, help="calibration samples (default: 10 depth, 128 sparsity)"
+    )
+    p.add_argument(
+        "--seqlen",
+        type=int,
+        default=None,
+        help="tokens per sample (default: 128 depth, min(2048, context) sparsity)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bos", choices=("none", "first", "every"), default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="samples per forward (default: all)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per forward")
+
+
+def _add_spectral(p: argparse.ArgumentParser) -> None:
+    from .score.spectral import METRICS
+
+    p.add_argument("--metric", default="alpha_peak", help=f"alpha: the spectral metric ({', '.join(METRICS)})")
+    p.add_argument(
+        "--lower-bound",
+        default="reference",
+        choices=("reference", "corrected"),
+        help="alpha_peak's xmin lower bound: the reference's log-vs-linear quirk, or 0.95 x peak",
+    )
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold M x mean (5 for LLaMA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .allocate.sparsity import ALLOCATIONS
+    from .prune.unstructured import PRUNERS
+    from .score import DEPTH_METHODS, SPARSITY_METHODS
 
     parser = argparse.ArgumentParser(
         prog="layerprune",
@@ -333,39 +521,86 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_eval)
 
-    from .score import DEPTH_METHODS
-
-    p = sub.add_parser("score", help="importance of each block (or attention / MLP part)")
+    p = sub.add_parser("score", help="importance of each block, attention / MLP part, or linear layer")
     p.add_argument("model", help="a local model folder, a hub id, or 'fixture'")
-    p.add_argument("--method", required=True, help=f"one of {', '.join(DEPTH_METHODS)}")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(DEPTH_METHODS + SPARSITY_METHODS)}")
     p.add_argument(
-        "--unit", choices=("block", "module"), default="block", help="whole blocks or attention/MLP parts"
+        "--unit",
+        choices=("block", "module"),
+        default="block",
+        help="depth: whole blocks or attention/MLP parts",
     )
-    _add_calibration(p, 10, 128)
+    _add_calibration(p)
     p.add_argument("--store", default=None, help="SQLite evaluation store: a killed run resumes (ppl, sleb)")
     p.add_argument(
         "--protect", default="default", help="sleb: blocks never removed (ends, plus, none, or 0,1,-1)"
     )
     p.add_argument("--steps", type=int, default=None, help="sleb: greedy removal steps (default: all)")
     p.add_argument("--norm-power", type=int, default=1, choices=(1, 2), help="taylor: |s|^p")
+    p.add_argument(
+        "--estimator", default="stratified", help="shapley: stratified (paper), shapley, kernel, exact"
+    )
+    p.add_argument("--budget", type=int, default=256, help="shapley: real mask evaluations")
+    p.add_argument(
+        "--strata",
+        default=None,
+        help="shapley: kept-block counts, e.g. 11,10,9 (default from L and --target-ratio)",
+    )
+    p.add_argument(
+        "--target-ratio", type=float, default=0.25, help="shapley: the removal ratio the strata centre on"
+    )
+    p.add_argument(
+        "--sampler", default="auto", help="shapley estimator: auto, enumerate, permutation, kernel"
+    )
+    p.add_argument("--epochs", type=int, default=300, help="shapley: surrogate training epochs")
+    p.add_argument("--hidden", type=int, default=None, help="shapley: surrogate width (default 2L)")
+    _add_spectral(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="scores.json")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG bar chart next to the output")
     _add_common(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("plan", help="turn scores into a plan (JSON)")
-    p.add_argument("model", help="the model the scores belong to")
-    p.add_argument("--scores", type=Path, required=True, help="scores.json from `layerprune score`")
+    p.add_argument("model", help="the model to plan for")
+    p.add_argument("--scores", type=Path, default=None, help="depth: scores.json from `layerprune score`")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--remove", type=int, default=None, help="number of units to remove")
-    g.add_argument("--ratio", type=float, default=None, help="fraction of units to remove (rounded)")
-    p.add_argument("--iterative", action="store_true", help="re-score after each removal")
+    g.add_argument("--remove", type=int, default=None, help="depth: number of units to remove")
+    g.add_argument("--ratio", type=float, default=None, help="depth: fraction of units to remove (rounded)")
+    p.add_argument("--iterative", action="store_true", help="depth: re-score after each removal")
+    p.add_argument(
+        "--recheck",
+        type=int,
+        default=0,
+        metavar="K",
+        help="depth: evaluate the K most promising removal sets for real and keep the best",
+    )
     p.add_argument(
         "--protect",
         default="default",
-        help="blocks never removed: plus (Taylor+), ends, none, or 0,1,-1 (default: plus for taylor, ends for sleb)",
+        help="depth: blocks never removed: plus (Taylor+), ends, none, or 0,1,-1 (default: plus for taylor, ends for sleb)",
     )
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--sparsity", type=float, default=None, help="sparsity: the target, parameter-weighted mean"
+    )
+    p.add_argument(
+        "--allocation", default="uniform", choices=ALLOCATIONS, help="sparsity: per-layer allocation"
+    )
+    p.add_argument("--pruner", default="wanda", choices=PRUNERS, help="sparsity: the pruner that applies it")
+    p.add_argument("--nm", default=None, help="sparsity: N:M pattern, N zeros in every M (2:4, 4:8)")
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="alpha: spread (default 0.3 magnitude, 0.2 wanda/sparsegpt)",
+    )
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl: sparsity spread lambda")
+    p.add_argument(
+        "--clip",
+        action="store_true",
+        help="alpha: clip ratios to [0, 0.99] and re-normalise instead of failing",
+    )
+    _add_spectral(p)
+    _add_calibration(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="plan.json")
     p.add_argument("--no-plot", action="store_true")
     _add_common(p)
@@ -375,14 +610,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan", type=Path, help="plan.json")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--model", default=None, help="the model to prune (default: the one the plan names)")
+    p.add_argument("--calib", default=None, help="sparsity: calibration text instead of the plan's")
+    p.add_argument(
+        "--offload",
+        choices=("memory", "disk"),
+        default="memory",
+        help="sparsity: keep calibration activations in memory or in a temporary folder",
+    )
     p.add_argument(
         "--eval", action="append", metavar="SRC", help="perplexity of the result on SRC (repeatable)"
     )
-    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--eval-seqlen", type=int, default=None, help="window length of --eval")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_common(p)
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the bundled model")
+    p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
+    p.add_argument("--method", default="ppl", help="depth scoring method")
+    p.add_argument("--remove", type=int, default=3, help="blocks to remove")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

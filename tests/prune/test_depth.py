@@ -19,11 +19,23 @@ from layerprune.score.base import Scores
 
 
 def scores(importance, method="ppl", unit="block", num_blocks=None, extra=None):
-    units = [str(i) for i in range(len(importance))] if unit == "block" else [
-        f"{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}" for i in range(len(importance))
-    ]
+    units = (
+        [str(i) for i in range(len(importance))]
+        if unit == "block"
+        else [f"{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}" for i in range(len(importance))]
+    )
     L = num_blocks or (len(importance) if unit == "block" else len(importance) // 2)
-    return Scores(method, unit, units, importance, {"name": "m", "fingerprint": "f", "num_blocks": L}, {}, None, 0.0, extra or {})
+    return Scores(
+        method,
+        unit,
+        units,
+        importance,
+        {"name": "m", "fingerprint": "f", "num_blocks": L},
+        {},
+        None,
+        0.0,
+        extra or {},
+    )
 
 
 def test_one_shot_takes_the_lowest_unprotected():
@@ -31,7 +43,10 @@ def test_one_shot_takes_the_lowest_unprotected():
     assert make_plan(s, remove=3).remove == ["1", "3", "7"]
     plus = make_plan(s, remove=2, protect="plus")  # protects 0,1,2,3,6,7
     assert plus.remove == ["4", "5"] and plus.params["protected"] == [0, 1, 2, 3, 6, 7]
-    assert make_plan(scores([5.0, 1.0, 3.0, 0.5, 4.0, 2.0, 9.0, 0.1], method="taylor"), remove=2).remove == ["4", "5"]
+    assert make_plan(scores([5.0, 1.0, 3.0, 0.5, 4.0, 2.0, 9.0, 0.1], method="taylor"), remove=2).remove == [
+        "4",
+        "5",
+    ]
     assert make_plan(s, ratio=0.25).remove == ["3", "7"]
     assert protected_blocks("0,-1", 8, "ppl") == [0, 7]
 
@@ -95,8 +110,12 @@ def _lm(arch, tmp_path, num_layers=5):
 def _depth_plan(lm, remove, unit="block"):
     return Plan(
         kind="depth",
-        model={"name": lm.name, "fingerprint": lm.fingerprint, "architecture": lm.adapter.spec.name,
-               "num_blocks": lm.adapter.num_blocks},
+        model={
+            "name": lm.name,
+            "fingerprint": lm.fingerprint,
+            "architecture": lm.adapter.spec.name,
+            "num_blocks": lm.adapter.num_blocks,
+        },
         method="ppl",
         params={},
         remove=remove,
@@ -183,8 +202,33 @@ def test_removed_blocks_checkpoint_generates_the_same_tokens_in_a_fresh_process(
         "ids = t('In the beginning', return_tensors='pt').input_ids\n"
         "print(json.dumps(m.generate(ids, max_new_tokens=24, do_sample=False)[0].tolist()))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pruned")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "pruned")], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == in_memory
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["num_hidden_layers"] == 9
     assert model_fingerprint(lm.model) != fixture_lm.fingerprint
+
+
+def test_recheck_evaluates_candidate_sets_and_keeps_the_best():
+    s = scores([1.0, 2.0, 3.0, 4.0, 9.0, 9.0])
+    seen = []
+
+    def evaluate(sets):
+        seen.extend(sets)
+        return [10.0 - (1 in c) - 2 * (2 in c) for c in sets]  # {1, 2} is really the best pair
+
+    plan = make_plan(s, remove=2, recheck=6, evaluate=evaluate)
+    assert sorted(map(tuple, seen)) == [
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 2),
+        (1, 3),
+        (2, 3),
+    ]  # pairs of the 4 lowest
+    assert plan.remove == ["1", "2"] and plan.extra["recheck"][0]["removed"] == ["0", "1"]
+    assert make_plan(s, remove=2, recheck=1, evaluate=evaluate).remove == ["0", "1"]
+    with pytest.raises(LayerpruneError, match="--recheck needs the model"):
+        make_plan(s, remove=2, recheck=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from itertools import combinations
 
 from ..errors import LayerpruneError
 from ..models.adapter import Unit
@@ -84,7 +85,11 @@ def make_plan(
     protect: str | Sequence[int] | None = None,
     iterative: bool = False,
     rescore: Callable[[list[bool]], list[float | None]] | None = None,
+    recheck: int = 0,
+    evaluate: Callable[[list[list[int]]], list[float]] | None = None,
 ) -> Plan:
+    """`recheck=K`: among the removal sets drawn from the count + 2 least important units, evaluate the
+    K with the lowest summed importance for real (`evaluate(sets) -> calibration ppl`), keep the best."""
     L = scores.model["num_blocks"]
     units = [Unit.parse(u) for u in scores.units]
     protected = protected_blocks(protect, L, scores.method)
@@ -112,6 +117,17 @@ def make_plan(
     else:
         ranked = sorted(allowed, key=lambda j: _key(scores.importance[j]))
         chosen = ranked[:count]
+        if recheck:
+            if evaluate is None:
+                raise LayerpruneError("--recheck needs the model to evaluate candidates; pass MODEL")
+            pool = ranked[: count + 2]
+            sets = sorted(combinations(pool, count), key=lambda c: sum(_key(scores.importance[j]) for j in c))
+            sets = [sorted(c) for c in sets[:recheck]]
+            ppls = evaluate(sets)
+            chosen = sets[min(range(len(sets)), key=lambda k: ppls[k])]
+            history = [
+                {"removed": [str(units[j]) for j in c], "calibration_ppl": p} for c, p in zip(sets, ppls)
+            ]
     remove_units = [str(units[j]) for j in sorted(chosen, key=lambda j: units[j])]
     return Plan(
         kind="depth",
@@ -130,7 +146,7 @@ def make_plan(
         calibration=scores.calibration,
         seed=(scores.calibration or {}).get("seed"),
         provenance=stamp(),
-        extra={"iterations": history} if history else {},
+        extra=({"recheck": history} if recheck else {"iterations": history}) if history else {},
     )
 
 

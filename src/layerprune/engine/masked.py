@@ -111,18 +111,27 @@ class BlockRunner:
 
     @torch.no_grad()
     def embed(self) -> list[torch.Tensor]:
-        return [self._record(ids, 0)[0][0] for ids in self.batches]
+        return [self.embed_batch(b) for b in range(len(self.batches))]
+
+    @torch.no_grad()
+    def embed_batch(self, b: int) -> torch.Tensor:
+        """The hidden states entering block 0 for micro-batch b."""
+        return self._record(self.batches[b], 0)[0][0]
+
+    @torch.no_grad()
+    def block_batch(self, i: int, b: int, h: torch.Tensor) -> torch.Tensor:
+        """Block i (as it is now) on the hidden states of micro-batch b."""
+        args, kwargs = self._capture(self.batches[b])[i]
+        self.block_calls += 1
+        return self.adapter.blocks[i](h, *args, **kwargs)
 
     @torch.no_grad()
     def block(self, i: int, states: list[torch.Tensor], parts_off: Sequence[str] = ()) -> list[torch.Tensor]:
         """Block i on every micro-batch; `parts_off` ("attn", "mlp") contribute nothing."""
         out = []
-        block = self.adapter.blocks[i]
         with self.adapter.zero_parts(i, parts_off) if parts_off else contextlib.nullcontext():
-            for ids, h in zip(self.batches, states):
-                args, kwargs = self._capture(ids)[i]
-                out.append(block(h, *args, **kwargs))
-                self.block_calls += 1
+            for b, h in enumerate(states):
+                out.append(self.block_batch(i, b, h))
         return out
 
     @torch.no_grad()
@@ -199,7 +208,8 @@ def evaluate_masks(
 class MaskEvaluator:
     """Calibration NLL / perplexity under masks, with a persistent store in front of the trie.
 
-    `evaluations` counts the masks actually run (not found in the store)."""
+    `evaluations` counts the masks actually run (not found in the store); `distinct_masks` every
+    distinct mask asked for, stored or run."""
 
     def __init__(
         self,
@@ -211,8 +221,11 @@ class MaskEvaluator:
         store=None,
         batch_size: int = 16,
         progress: bool = True,
+        allow_empty: bool = False,
     ):
         self.adapter, self.granularity, self.store = adapter, granularity, store
+        self.allow_empty = allow_empty  # a game needs v(no block): the embeddings straight into the head
+        self.seen: set[Mask] = set()
         self.runner = BlockRunner(model, adapter, input_ids, batch_size)
         self.tokens = self.runner.tokens
         self.num_units = len(adapter.units(granularity))
@@ -227,7 +240,8 @@ class MaskEvaluator:
     def nll(self, masks: Sequence[Sequence[bool | int]]) -> list[float]:
         from tqdm.auto import tqdm
 
-        keyed = [tuple(self.adapter.check_mask(m, self.granularity)) for m in masks]
+        keyed = [self._checked(m) for m in masks]
+        self.seen.update(keyed)
         known: dict[Mask, float] = {}
         if self.store is not None:
             stored = self.store.get_many(self._key(m) for m in keyed)
@@ -245,6 +259,15 @@ class MaskEvaluator:
             evaluate_masks(self.runner, missing, self.granularity, on_result=record, progress=bar.update)
             bar.close()
         return [known[m] for m in keyed]
+
+    def _checked(self, mask) -> Mask:
+        if self.allow_empty and len(mask) == self.num_units and not any(int(b) for b in mask):
+            return tuple(False for _ in mask)
+        return tuple(self.adapter.check_mask(mask, self.granularity))
+
+    @property
+    def distinct_masks(self) -> int:
+        return len(self.seen)
 
     def ppl(self, masks: Sequence[Sequence[bool | int]]) -> list[float]:
         return [perplexity_from_nll(v, self.tokens) for v in self.nll(masks)]

@@ -111,6 +111,14 @@ class ModelAdapter:
         block = self.blocks[i]
         return {role: get_module(block, path) for role, path in self.spec.linears.items()}
 
+    def layer_names(self) -> list[str]:
+        """'block.role' for every prunable linear layer, block order then role order (q,k,v,o,...)."""
+        return [f"{i}.{role}" for i in range(self.num_blocks) for role in self.roles]
+
+    def layer(self, name: str) -> nn.Module:
+        block, _, role = name.partition(".")
+        return self.linears(int(block))[role]
+
     def weight(self, layer: nn.Module) -> torch.Tensor:
         """The weight of a linear layer as (out_features, in_features), a view of the parameter."""
         return layer.weight.T if self.spec.transposed_weights else layer.weight

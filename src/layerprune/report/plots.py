@@ -42,3 +42,36 @@ def importance_chart(scores, path: str | Path, removed: list[str] | None = None)
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def allocation_chart(plan, path: str | Path) -> Path | None:
+    """Per-block mean target sparsity of a sparsity plan, with the target as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = Path(path)
+    layers = plan.sparsity["layers"]
+    blocks: dict[int, list[float]] = {}
+    for name, v in layers.items():
+        blocks.setdefault(int(name.split(".")[0]), []).append(v)
+    xs = sorted(blocks)
+    ys = [sum(blocks[b]) / len(blocks[b]) for b in xs]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(xs) + 2), 3.6))
+    ax.bar(xs, ys, color="#1f77b4")
+    ax.axhline(plan.params["target"], color="grey", ls="--", lw=1, label=f"target {plan.params['target']}")
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{plan.model['name']}: {plan.method} allocation for {plan.sparsity['pruner']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

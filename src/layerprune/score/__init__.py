@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import importlib
 
-DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb")
+DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb", "shapley")
+SPARSITY_METHODS = ("alpha", "owl")
 
 
 def scorer(method: str):
     from ..errors import LayerpruneError
 
-    modules = {"ppl": "ppl", "taylor": "taylor", "bi": "influence", "angular": "angular", "sleb": "sleb"}
+    modules = {
+        "ppl": "ppl",
+        "taylor": "taylor",
+        "bi": "influence",
+        "angular": "angular",
+        "sleb": "sleb",
+        "shapley": "shapley",
+        "alpha": "spectral",
+        "owl": "outliers",
+    }
     if method not in modules:
         raise LayerpruneError(f"unknown scoring method '{method}'; use one of {', '.join(modules)}")
     return importlib.import_module(f"{__name__}.{modules[method]}").score

@@ -1,0 +1,65 @@
+"""Peak RSS of one sequential pruning run in a fresh process (used by bench/sparsity.py).
+
+    python bench/_prune_rss.py PRUNER OFFLOAD BATCH
+
+Prints JSON: parameter bytes, RSS before the model was loaded, and the peak RSS while pruning
+(VmHWM, reset once the model and the calibration windows are in memory).
+"""
+
+import json
+import sys
+import time
+
+
+def status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def main(pruner: str, offload: str, batch: int) -> None:
+    from layerprune.models.loading import load
+    from layerprune.prune.unstructured import prune
+    from layerprune.score.run import calibration
+
+    before_model = status("VmRSS")
+    lm = load("fixture", device="cpu", quiet=True)
+    windows = calibration(lm, samples=128, seqlen=None)  # 128 x min(2048, context)
+    targets = {n: 0.5 for n in lm.adapter.layer_names()}
+    param_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t0 = time.perf_counter()
+    prune(
+        lm.model,
+        lm.adapter,
+        windows.input_ids,
+        targets,
+        pruner,
+        batch_size=batch,
+        offload=offload,
+        progress=False,
+    )
+    seconds = time.perf_counter() - t0
+    peak = status("VmHWM")
+    print(
+        json.dumps(
+            {
+                "pruner": pruner,
+                "offload": offload,
+                "batch_size": batch,
+                "param_bytes": param_bytes,
+                "rss_before_model": before_model,
+                "peak_rss": peak,
+                "seconds": seconds,
+                "ratio": (peak - before_model) / param_bytes,
+                "calibration": windows.protocol,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,225 @@
+"""Depth pruning on the bundled model: every scorer, 3 of 12 blocks removed, and the issue's figures.
+
+    python bench/depth.py [-o bench/results/depth.json] [--repeats 3]
+
+Writes JSON with, per method: scoring wall time, removed blocks, calibration and held-out perplexity
+of the pruned model; the dense figures; and
+- P1: `ppl` scoring vs the reference approach (a deep-copied smaller model per block), same run,
+  same batches: wall-time ratio and the largest relative difference of the scores;
+- decode latency: greedy generation of 128 tokens, batch 1, dense vs 3 blocks removed, same run;
+- Taylor peak memory (RSS, fresh processes): ours, the reference's keep-every-gradient way, and a
+  forward/backward with no weight gradient (activations), against model + 2 x largest block + activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from layerprune.allocate.depth import make_plan
+from layerprune.engine.masked import token_nll
+from layerprune.evaluate.perplexity import perplexity
+from layerprune.io import atomic_write_json
+from layerprune.models.adapter import ModelAdapter
+from layerprune.models.loading import LoadedModel, load
+from layerprune.provenance import stamp
+from layerprune.prune.depth import apply
+from layerprune.score.run import calibration, run
+
+METHODS = ("ppl", "taylor", "bi", "angular", "sleb")
+HERE = Path(__file__).resolve().parent
+
+
+def median_time(fn, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+@torch.no_grad()
+def reference_ppl_scores(model, ids):
+    """The reference's PPL criterion: for each block, a deep copy without it, then the windows."""
+    out = []
+    for i in range(ModelAdapter(model).num_blocks):
+        pruned = copy.deepcopy(model)
+        ModelAdapter(pruned).remove_blocks([i])
+        nll = float(token_nll(pruned(input_ids=ids, use_cache=False).logits, ids).double().sum())
+        out.append(math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1))))
+        del pruned
+    return out
+
+
+def pruned_copy(lm, plan):
+    model = copy.deepcopy(lm.model)
+    twin = LoadedModel(lm.name, model, lm.tokenizer, ModelAdapter(model), lm.path, lm.source_dtype)
+    twin._fingerprint = lm.fingerprint  # same weights as lm until apply() changes them
+    apply(twin, plan)
+    return twin
+
+
+@torch.no_grad()
+def decode_seconds(model, prompt_ids, new_tokens, repeats):
+    model.generate(prompt_ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(
+            prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+        times.append(time.perf_counter() - t0)
+        assert out.shape[1] == prompt_ids.shape[1] + new_tokens
+    return statistics.median(times)
+
+
+def taylor_memory() -> dict:
+    runs = {}
+    for mode in ("activations", "ours", "reference"):
+        r = subprocess.run(
+            [sys.executable, str(HERE / "_rss.py"), mode], capture_output=True, text=True, check=True
+        )
+        runs[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    lm = load("fixture", device="cpu", quiet=True)
+    model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in lm.adapter.blocks)
+    activations = runs["activations"]["peak"] - runs["activations"]["rss_after_load"]
+    growth = {m: r["peak"] - r["rss_after_load"] for m, r in runs.items()}
+    # RSS already holds the model after loading: the bound's "model size" is the baseline itself.
+    return {
+        "model_bytes": model_bytes,
+        "largest_block_bytes": block_bytes,
+        "activation_bytes_measured": activations,
+        "peak_growth_over_loaded_model": growth,
+        "ours_peak_rss": runs["ours"]["peak"],
+        "reference_peak_rss": runs["reference"]["peak"],
+        "bound_peak_rss": runs["ours"]["rss_after_load"] + 2 * block_bytes + activations,
+        "ours_within_bound": runs["ours"]["peak"]
+        <= runs["ours"]["rss_after_load"] + 2 * block_bytes + activations,
+        "ours_extra_over_activations_in_blocks": (growth["ours"] - activations) / block_bytes,
+        "reference_extra_over_activations_in_blocks": (growth["reference"] - activations) / block_bytes,
+        "raw": runs,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--output", type=Path, default=HERE / "results" / "depth.json")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--remove", type=int, default=3)
+    ap.add_argument("--heldout-seqlen", type=int, default=128)
+    args = ap.parse_args(argv)
+
+    lm = load("fixture", device="cpu", quiet=True)
+    windows = calibration(lm)  # 10 x 128 tokens of fixture:val, seed 0: the papers' default
+    ids = windows.input_ids
+    doc: dict = {
+        "benchmark": "depth pruning on fixture",
+        "calibration": windows.protocol,
+        "threads": torch.get_num_threads(),
+    }
+
+    def ppl_of(model_lm):
+        calib_nll = float(
+            token_nll(model_lm.model(input_ids=ids, use_cache=False).logits, ids).double().sum()
+        )
+        held = perplexity(model_lm, "fixture:test", seqlen=args.heldout_seqlen, progress=False)
+        return math.exp(calib_nll / (ids.shape[0] * (ids.shape[1] - 1))), held
+
+    with torch.no_grad():
+        dense_calib, dense_held = ppl_of(lm)
+    doc["dense"] = {
+        "calibration_ppl": dense_calib,
+        "heldout_ppl": dense_held.ppl,
+        "heldout_protocol": dense_held.protocol,
+    }
+    print(f"dense: calibration ppl {dense_calib:.3f}, held-out ppl {dense_held.ppl:.3f}", flush=True)
+
+    # P1: ppl scoring, ours vs the reference approach, same run.
+    run(lm, "ppl", windows, progress=False)  # warm-up
+    t_ours, ours = median_time(lambda: run(lm, "ppl", windows, progress=False), args.repeats)
+    t_ref, ref = median_time(lambda: reference_ppl_scores(lm.model, ids), args.repeats)
+    rel = max(abs(a - b) / b for a, b in zip(ours.importance, ref))
+    doc["P1_ppl_scoring"] = {
+        "ours_seconds": t_ours,
+        "reference_seconds": t_ref,
+        "ratio": t_ours / t_ref,
+        "target_ratio": 0.6,
+        "max_relative_score_difference": rel,
+        "block_calls_ours": ours.extra["block_calls"],
+        "block_calls_reference": lm.adapter.num_blocks * (lm.adapter.num_blocks - 1),
+    }
+    print(
+        f"P1: ppl scoring {t_ours:.2f}s vs reference {t_ref:.2f}s -> ratio {t_ours / t_ref:.3f}, max rel diff {rel:.1e}",
+        flush=True,
+    )
+
+    methods = {}
+    plans = {}
+    for method in METHODS:
+        scores = run(lm, method, windows, progress=False)
+        plan = make_plan(scores, remove=args.remove)
+        pruned = pruned_copy(lm, plan)
+        with torch.no_grad():
+            calib_ppl, held = ppl_of(pruned)
+        methods[method] = {
+            "scoring_seconds": scores.seconds,
+            "importance": scores.importance,
+            "removed": plan.remove,
+            "protected": plan.params["protected"],
+            "calibration_ppl": calib_ppl,
+            "heldout_ppl": held.ppl,
+        }
+        plans[method] = plan
+        print(
+            f"{method:8s} removed {plan.remove} (protected {plan.params['protected']}): calibration {calib_ppl:.3f}, "
+            f"held-out {held.ppl:.3f}, scoring {scores.seconds:.2f}s",
+            flush=True,
+        )
+        del pruned
+    doc["methods"] = methods
+
+    # Decode latency: dense vs the ppl plan's 9-block model, same run.
+    pruned = pruned_copy(lm, plans["ppl"])
+    prompt = lm.tokenizer("And it came to pass, when the", return_tensors="pt").input_ids
+    t_dense = decode_seconds(lm.model, prompt, 128, args.repeats)
+    t_pruned = decode_seconds(pruned.model, prompt, 128, args.repeats)
+    doc["decode_latency"] = {
+        "new_tokens": 128,
+        "batch": 1,
+        "dense_seconds": t_dense,
+        "pruned_seconds": t_pruned,
+        "ratio": t_pruned / t_dense,
+        "target_ratio": 0.8,
+        "pruned_blocks": plans["ppl"].remove,
+    }
+    print(
+        f"decode 128 tokens: dense {t_dense:.3f}s, pruned {t_pruned:.3f}s -> ratio {t_pruned / t_dense:.3f}",
+        flush=True,
+    )
+
+    doc["taylor_memory"] = taylor_memory()
+    m = doc["taylor_memory"]
+    print(
+        f"taylor peak RSS: ours {m['ours_peak_rss'] / 2**20:.1f} MiB (bound {m['bound_peak_rss'] / 2**20:.1f}), "
+        f"reference {m['reference_peak_rss'] / 2**20:.1f} MiB",
+        flush=True,
+    )
+    doc.update(stamp())
+    atomic_write_json(args.output, doc)
+    print(f"wrote {args.output}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

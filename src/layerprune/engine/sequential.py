@@ -1,0 +1,148 @@
+"""Block-by-block calibration: the sequential procedure of Wanda and SparseGPT, written once.
+
+    capture the inputs of block 0 on the calibration windows
+    for each block i:
+        run block i (as it is) on every micro-batch, with hooks feeding its linear layers' inputs to
+            per-layer statistics (column norms for Wanda, the Hessian for SparseGPT, outlier counts)
+        let the method act on block i (prune it, or just record something)
+        run block i again (now pruned) and keep its outputs as the inputs of block i+1
+
+Only one block's statistics and one set of calibration activations are alive at a time: outputs
+replace inputs micro-batch by micro-batch. The activations live in memory (on CPU when the model is
+on a GPU) or, with `offload="disk"`, in a temporary folder, so that peak memory is the model plus
+one micro-batch however many calibration tokens are used.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.adapter import ModelAdapter
+from .masked import BlockRunner
+
+
+class ActivationStore:
+    """Hidden states of the calibration windows, one tensor per micro-batch."""
+
+    def __init__(self, offload: str = "memory"):
+        if offload not in ("memory", "disk"):
+            raise ValueError(f"offload must be memory or disk, not {offload}")
+        self.offload = offload
+        self._mem: dict[int, torch.Tensor] = {}
+        self._meta: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._dir = Path(tempfile.mkdtemp(prefix="layerprune-acts-")) if offload == "disk" else None
+
+    def put(self, b: int, h: torch.Tensor) -> None:
+        if self._dir is None:
+            # On a GPU the activations wait on the CPU; on CPU this is the tensor itself.
+            self._mem[b] = h.detach().to("cpu")
+            return
+        t = h.detach().to("cpu")
+        self._meta[b] = (tuple(t.shape), t.dtype)
+        t.contiguous().view(torch.uint8).numpy().tofile(self._dir / f"{b}.bin")
+
+    def get(self, b: int, device) -> torch.Tensor:
+        if self._dir is None:
+            return self._mem[b].to(device)
+        shape, dtype = self._meta[b]
+        raw = torch.from_numpy(np.fromfile(self._dir / f"{b}.bin", dtype=np.uint8))
+        return raw.view(dtype).view(shape).to(device)
+
+    def close(self) -> None:
+        self._mem.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class LayerInputs:
+    """Forward hooks that hand every linear layer's input (rows = tokens) to a callback."""
+
+    def __init__(self, layers: dict[str, nn.Module], callback: Callable[[str, torch.Tensor], None]):
+        self.handles = [
+            layer.register_forward_hook(lambda _m, args, _out, name=name: callback(name, args[0].detach()))
+            for name, layer in layers.items()
+        ]
+
+    def __enter__(self) -> LayerInputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    input_ids: torch.Tensor,
+    on_block: Callable[[int, Callable[[Callable[[str, torch.Tensor], None]], None]], None],
+    *,
+    batch_size: int = 8,
+    offload: str = "memory",
+    progress: bool = True,
+    desc: str = "blocks",
+) -> None:
+    """Walk the blocks in order. `on_block(i, calibrate)` may call `calibrate(callback)` any number of
+    times: each call runs block i on every micro-batch with `callback(role, inputs)` hooked on its
+    linear layers. Whatever it did to the block, the block's outputs are then recomputed."""
+    runner = BlockRunner(model, adapter, input_ids, batch_size)
+    device = next(model.parameters()).device
+    store = ActivationStore(offload)
+    try:
+        for b in range(len(runner.batches)):
+            store.put(b, runner.embed_batch(b))
+        for i in tqdm(range(adapter.num_blocks), desc=desc, disable=not progress, leave=False):
+
+            def calibrate(callback, i=i):
+                with LayerInputs(adapter.linears(i), callback):
+                    for b in range(len(runner.batches)):
+                        runner.block_batch(i, b, store.get(b, device))
+
+            on_block(i, calibrate)
+            for b in range(len(runner.batches)):
+                store.put(b, runner.block_batch(i, b, store.get(b, device)))
+    finally:
+        store.close()
+
+
+class ColumnNorms:
+    """Sum over calibration tokens of x_j^2 for every input column j (Wanda's ||X_j||^2)."""
+
+    def __init__(self):
+        self.sq: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        s = x.pow(2).sum(0)
+        self.sq = s if self.sq is None else self.sq + s
+        self.tokens += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+
+class Hessian:
+    """H = (2 / tokens) * sum X X^T over calibration tokens (SparseGPT's layer Hessian), float32."""
+
+    def __init__(self):
+        self.H: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        xtx = x.T @ x
+        self.H = xtx if self.H is None else self.H + xtx
+        self.tokens += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.H * (2.0 / self.tokens)

@@ -1,0 +1,222 @@
+"""Shapley layer contributions: closed forms, convergence, resumability, bad input, Mamba."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from layerprune.data import Windows
+from layerprune.engine.store import EvalStore
+from layerprune.errors import LayerpruneError
+from layerprune.models.adapter import ModelAdapter
+from layerprune.models.tiny import tiny_model
+from layerprune.score.shapley import score as shapley
+from layerprune.score.shapley.game import (
+    all_masks,
+    exact_shapley,
+    kernel_shap,
+    permutation_shapley,
+    stratified_contributions,
+)
+from layerprune.score.shapley.masks import default_strata, stratified_masks
+
+
+def synthetic(L, seed, triple=False):
+    """v(S) = sum a_i + sum b_ij + (optionally) sum c_ijk over members of S, with its Shapley values:
+    every term is shared equally by its members."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(L, generator=g, dtype=torch.float64)
+    b = torch.randn(L, L, generator=g, dtype=torch.float64).triu(1)
+    c = (
+        torch.randn(L, L, L, generator=g, dtype=torch.float64)
+        if triple
+        else torch.zeros(L, L, L, dtype=torch.float64)
+    )
+    i, j, k = torch.meshgrid(torch.arange(L), torch.arange(L), torch.arange(L), indexing="ij")
+    c = c * ((i < j) & (j < k))
+
+    def f(m):
+        m = m.double()
+        return m @ a + ((m @ b) * m).sum(1) + torch.einsum("ni,nj,nk,ijk->n", m, m, m, c)
+
+    phi = a + (b.sum(0) + b.sum(1)) / 2 + (c.sum((1, 2)) + c.sum((0, 2)) + c.sum((0, 1))) / 3
+    return f, phi
+
+
+def test_exact_enumeration_matches_the_closed_form():
+    for triple in (False, True):
+        f, phi = synthetic(7, 1, triple)
+        assert torch.allclose(exact_shapley(f(all_masks(7)), 7), phi, atol=1e-10)
+
+
+def test_pairwise_games_are_exact_for_antithetic_and_paired_sampling():
+    f, phi = synthetic(9, 2)
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(permutation_shapley(f, 9, 2, g), phi, atol=1e-10)  # one order + its reverse
+    assert torch.allclose(kernel_shap(f, 9, 200, g), phi, atol=1e-8)
+
+
+def test_sampling_estimators_converge_on_a_game_with_triple_interactions():
+    f, phi = synthetic(10, 3, triple=True)
+    for estimate in (permutation_shapley, kernel_shap):
+        errors = []
+        for n in (50, 500, 20000):
+            g = torch.Generator().manual_seed(n)
+            errors.append(float((estimate(f, 10, n, g) - phi).abs().max()))
+        assert errors[2] < errors[0] and errors[2] < 0.05 * float(phi.abs().max()), (
+            estimate.__name__,
+            errors,
+        )
+
+
+def test_stratified_estimator_is_the_semivalue_over_its_strata():
+    f, _ = synthetic(6, 4, triple=True)
+    masks = all_masks(6)
+    # over all masks it is the Banzhaf value: mean marginal contribution over all coalitions
+    brute = torch.zeros(6, dtype=torch.float64)
+    for i in range(6):
+        without = masks[masks[:, i] == 0]
+        with_i = without.clone()
+        with_i[:, i] = 1
+        brute[i] = (f(with_i) - f(without)).mean()
+    assert torch.allclose(stratified_contributions(f, masks), brute, atol=1e-12)
+
+
+def test_strata():
+    assert default_strata(32, 0.25) == [30, 27, 24, 21, 18]  # the reference's hard-coded strata
+    assert default_strata(12, 0.25) == [11, 10, 9, 8, 7]
+    masks = stratified_masks(12, [11, 9, 7], 60, seed=0)
+    assert len(masks) == len(set(masks)) == 60
+    assert {sum(m) for m in masks} == {11, 9, 7}
+    assert sum(1 for m in masks if sum(m) == 11) == 12  # the stratum of 12 masks is taken whole
+    assert masks == stratified_masks(12, [11, 9, 7], 60, seed=0)
+
+
+def windows(n=3, t=12):
+    g = torch.Generator().manual_seed(0)
+    return Windows(torch.randint(3, 128, (n, t), generator=g), {"fingerprint": "tiny"})
+
+
+def test_exact_estimator_equals_brute_force_on_a_tiny_model():
+    model = tiny_model("llama", num_layers=4)
+    adapter = ModelAdapter(model)
+    w = windows()
+    result = shapley(model, adapter, w, estimator="exact", progress=False)
+
+    def ppl(mask):
+        blocks = adapter.blocks
+        kept = [b for b, k in zip(blocks, mask) if k]
+        saved = list(blocks)
+        try:  # an independent skip: rebuild the ModuleList with only the kept blocks
+            adapter.model.model.layers = torch.nn.ModuleList(kept)
+            adapter.model.config.num_hidden_layers = len(kept)
+            with torch.no_grad():
+                losses = [
+                    model(input_ids=x[None], labels=x[None], use_cache=False).loss.item() for x in w.input_ids
+                ]
+        finally:
+            adapter.model.model.layers = torch.nn.ModuleList(saved)
+            adapter.model.config.num_hidden_layers = 4
+        return math.exp(sum(losses) / len(losses))
+
+    dense = ppl([1, 1, 1, 1])
+    table = torch.tensor(
+        [dense / ppl([(r >> i) & 1 for i in range(4)]) for r in range(16)], dtype=torch.float64
+    )
+    # float32 losses (HF mean vs our log-softmax sums) agree to ~1e-7; their differences to ~1e-6
+    assert result.importance == pytest.approx(exact_shapley(table, 4).tolist(), abs=2e-6)
+    assert result.extra["evaluations"] == 16
+
+
+def test_surrogate_estimators_report_fit_and_budget():
+    model = tiny_model("qwen3", num_layers=6)
+    adapter = ModelAdapter(model)
+    for estimator in ("stratified", "shapley", "kernel"):
+        r = shapley(
+            model,
+            adapter,
+            windows(),
+            estimator=estimator,
+            budget=40,
+            strata=[5, 4, 3, 2],
+            progress=False,
+            epochs=60,
+        )
+        assert len(r.importance) == 6 and all(math.isfinite(v) for v in r.importance)
+        assert r.extra["evaluations"] <= 41  # the budget, plus the dense model
+        if estimator != "kernel":
+            assert r.extra["surrogate"]["heldout"] == 8 and -1 <= r.extra["surrogate"]["spearman"] <= 1
+
+
+def test_interrupted_run_resumes_without_reevaluating(tmp_path):
+    from layerprune.models.loading import LoadedModel
+    from layerprune.score.run import run
+
+    model = tiny_model("llama", num_layers=6)
+    lm = LoadedModel("tiny", model, None, ModelAdapter(model), None)
+    w = windows()
+    path = tmp_path / "store.sqlite"
+    kwargs = dict(estimator="stratified", budget=30, strata=[5, 4, 3], epochs=40, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    store = EvalStore(path, lm.fingerprint, w.fingerprint)
+    real_put = store.put
+    calls = []
+
+    def put(*a, **k):
+        real_put(*a, **k)
+        calls.append(a[0])
+        if len(calls) == 11:
+            raise Crash
+
+    store.put = put
+    with pytest.raises(Crash):
+        run(lm, "shapley", w, store=store, **kwargs)
+    store.close()
+
+    store = EvalStore(path, lm.fingerprint, w.fingerprint)
+    resumed = run(lm, "shapley", w, store=store, **kwargs)
+    assert resumed.extra["evaluations_this_run"] == 31 - 11  # 30 masks + the dense model, 11 stored
+    fresh = run(lm, "shapley", w, **kwargs)
+    a, b = resumed.to_dict(), fresh.to_dict()
+    for d in (a, b):  # wall time, timestamps and this run's share of the work differ by nature
+        d.pop("seconds"), d["provenance"].pop("created"), d["extra"].pop("evaluations_this_run")
+        d["params"].pop("store", None)
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_bad_input():
+    model = tiny_model("llama", num_layers=5)
+    adapter = ModelAdapter(model)
+    with pytest.raises(LayerpruneError, match="cannot cover 5 strata"):
+        shapley(model, adapter, windows(), budget=3, strata=[4, 3, 2, 1, 1])
+    with pytest.raises(LayerpruneError, match=r"strata \[5, 0\] are outside 1..4"):
+        shapley(model, adapter, windows(), strata=[5, 3, 0])
+    big = tiny_model("llama", num_layers=17)
+    with pytest.raises(LayerpruneError, match="use --estimator stratified or shapley"):
+        shapley(big, ModelAdapter(big), windows(), estimator="exact")
+
+
+def test_mamba_depth_pruning_by_shapley(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.allocate.depth import make_plan
+    from layerprune.models.loading import LoadedModel
+    from layerprune.prune.depth import apply
+    from layerprune.score.run import run
+
+    model = tiny_model("mamba", num_layers=5)
+    lm = LoadedModel("tiny-mamba", model, None, ModelAdapter(model), None)
+    scores = run(lm, "shapley", windows(), estimator="exact", progress=False)
+    plan = make_plan(scores, remove=2)
+    lowest = sorted(range(5), key=lambda i: scores.importance[i])[:2]
+    assert plan.remove == [str(i) for i in sorted(lowest)]
+    apply(lm, plan)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.num_hidden_layers == 3
+    out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 8)
