@@ -10,13 +10,7 @@ import json
 import sys
 import time
 
-
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from _proc import reset_peak, status
 
 
 def main(pruner: str, offload: str, batch: int) -> None:
@@ -29,8 +23,7 @@ def main(pruner: str, offload: str, batch: int) -> None:
     windows = calibration(lm, samples=128, seqlen=None)  # 128 x min(2048, context)
     targets = {n: 0.5 for n in lm.adapter.layer_names()}
     param_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     t0 = time.perf_counter()
     prune(
         lm.model,

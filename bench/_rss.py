@@ -13,14 +13,7 @@ import json
 import sys
 
 import torch
-
-
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from _proc import reset_peak, status
 
 
 def main(mode: str) -> None:
@@ -31,8 +24,7 @@ def main(mode: str) -> None:
     lm = load("fixture", device="cpu", quiet=True)
     windows = calibration(lm)
     ids = windows.input_ids
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
-        f.write("5")
+    reset_peak()
     after_load = status("VmRSS")
     if mode == "ours":
         scorer("taylor")(lm.model, lm.adapter, windows, progress=False)

@@ -116,6 +116,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _chart(args, kind: str, *chart_args, **kwargs) -> None:
+    """Write a PNG next to the output (unless --no-plot); matplotlib is optional."""
+    if args.no_plot:
+        return
+    from .report import plots
+
+    png = getattr(plots, kind)(*chart_args, **kwargs)
+    if png:
+        print(f"wrote {png}")
+
+
 # ---- score / plan / apply ----------------------------------------------------------------------
 DEPTH_CALIB = (10, 128)  # Shortened LLaMA / Cooperative Game: 10 samples x 128 tokens
 SPARSITY_CALIB = (128, None)  # Wanda / SparseGPT / AlphaPruning: 128 x min(2048, context)
@@ -181,12 +192,7 @@ def cmd_score(args) -> int:
     print(f"{args.method} importance per {scores.unit} ({scores.seconds:.1f}s{calib}):")
     _print_importance(scores)
     print(f"wrote {args.output}")
-    if not args.no_plot:
-        from .report.plots import importance_chart
-
-        png = importance_chart(scores, Path(args.output).with_suffix(".png"))
-        if png:
-            print(f"wrote {png}")
+    _chart(args, "importance_chart", scores, Path(args.output).with_suffix(".png"))
     return 0
 
 
@@ -255,12 +261,7 @@ def _plan_depth(args) -> int:
         f"of {scores.model['num_blocks']} blocks; protected {plan.params['protected'] or 'none'}"
     )
     print(f"wrote {args.output}")
-    if not args.no_plot:
-        from .report.plots import importance_chart
-
-        png = importance_chart(scores, Path(args.output).with_suffix(".png"), removed=plan.remove)
-        if png:
-            print(f"wrote {png}")
+    _chart(args, "importance_chart", scores, Path(args.output).with_suffix(".png"), removed=plan.remove)
     return 0
 
 
@@ -302,12 +303,7 @@ def _plan_sparsity(args) -> int:
         + " ".join(f"{v:.3f}" for v in per_block)
     )
     print(f"wrote {args.output}")
-    if not args.no_plot:
-        from .report.plots import allocation_chart
-
-        png = allocation_chart(plan, Path(args.output).with_suffix(".png"))
-        if png:
-            print(f"wrote {png}")
+    _chart(args, "allocation_chart", plan, Path(args.output).with_suffix(".png"))
     return 0
 
 
@@ -465,7 +461,9 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 def _add_spectral(p: argparse.ArgumentParser) -> None:
     from .score.spectral import METRICS
 
-    p.add_argument("--metric", default="alpha_peak", help=f"alpha: the spectral metric ({', '.join(METRICS)})")
+    p.add_argument(
+        "--metric", default="alpha_peak", help=f"alpha: the spectral metric ({', '.join(METRICS)})"
+    )
     p.add_argument(
         "--lower-bound",
         default="reference",

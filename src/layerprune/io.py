@@ -74,3 +74,17 @@ def check_output_outside(output: str | Path, model_dir: str | Path | None) -> No
         raise LayerpruneError(
             f"output {output} is inside the input model folder {model_dir}; write it somewhere else (-o)"
         )
+
+
+def read_document(path: str | Path, fmt: str, what: str, make_hint: str) -> dict:
+    """A JSON artifact of ours (plan, scores) with its format tag checked; errors name the fix."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LayerpruneError(f"{what} {path} does not exist; make one with `{make_hint}`") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise LayerpruneError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise LayerpruneError(f"{path} is not a layerprune {what} (format {fmt})")
+    return {k: v for k, v in doc.items() if k != "format"}

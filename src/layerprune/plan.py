@@ -7,12 +7,11 @@ per linear layer and the pruner), "width" (a structured rate per block).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LayerpruneError
-from .io import atomic_write_json
+from .io import atomic_write_json, read_document
 
 PLAN_FORMAT = "layerprune.plan/1"
 KINDS = ("depth", "sparsity", "width")
@@ -41,17 +40,9 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
+        doc = read_document(path, PLAN_FORMAT, "plan", "layerprune plan")
         try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LayerpruneError(f"plan {path} does not exist; make one with `layerprune plan`") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise LayerpruneError(f"cannot read plan {path}: {e}") from None
-        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
-            raise LayerpruneError(f"{path} is not a layerprune plan (format {PLAN_FORMAT})")
-        try:
-            plan = cls(**{k: v for k, v in doc.items() if k != "format"})
+            plan = cls(**doc)
         except TypeError as e:
             raise LayerpruneError(f"plan {path} is malformed: {e}") from None
         plan.validate(str(path))

@@ -7,13 +7,12 @@ already removed (`removed`, used by iterative planning). Scorers never import ea
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import LayerpruneError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_document
 
 SCORES_FORMAT = "layerprune.scores/1"
 
@@ -45,19 +44,9 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
-        path = Path(path)
+        doc = read_document(path, SCORES_FORMAT, "scores file", "layerprune score")
         try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LayerpruneError(
-                f"scores file {path} does not exist; make one with `layerprune score`"
-            ) from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise LayerpruneError(f"cannot read scores file {path}: {e}") from None
-        if not isinstance(doc, dict) or doc.get("format") != SCORES_FORMAT:
-            raise LayerpruneError(f"{path} is not a layerprune scores file (format {SCORES_FORMAT})")
-        try:
-            s = cls(**{k: v for k, v in doc.items() if k != "format"})
+            s = cls(**doc)
         except TypeError as e:
             raise LayerpruneError(f"{path} is malformed: {e}") from None
         if len(s.importance) != len(s.units):
@@ -76,6 +65,16 @@ def _finite(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def leave_one_out(keep: list[bool], candidates: list[int]) -> list[list[bool]]:
+    """For each candidate j, the mask `keep` with unit j removed as well."""
+    masks = []
+    for j in candidates:
+        m = list(keep)
+        m[j] = False
+        masks.append(m)
+    return masks
 
 
 def keep_mask(n: int, removed) -> list[bool]:

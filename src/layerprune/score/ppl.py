@@ -8,18 +8,14 @@ leave-one-out over L blocks costs about L/2 full forwards instead of L, with ide
 from __future__ import annotations
 
 from ..engine.masked import MaskEvaluator
-from .base import MethodScores, keep_mask
+from .base import MethodScores, keep_mask, leave_one_out
 
 
 def score(model, adapter, windows, *, unit="block", removed=None, batch_size=16, progress=True, store=None):
     n = len(adapter.units(unit))
     base = keep_mask(n, removed)
     candidates = [j for j in range(n) if base[j]]
-    masks = []
-    for j in candidates:
-        m = list(base)
-        m[j] = False
-        masks.append(m)
+    masks = leave_one_out(base, candidates)
     evaluator = MaskEvaluator(
         model,
         adapter,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..engine.masked import MaskEvaluator
 from ..errors import LayerpruneError
-from .base import MethodScores, keep_mask
+from .base import MethodScores, keep_mask, leave_one_out
 
 
 def score(
@@ -47,11 +47,7 @@ def score(
     order, ppl_after = [], []
     for _ in range(steps):
         candidates = [j for j in allowed if keep[j]]
-        masks = []
-        for j in candidates:
-            m = list(keep)
-            m[j] = False
-            masks.append(m)
+        masks = leave_one_out(keep, candidates)
         ppls = evaluator.ppl(masks)
         best = min(range(len(candidates)), key=lambda c: ppls[c])
         keep[candidates[best]] = False
