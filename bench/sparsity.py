@@ -2,7 +2,8 @@
 
     python bench/sparsity.py [-o bench/results/sparsity.json] [--targets 0.5 0.6 0.7 0.8]
 
-P3: held-out perplexity (fixture:test, seqlen = the context, 256) at each target for
+P3: held-out perplexity (the first 256 windows of fixture:test, seqlen = the context, 256; --heldout-windows 0
+for all of it) at each target for
 {uniform, owl, alpha} x {magnitude, wanda, sparsegpt}, and 2:4 for each pruner (uniform; alpha and
 owl turn into per-layer N:4). Calibration: 128 samples x 256 tokens of fixture:val, seed 0.
 Alpha uses the reference scripts' eps (0.3 magnitude, 0.2 Wanda/SparseGPT); where that eps would
@@ -34,9 +35,9 @@ from layerprune.score.run import calibration, run
 HERE = Path(__file__).resolve().parent
 
 
-def heldout(lm, model) -> float:
+def heldout(lm, model, max_windows) -> float:
     twin = LoadedModel(lm.name, model, lm.tokenizer, ModelAdapter(model), lm.path)
-    return perplexity(twin, "fixture:test", progress=False).ppl
+    return perplexity(twin, "fixture:test", max_windows=max_windows, progress=False).ppl
 
 
 def main(argv=None):
@@ -44,13 +45,20 @@ def main(argv=None):
     ap.add_argument("-o", "--output", type=Path, default=HERE / "results" / "sparsity.json")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=256,
+        help="the first N windows of fixture:test (256 x 256 = 65,536 tokens; 0 = all)",
+    )
     args = ap.parse_args(argv)
 
     lm = load("fixture", device="cpu", quiet=True)
     windows = calibration(lm, samples=128, seqlen=None)
     names = lm.adapter.layer_names()
     numel = [lm.adapter.layer(n).weight.numel() for n in names]
-    dense = perplexity(lm, "fixture:test", progress=False)
+    max_windows = args.heldout_windows or None
+    dense = perplexity(lm, "fixture:test", max_windows=max_windows, progress=False)
     doc: dict = {
         "benchmark": "sparsity on fixture",
         "calibration": windows.protocol,
@@ -90,7 +98,7 @@ def main(argv=None):
             model, ModelAdapter(model), windows.input_ids, targets, pruner, nm, batch_size=8, progress=False
         )
         seconds = time.perf_counter() - t0
-        ppl = heldout(lm, model)
+        ppl = heldout(lm, model, max_windows)
         mean = sum(achieved[n] * p for n, p in zip(names, numel)) / sum(numel)
         row = {
             "target": target,

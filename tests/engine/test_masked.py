@@ -10,6 +10,7 @@ from layerprune.engine.masked import BlockRunner, MaskEvaluator, evaluate_masks,
 from layerprune.engine.store import EvalStore, mask_key
 from layerprune.errors import LayerpruneError
 from layerprune.models.adapter import ModelAdapter
+from layerprune.models.tiny import ARCHS as TINY_ARCHS
 from layerprune.models.tiny import tiny_model
 
 
@@ -107,3 +108,24 @@ def test_store_bound_to_model_and_data(tmp_path):
     (tmp_path / "junk.sqlite").write_bytes(b"definitely not sqlite" * 100)
     with pytest.raises(LayerpruneError, match="not an evaluation store"):
         EvalStore(tmp_path / "junk.sqlite", "m", "d")
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_fused_head_equals_the_models_own_logits(arch, monkeypatch):
+    """The chunked head (logsumexp fused with the output embedding) against the model's logits,
+    with chunks that split windows, on every architecture (Gemma 2's final softcapping included)."""
+    import layerprune.engine.masked as masked
+
+    monkeypatch.setattr(masked, "HEAD_CHUNK", 7)
+    model = tiny_model(arch, num_layers=3)
+    adapter = ModelAdapter(model)
+    x = torch.randint(3, 128, (3, 12))
+    runner = BlockRunner(model, adapter, x, batch_size=2)
+    states = runner.embed()
+    for i in range(3):
+        states = runner.block(i, states)
+    with torch.no_grad():
+        logits = model(input_ids=x, use_cache=False).logits.double()
+    expected = -torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1).sum(1)
+    assert runner.fused_head  # every supported architecture has a plain Linear output embedding
+    assert torch.allclose(runner.nll_per_window(states), expected, rtol=1e-5)
