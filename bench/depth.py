@@ -6,7 +6,8 @@ Writes JSON with, per method: scoring wall time, removed blocks, calibration and
 of the pruned model; the dense figures; and
 - P1: `ppl` scoring vs the reference approach (a deep-copied smaller model per block), same run,
   same batches: wall-time ratio and the largest relative difference of the scores;
-- decode latency: greedy generation of 128 tokens, batch 1, dense vs 3 blocks removed, same run;
+- decode latency: greedy generation (HF generate, KV cache) of 128 tokens, batch 1, dense vs 3 blocks
+  removed, same run, interleaved rounds (at least 7), medians;
 - Taylor peak memory (RSS, fresh processes, median of 3): ours, the reference's keep-every-gradient
   way, and the same forward/backward computing no weight gradient (activations), against
   model + 2 x largest block + activations; on the fixture and on a wide random model (bench/_rss.py).
@@ -82,17 +83,10 @@ def pruned_copy(lm, plan):
 
 
 @torch.no_grad()
-def decode_seconds(model, prompt_ids, new_tokens, repeats):
-    model.generate(prompt_ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model.generate(
-            prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-        )
-        times.append(time.perf_counter() - t0)
-        assert out.shape[1] == prompt_ids.shape[1] + new_tokens
-    return statistics.median(times)
+def greedy(model, prompt_ids, new_tokens):
+    out = model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    assert out.shape[1] == prompt_ids.shape[1] + new_tokens
+    return out
 
 
 def taylor_memory(repeats: int = 3) -> dict:
@@ -221,8 +215,12 @@ def main(argv=None):
     # Decode latency: dense vs the ppl plan's 9-block model, same run.
     pruned = pruned_copy(lm, plans["ppl"])
     prompt = lm.tokenizer("And it came to pass, when the", return_tensors="pt").input_ids
-    t_dense = decode_seconds(lm.model, prompt, 128, args.repeats)
-    t_pruned = decode_seconds(pruned.model, prompt, 128, args.repeats)
+    for m in (lm.model, pruned.model):
+        greedy(m, prompt, 8)  # warm-up
+    (t_dense, t_pruned), _, rounds = interleaved_medians(
+        [lambda: greedy(lm.model, prompt, 128), lambda: greedy(pruned.model, prompt, 128)],
+        max(args.repeats, 7),
+    )
     doc["decode_latency"] = {
         "new_tokens": 128,
         "batch": 1,
@@ -230,6 +228,7 @@ def main(argv=None):
         "pruned_seconds": t_pruned,
         "ratio": t_pruned / t_dense,
         "target_ratio": 0.8,
+        "rounds": rounds,
         "pruned_blocks": plans["ppl"].remove,
     }
     print(

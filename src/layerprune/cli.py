@@ -176,6 +176,7 @@ def cmd_score(args) -> int:
             seed=args.seed,
             sampler=args.sampler,
             epochs=args.epochs,
+            schedule=args.schedule,
             hidden=args.hidden,
             ratio=args.target_ratio,
         )
@@ -550,7 +551,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sampler", default="auto", help="shapley estimator: auto, enumerate, permutation, kernel"
     )
-    p.add_argument("--epochs", type=int, default=300, help="shapley: surrogate training epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="shapley: surrogate training length (full-batch steps for --schedule steps, default 3000; epochs for reference, 300)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("steps", "reference"),
+        default="steps",
+        help="shapley: surrogate SGD schedule; 'reference' = batch 300, lr 0.008, epochs (underfits small budgets)",
+    )
     p.add_argument("--hidden", type=int, default=None, help="shapley: surrogate width (default 2L)")
     _add_spectral(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="scores.json")

@@ -220,3 +220,28 @@ def test_mamba_depth_pruning_by_shapley(tmp_path):
     assert reloaded.config.num_hidden_layers == 3
     out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
+
+
+def test_step_schedule_fits_a_small_budget_the_reference_schedule_underfits():
+    """A multiplicative layer game like a real model's (one block ruinous to remove, the others
+    costing a few percent): 160 masks of 12 blocks. The surrogate's Shapley values (exact, by
+    enumerating the surrogate) are compared with the game's exact Shapley values."""
+    from layerprune.score.shapley.game import all_masks, exact_shapley
+    from layerprune.score.shapley.surrogate import fit_surrogate, spearman
+
+    L = 12
+    g = torch.Generator().manual_seed(3)
+    cost = 0.01 + 0.08 * torch.rand(L, generator=g, dtype=torch.float64)
+    cost[0] = 4.0  # removing block 0 is ruinous, as in trained models
+
+    def utility(m):
+        return torch.exp(-((1 - m.double()) @ cost))
+
+    truth = exact_shapley(utility(all_masks(L)), L)
+    masks = torch.tensor(stratified_masks(L, default_strata(L, 0.25), 160, seed=0), dtype=torch.float64)
+    fits = {s: fit_surrogate(masks, utility(masks), schedule=s) for s in ("steps", "reference")}
+    rho = {s: spearman(exact_shapley(f(all_masks(L)), L), truth) for s, f in fits.items()}
+    assert fits["steps"].r2 > 0.95 and rho["steps"] > 0.9
+    assert fits["reference"].r2 < fits["steps"].r2 and rho["reference"] < rho["steps"]
+    with pytest.raises(LayerpruneError, match="steps or reference"):
+        fit_surrogate(masks, utility(masks), schedule="adam")

@@ -54,7 +54,8 @@ def score(
     ratio=0.25,
     seed=0,
     hidden=None,
-    epochs=300,
+    epochs=None,
+    schedule="steps",
     sampler="auto",
     surrogate_samples=4000,
 ):
@@ -108,14 +109,15 @@ def score(
         values = utility(masks)
         masks_t, values, dropped = _finite(torch.tensor(masks, dtype=torch.float64), values)
         extra["dropped_non_finite"] = dropped
-        fit = fit_surrogate(masks_t, values, hidden=hidden, epochs=epochs, seed=seed)
+        fit = fit_surrogate(masks_t, values, hidden=hidden, schedule=schedule, epochs=epochs, seed=seed)
         extra["surrogate"] = {
             "r2": fit.r2,
             "spearman": fit.spearman,
             "train": fit.train,
             "heldout": fit.heldout,
             "hidden": hidden or 2 * L,
-            "epochs": epochs,
+            "schedule": schedule,
+            "epochs": epochs or (3000 if schedule == "steps" else 300),
         }
         if estimator == "stratified":
             fresh = stratified_masks(
