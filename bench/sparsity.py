@@ -2,7 +2,7 @@
 
     python bench/sparsity.py [-o bench/results/sparsity.json] [--targets 0.5 0.6 0.7 0.8]
 
-P3: held-out perplexity (the first 256 windows of fixture:test, seqlen = the context, 256; --heldout-windows 0
+P3: held-out perplexity (the first 128 windows of fixture:test, seqlen = the context, 256; --heldout-windows 0
 for all of it) at each target for
 {uniform, owl, alpha} x {magnitude, wanda, sparsegpt}, and 2:4 for each pruner (uniform; alpha and
 owl turn into per-layer N:4). Calibration: 128 samples x 256 tokens of fixture:val, seed 0.
@@ -48,8 +48,8 @@ def main(argv=None):
     ap.add_argument(
         "--heldout-windows",
         type=int,
-        default=256,
-        help="the first N windows of fixture:test (256 x 256 = 65,536 tokens; 0 = all)",
+        default=128,
+        help="the first N windows of fixture:test (128 x 256 = 32,768 tokens; 0 = all)",
     )
     args = ap.parse_args(argv)
 
@@ -95,7 +95,7 @@ def main(argv=None):
         model = copy.deepcopy(lm.model)
         t0 = time.perf_counter()
         achieved = prune(
-            model, ModelAdapter(model), windows.input_ids, targets, pruner, nm, batch_size=8, progress=False
+            model, ModelAdapter(model), windows.input_ids, targets, pruner, nm, batch_size=32, progress=False
         )
         seconds = time.perf_counter() - t0
         ppl = heldout(lm, model, max_windows)
