@@ -89,6 +89,32 @@ def greedy(model, prompt_ids, new_tokens):
     return out
 
 
+def decode_latency(lm, plan, repeats) -> dict:
+    """Dense vs the plan's pruned model, greedy 128 tokens, batch 1, interleaved rounds."""
+    pruned = pruned_copy(lm, plan)
+    prompt = lm.tokenizer("And it came to pass, when the", return_tensors="pt").input_ids
+    for m in (lm.model, pruned.model):
+        greedy(m, prompt, 8)  # warm-up
+    (t_dense, t_pruned), _, rounds = interleaved_medians(
+        [lambda: greedy(lm.model, prompt, 128), lambda: greedy(pruned.model, prompt, 128)],
+        max(repeats, 7),
+    )
+    print(
+        f"decode 128 tokens: dense {t_dense:.3f}s, pruned {t_pruned:.3f}s -> ratio {t_pruned / t_dense:.3f}",
+        flush=True,
+    )
+    return {
+        "new_tokens": 128,
+        "batch": 1,
+        "dense_seconds": t_dense,
+        "pruned_seconds": t_pruned,
+        "ratio": t_pruned / t_dense,
+        "target_ratio": 0.8,
+        "rounds": rounds,
+        "pruned_blocks": plan.remove,
+    }
+
+
 def taylor_memory(repeats: int = 3) -> dict:
     """Median peak-RSS growth over the loaded model, fresh processes, for the fixture and for a
     wide random model in which weight gradients are large against the allocator's noise (~25 MB)."""
@@ -130,6 +156,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--remove", type=int, default=3)
     ap.add_argument("--heldout-seqlen", type=int, default=128)
+    ap.add_argument(
+        "--only-decode",
+        action="store_true",
+        help="only the decode latency (e.g. -o bench/results/depth_decode.json)",
+    )
     args = ap.parse_args(argv)
 
     lm = load("fixture", device="cpu", quiet=True)
@@ -147,6 +178,14 @@ def main(argv=None):
         )
         held = perplexity(model_lm, "fixture:test", seqlen=args.heldout_seqlen, progress=False)
         return math.exp(calib_nll / (ids.shape[0] * (ids.shape[1] - 1))), held
+
+    if args.only_decode:
+        plan = make_plan(run(lm, "ppl", windows, progress=False), remove=args.remove)
+        doc["decode_latency"] = decode_latency(lm, plan, args.repeats)
+        doc.update(stamp())
+        atomic_write_json(args.output, doc)
+        print(f"wrote {args.output}")
+        return doc
 
     with torch.no_grad():
         dense_calib, dense_held = ppl_of(lm)
@@ -212,29 +251,7 @@ def main(argv=None):
         del pruned
     doc["methods"] = methods
 
-    # Decode latency: dense vs the ppl plan's 9-block model, same run.
-    pruned = pruned_copy(lm, plans["ppl"])
-    prompt = lm.tokenizer("And it came to pass, when the", return_tensors="pt").input_ids
-    for m in (lm.model, pruned.model):
-        greedy(m, prompt, 8)  # warm-up
-    (t_dense, t_pruned), _, rounds = interleaved_medians(
-        [lambda: greedy(lm.model, prompt, 128), lambda: greedy(pruned.model, prompt, 128)],
-        max(args.repeats, 7),
-    )
-    doc["decode_latency"] = {
-        "new_tokens": 128,
-        "batch": 1,
-        "dense_seconds": t_dense,
-        "pruned_seconds": t_pruned,
-        "ratio": t_pruned / t_dense,
-        "target_ratio": 0.8,
-        "rounds": rounds,
-        "pruned_blocks": plans["ppl"].remove,
-    }
-    print(
-        f"decode 128 tokens: dense {t_dense:.3f}s, pruned {t_pruned:.3f}s -> ratio {t_pruned / t_dense:.3f}",
-        flush=True,
-    )
+    doc["decode_latency"] = decode_latency(lm, plans["ppl"], args.repeats)
 
     doc["taylor_memory"] = taylor_memory()
     for which, m in doc["taylor_memory"].items():

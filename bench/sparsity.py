@@ -40,11 +40,35 @@ def heldout(lm, model, max_windows) -> float:
     return perplexity(twin, "fixture:test", max_windows=max_windows, progress=False).ppl
 
 
+def memory() -> list[dict]:
+    """P4: Wanda and SparseGPT, activations in memory and on disk, fresh processes, batch 1."""
+    mem = []
+    for pruner in ("wanda", "sparsegpt"):
+        for offload in ("memory", "disk"):
+            r = subprocess.run(
+                [sys.executable, str(HERE / "_prune_rss.py"), pruner, offload, "1"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            m = json.loads(r.stdout.strip().splitlines()[-1])
+            mem.append(m)
+            print(
+                f"P4 {pruner:9s} activations in {offload:6s}: (model + pruning growth) / parameter bytes = "
+                f"{m['ratio']:.3f}; from before loading {m['ratio_including_load']:.3f} ({m['seconds']:.1f}s)",
+                flush=True,
+            )
+    return mem
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", type=Path, default=HERE / "results" / "sparsity.json")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument(
+        "--only-memory", action="store_true", help="only P4 (e.g. -o bench/results/sparsity_memory.json)"
+    )
     ap.add_argument(
         "--heldout-windows",
         type=int,
@@ -52,6 +76,12 @@ def main(argv=None):
         help="the first N windows of fixture:test (128 x 256 = 32,768 tokens; 0 = all)",
     )
     args = ap.parse_args(argv)
+
+    if args.only_memory:
+        doc = {"benchmark": "sparsity pruning memory on fixture", "P4": memory(), **stamp()}
+        atomic_write_json(args.output, doc)
+        print(f"wrote {args.output}")
+        return doc
 
     lm = load("fixture", device="cpu", quiet=True)
     windows = calibration(lm, samples=128, seqlen=None)
@@ -134,22 +164,7 @@ def main(argv=None):
         )
 
     if not args.skip_memory:
-        mem = []
-        for pruner in ("wanda", "sparsegpt"):
-            for offload in ("memory", "disk"):
-                r = subprocess.run(
-                    [sys.executable, str(HERE / "_prune_rss.py"), pruner, offload, "1"],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                m = json.loads(r.stdout.strip().splitlines()[-1])
-                mem.append(m)
-                print(
-                    f"P4 {pruner:9s} activations in {offload:6s}: peak RSS / parameter bytes = {m['ratio']:.3f} ({m['seconds']:.1f}s)",
-                    flush=True,
-                )
-        doc["P4"] = mem
+        doc["P4"] = memory()
     doc.update(stamp())
     atomic_write_json(args.output, doc)
     print(f"wrote {args.output}")
