@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write
 
 from layerprune.allocate.depth import make_plan
 from layerprune.engine.masked import token_nll
 from layerprune.evaluate.perplexity import perplexity
-from layerprune.io import atomic_write_json
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
-from layerprune.provenance import stamp
 from layerprune.prune.depth import apply
 from layerprune.score.run import calibration, run
 
@@ -182,10 +181,7 @@ def main(argv=None):
     if args.only_decode:
         plan = make_plan(run(lm, "ppl", windows, progress=False), remove=args.remove)
         doc["decode_latency"] = decode_latency(lm, plan, args.repeats)
-        doc.update(stamp())
-        atomic_write_json(args.output, doc)
-        print(f"wrote {args.output}")
-        return doc
+        return write(doc, args.output)
 
     with torch.no_grad():
         dense_calib, dense_held = ppl_of(lm)
@@ -261,10 +257,7 @@ def main(argv=None):
             f" activations {g['activations'] / 2**20:.1f} + 2 blocks), reference {g['reference'] / 2**20:.1f} MiB",
             flush=True,
         )
-    doc.update(stamp())
-    atomic_write_json(args.output, doc)
-    print(f"wrote {args.output}")
-    return doc
+    return write(doc, args.output)
 
 
 if __name__ == "__main__":

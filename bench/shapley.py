@@ -20,15 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write
 
 from layerprune.allocate.depth import make_plan
 from layerprune.engine.masked import MaskEvaluator, token_nll
 from layerprune.engine.store import EvalStore
 from layerprune.evaluate.perplexity import perplexity
-from layerprune.io import atomic_write_json
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
-from layerprune.provenance import stamp
 from layerprune.prune.depth import apply
 from layerprune.score.run import calibration, run
 from layerprune.score.shapley.masks import default_strata, stratified_masks
@@ -97,10 +96,7 @@ def main(argv=None):
 
     if args.only_trie:
         doc["trie"] = trie_timing(lm, windows, L)
-        doc.update(stamp())
-        atomic_write_json(args.output, doc)
-        print(f"wrote {args.output}")
-        return doc
+        return write(doc, args.output)
 
     t0 = time.perf_counter()
     exact = run(lm, "shapley", windows, estimator="exact", store=store, progress=False)
@@ -176,10 +172,7 @@ def main(argv=None):
     doc["dense_heldout_ppl"] = perplexity(lm, "fixture:test", seqlen=128, progress=False).ppl
 
     doc["trie"] = trie_timing(lm, windows, L)
-    doc.update(stamp())
-    atomic_write_json(args.output, doc)
-    print(f"wrote {args.output}")
-    return doc
+    return write(doc, args.output)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+from _results import write
+
 from layerprune.allocate.sparsity import alpha, largest_epsilon, owl, uniform
 from layerprune.errors import LayerpruneError
 from layerprune.evaluate.perplexity import perplexity
-from layerprune.io import atomic_write_json
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
-from layerprune.provenance import stamp
 from layerprune.prune.unstructured import PRUNERS, prune
 from layerprune.score.run import calibration, run
 
@@ -78,10 +78,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     if args.only_memory:
-        doc = {"benchmark": "sparsity pruning memory on fixture", "P4": memory(), **stamp()}
-        atomic_write_json(args.output, doc)
-        print(f"wrote {args.output}")
-        return doc
+        return write({"benchmark": "sparsity pruning memory on fixture", "P4": memory()}, args.output)
 
     lm = load("fixture", device="cpu", quiet=True)
     windows = calibration(lm, samples=128, seqlen=None)
@@ -165,10 +162,7 @@ def main(argv=None):
 
     if not args.skip_memory:
         doc["P4"] = memory()
-    doc.update(stamp())
-    atomic_write_json(args.output, doc)
-    print(f"wrote {args.output}")
-    return doc
+    return write(doc, args.output)
 
 
 if __name__ == "__main__":
