@@ -19,8 +19,8 @@ from _proc import reset_peak, status
 
 def main(pruner: str, offload: str, batch: int) -> None:
     from layerprune.models.loading import load
-    from layerprune.prune.unstructured import prune
-    from layerprune.score.run import calibration
+    from layerprune.pruners.unstructured import prune
+    from layerprune.scorers.run import calibration
 
     before_model = status("VmRSS")
     lm = load("fixture", device="cpu", quiet=True)

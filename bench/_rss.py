@@ -44,8 +44,8 @@ def wide_model(lm):
 
 def main(mode: str, which: str) -> None:
     from layerprune.models.loading import load
-    from layerprune.score import scorer
-    from layerprune.score.run import calibration
+    from layerprune.scorers import scorer
+    from layerprune.scorers.run import calibration
 
     lm = load("fixture", device="cpu", quiet=True)
     windows = calibration(lm)

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from _results import write
 
-from layerprune.allocate.depth import make_plan
 from layerprune.engine.masked import token_nll
-from layerprune.evaluate.perplexity import perplexity
+from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
-from layerprune.prune.depth import apply
-from layerprune.score.run import calibration, run
+from layerprune.planners.depth import make_plan
+from layerprune.pruners.depth import apply
+from layerprune.scorers.run import calibration, run
 
 METHODS = ("ppl", "taylor", "bi", "angular", "sleb")
 HERE = Path(__file__).resolve().parent

@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 from _results import write
 
-from layerprune.allocate.depth import make_plan
 from layerprune.engine.masked import MaskEvaluator, token_nll
 from layerprune.engine.store import EvalStore
-from layerprune.evaluate.perplexity import perplexity
+from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
-from layerprune.prune.depth import apply
-from layerprune.score.run import calibration, run
-from layerprune.score.shapley.masks import default_strata, stratified_masks
-from layerprune.score.shapley.surrogate import spearman
+from layerprune.planners.depth import make_plan
+from layerprune.pruners.depth import apply
+from layerprune.scorers.run import calibration, run
+from layerprune.scorers.shapley.masks import default_strata, stratified_masks
+from layerprune.scorers.shapley.surrogate import spearman
 
 HERE = Path(__file__).resolve().parent
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from _results import write
 
-from layerprune.allocate.sparsity import alpha, largest_epsilon, owl, uniform
 from layerprune.errors import LayerpruneError
-from layerprune.evaluate.perplexity import perplexity
+from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
-from layerprune.prune.unstructured import PRUNERS, prune
-from layerprune.score.run import calibration, run
+from layerprune.planners.sparsity import alpha, largest_epsilon, owl, uniform
+from layerprune.pruners.unstructured import PRUNERS, prune
+from layerprune.scorers.run import calibration, run
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,7 @@ _LAZY = {
     "LoadedModel": ("layerprune.models.loading", "LoadedModel"),
     "ModelAdapter": ("layerprune.models.adapter", "ModelAdapter"),
     "Unit": ("layerprune.models.adapter", "Unit"),
-    "perplexity": ("layerprune.evaluate.perplexity", "perplexity"),
+    "perplexity": ("layerprune.evaluation.perplexity", "perplexity"),
     "load_text": ("layerprune.data", "load_text"),
     "calibration_windows": ("layerprune.data", "calibration_windows"),
     "eval_windows": ("layerprune.data", "eval_windows"),

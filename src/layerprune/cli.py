@@ -80,7 +80,7 @@ def cmd_info(args) -> int:
 
 # ---- eval -------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from .evaluate.perplexity import perplexity
+    from .evaluation.perplexity import perplexity
     from .io import atomic_write_json, check_output_outside
     from .models.loading import resolve
     from .provenance import stamp
@@ -120,7 +120,7 @@ def _chart(args, kind: str, *chart_args, **kwargs) -> None:
     """Write a PNG next to the output (unless --no-plot); matplotlib is optional."""
     if args.no_plot:
         return
-    from .report import plots
+    from .reports import plots
 
     png = getattr(plots, kind)(*chart_args, **kwargs)
     if png:
@@ -133,7 +133,7 @@ SPARSITY_CALIB = (128, None)  # Wanda / SparseGPT / AlphaPruning: 128 x min(2048
 
 
 def _calibration(lm, args, defaults):
-    from .score.run import calibration
+    from .scorers.run import calibration
 
     samples = args.samples if args.samples is not None else defaults[0]
     seqlen = args.seqlen if args.seqlen is not None else defaults[1]
@@ -144,8 +144,8 @@ def _calibration(lm, args, defaults):
 def cmd_score(args) -> int:
     from .io import check_output_outside
     from .models.loading import resolve
-    from .score import SPARSITY_METHODS, scorer
-    from .score.run import run
+    from .scorers import SPARSITY_METHODS, scorer
+    from .scorers.run import run
 
     scorer(args.method)  # an unknown method fails before the model is loaded
     check_output_outside(args.output, resolve(args.model)[1])
@@ -161,7 +161,7 @@ def cmd_score(args) -> int:
 
         params["store"] = EvalStore(args.store, lm.fingerprint, windows.fingerprint, windows.protocol)
     if args.method == "sleb":
-        from .allocate.depth import protected_blocks
+        from .planners.depth import protected_blocks
 
         params["steps"] = args.steps
         params["protected"] = protected_blocks(args.protect, lm.adapter.num_blocks, "sleb")
@@ -221,10 +221,10 @@ def cmd_plan(args) -> int:
 
 
 def _plan_depth(args) -> int:
-    from .allocate.depth import make_plan
     from .models.adapter import spec_for
     from .models.loading import load_config
-    from .score.base import Scores
+    from .planners.depth import make_plan
+    from .scorers.base import Scores
 
     scores = Scores.load(args.scores)
     if scores.unit not in ("block", "module"):
@@ -267,8 +267,8 @@ def _plan_depth(args) -> int:
 
 
 def _plan_sparsity(args) -> int:
-    from .allocate.sparsity import make_plan
-    from .prune.unstructured import parse_nm
+    from .planners.sparsity import make_plan
+    from .pruners.unstructured import parse_nm
 
     nm = parse_nm(args.nm)
     lm = _load(args)
@@ -344,7 +344,7 @@ def _set_evaluator(lm, scores, args):
 
 
 def _rescorer(lm, scores, args):
-    from .score.run import run
+    from .scorers.run import run
 
     windows = _scores_windows(lm, scores, args)
     params = {k: v for k, v in scores.params.items() if k in ("batch_size", "norm_power")}
@@ -378,11 +378,11 @@ def _plan_windows(lm, plan, args):
 
 
 def cmd_apply(args) -> int:
-    from .evaluate.perplexity import perplexity
-    from .export import export
+    from .checkpoint import export
+    from .evaluation.perplexity import perplexity
     from .io import check_output_outside
     from .models.loading import resolve
-    from .plan import Plan
+    from .plans import Plan
 
     plan = Plan.load(args.plan)
     model_name = args.model or plan.model["name"]
@@ -390,7 +390,7 @@ def cmd_apply(args) -> int:
     args.model = model_name
     lm = _load(args)
     if plan.kind == "depth":
-        from .prune.depth import apply
+        from .pruners.depth import apply
 
         counts = apply(lm, plan)
         summary = (
@@ -398,7 +398,7 @@ def cmd_apply(args) -> int:
             f"{counts['parameters_before']:,} -> {counts['parameters_after']:,} parameters"
         )
     elif plan.kind == "sparsity":
-        from .prune.unstructured import apply
+        from .pruners.unstructured import apply
 
         counts = apply(
             lm,
@@ -460,7 +460,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def _add_spectral(p: argparse.ArgumentParser) -> None:
-    from .score.spectral import METRICS
+    from .scorers.spectral import METRICS
 
     p.add_argument(
         "--metric", default="alpha_peak", help=f"alpha: the spectral metric ({', '.join(METRICS)})"
@@ -476,9 +476,9 @@ def _add_spectral(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .allocate.sparsity import ALLOCATIONS
-    from .prune.unstructured import PRUNERS
-    from .score import DEPTH_METHODS, SPARSITY_METHODS
+    from .planners.sparsity import ALLOCATIONS
+    from .pruners.unstructured import PRUNERS
+    from .scorers import DEPTH_METHODS, SPARSITY_METHODS
 
     parser = argparse.ArgumentParser(
         prog="layerprune",

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .allocate.depth import make_plan
-from .evaluate.perplexity import perplexity
-from .export import export
+from .checkpoint import export
+from .evaluation.perplexity import perplexity
 from .io import atomic_write_json
 from .models.loading import load
+from .planners.depth import make_plan
 from .provenance import stamp
-from .prune.depth import apply
-from .report.plots import importance_chart
-from .score.run import calibration, run
+from .pruners.depth import apply
+from .reports.plots import importance_chart
+from .scorers.run import calibration, run
 
 PROMPT = "And God said,"
 

@@ -15,9 +15,9 @@ from itertools import combinations
 
 from ..errors import LayerpruneError
 from ..models.adapter import Unit
-from ..plan import Plan
+from ..plans import Plan
 from ..provenance import stamp
-from ..score.base import Scores
+from ..scorers.base import Scores
 
 DEFAULT_PROTECT = {"taylor": "plus", "sleb": "ends"}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from layerprune.errors import LayerpruneError
-from layerprune.score.spectral import eigenvalues, hill_alpha, matrix_metrics
+from layerprune.scorers.spectral import eigenvalues, hill_alpha, matrix_metrics
 
 
 def reference_loop(eigs, corrected=False):

@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 
-from layerprune.allocate.depth import make_plan, protected_blocks
+from layerprune.checkpoint import export
 from layerprune.errors import LayerpruneError
-from layerprune.export import export
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load, model_fingerprint
 from layerprune.models.tiny import tiny_model
-from layerprune.plan import Plan
-from layerprune.prune.depth import apply, split_units
-from layerprune.score.base import Scores
+from layerprune.planners.depth import make_plan, protected_blocks
+from layerprune.plans import Plan
+from layerprune.pruners.depth import apply, split_units
+from layerprune.scorers.base import Scores
 
 
 def scores(importance, method="ppl", unit="block", num_blocks=None, extra=None):

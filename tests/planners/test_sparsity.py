@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from layerprune.allocate.sparsity import alpha, owl, uniform
 from layerprune.errors import LayerpruneError
+from layerprune.planners.sparsity import alpha, owl, uniform
 
 ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
 REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "alphapruning"

@@ -11,15 +11,15 @@ from layerprune.engine.store import EvalStore
 from layerprune.errors import LayerpruneError
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.tiny import tiny_model
-from layerprune.score.shapley import score as shapley
-from layerprune.score.shapley.game import (
+from layerprune.scorers.shapley import score as shapley
+from layerprune.scorers.shapley.game import (
     all_masks,
     exact_shapley,
     kernel_shap,
     permutation_shapley,
     stratified_contributions,
 )
-from layerprune.score.shapley.masks import default_strata, stratified_masks
+from layerprune.scorers.shapley.masks import default_strata, stratified_masks
 
 
 def synthetic(L, seed, triple=False):
@@ -151,7 +151,7 @@ def test_surrogate_estimators_report_fit_and_budget():
 
 def test_interrupted_run_resumes_without_reevaluating(tmp_path):
     from layerprune.models.loading import LoadedModel
-    from layerprune.score.run import run
+    from layerprune.scorers.run import run
 
     model = tiny_model("llama", num_layers=6)
     lm = LoadedModel("tiny", model, None, ModelAdapter(model), None)
@@ -203,10 +203,10 @@ def test_bad_input():
 def test_mamba_depth_pruning_by_shapley(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from layerprune.allocate.depth import make_plan
     from layerprune.models.loading import LoadedModel
-    from layerprune.prune.depth import apply
-    from layerprune.score.run import run
+    from layerprune.planners.depth import make_plan
+    from layerprune.pruners.depth import apply
+    from layerprune.scorers.run import run
 
     model = tiny_model("mamba", num_layers=5)
     lm = LoadedModel("tiny-mamba", model, None, ModelAdapter(model), None)
@@ -226,8 +226,8 @@ def test_step_schedule_fits_a_small_budget_the_reference_schedule_underfits():
     """A multiplicative layer game like a real model's (one block ruinous to remove, the others
     costing a few percent): 160 masks of 12 blocks. The surrogate's Shapley values (exact, by
     enumerating the surrogate) are compared with the game's exact Shapley values."""
-    from layerprune.score.shapley.game import all_masks, exact_shapley
-    from layerprune.score.shapley.surrogate import fit_surrogate, spearman
+    from layerprune.scorers.shapley.game import all_masks, exact_shapley
+    from layerprune.scorers.shapley.surrogate import fit_surrogate, spearman
 
     L = 12
     g = torch.Generator().manual_seed(3)

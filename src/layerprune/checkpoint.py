@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json, check_output_outside
-from .plan import Plan
+from .plans import Plan
 from .provenance import stamp
 
 

@@ -140,10 +140,10 @@ def make_plan(
     progress: bool = True,
 ):
     """A sparsity plan: a target per linear layer, the pruner and its calibration."""
-    from ..plan import Plan
+    from ..plans import Plan
     from ..provenance import stamp
-    from ..prune.unstructured import PRUNERS
-    from ..score.run import model_info, run
+    from ..pruners.unstructured import PRUNERS
+    from ..scorers.run import model_info, run
 
     check_target(sparsity)
     if allocation not in ALLOCATIONS:
@@ -176,7 +176,7 @@ def make_plan(
         scores = s.importance
         params.update(hyper_m=hyper_m, owl_lambda=lam)
     if nm:
-        from ..prune.unstructured import nm_for
+        from ..pruners.unstructured import nm_for
 
         params["nm_per_layer"] = {n: list(nm_for(v, nm)) for n, v in layers.items()}
     return Plan(

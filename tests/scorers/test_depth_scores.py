@@ -10,7 +10,7 @@ from layerprune.data import Windows
 from layerprune.errors import LayerpruneError
 from layerprune.models.adapter import ModelAdapter, Unit
 from layerprune.models.tiny import tiny_model
-from layerprune.score import scorer
+from layerprune.scorers import scorer
 
 
 def windows(n=4, t=16, seed=0):

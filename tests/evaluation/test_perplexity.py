@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layerprune.errors import LayerpruneError
-from layerprune.evaluate.perplexity import perplexity
+from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.loading import FIXTURE_DIR
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LayerpruneError
 from ..models.adapter import ModelAdapter, Unit
-from ..plan import Plan
+from ..plans import Plan
 
 REMOVED_PARTS_KEY = "layerprune_removed_parts"
 
