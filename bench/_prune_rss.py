@@ -18,13 +18,13 @@ from _proc import reset_peak, status
 
 
 def main(pruner: str, offload: str, batch: int) -> None:
+    from layerprune.data import calibration
     from layerprune.models.loading import load
     from layerprune.pruners.unstructured import prune
-    from layerprune.scorers.run import calibration
 
     before_model = status("VmRSS")
     lm = load("fixture", device="cpu", quiet=True)
-    windows = calibration(lm, samples=128, seqlen=None)  # 128 x min(2048, context)
+    windows = calibration(lm, samples=128, kind="sparsity")  # 128 x min(2048, context)
     targets = {n: 0.5 for n in lm.adapter.layer_names()}
     param_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     reset_peak()

@@ -43,9 +43,9 @@ def wide_model(lm):
 
 
 def main(mode: str, which: str) -> None:
+    from layerprune.data import calibration
     from layerprune.models.loading import load
     from layerprune.scorers import scorer
-    from layerprune.scorers.run import calibration
 
     lm = load("fixture", device="cpu", quiet=True)
     windows = calibration(lm)

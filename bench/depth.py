@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 from _results import write
 
+from layerprune.data import calibration
 from layerprune.engine.masked import token_nll
 from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
 from layerprune.planners.depth import make_plan
 from layerprune.pruners.depth import apply
-from layerprune.scorers.run import calibration, run
+from layerprune.scorers.run import run
 
 METHODS = ("ppl", "taylor", "bi", "angular", "sleb")
 HERE = Path(__file__).resolve().parent

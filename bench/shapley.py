@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from _results import write
 
+from layerprune.data import calibration
 from layerprune.engine.masked import MaskEvaluator, token_nll
 from layerprune.engine.store import EvalStore
 from layerprune.evaluation.perplexity import perplexity
@@ -29,7 +30,7 @@ from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
 from layerprune.planners.depth import make_plan
 from layerprune.pruners.depth import apply
-from layerprune.scorers.run import calibration, run
+from layerprune.scorers.run import run
 from layerprune.scorers.shapley.masks import default_strata, stratified_masks
 from layerprune.scorers.shapley.surrogate import spearman
 

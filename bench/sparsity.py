@@ -24,13 +24,14 @@ from pathlib import Path
 
 from _results import write
 
+from layerprune.data import calibration
 from layerprune.errors import LayerpruneError
 from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load
 from layerprune.planners.sparsity import alpha, largest_epsilon, owl, uniform
 from layerprune.pruners.unstructured import PRUNERS, prune
-from layerprune.scorers.run import calibration, run
+from layerprune.scorers.run import run
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,7 +82,7 @@ def main(argv=None):
         return write({"benchmark": "sparsity pruning memory on fixture", "P4": memory()}, args.output)
 
     lm = load("fixture", device="cpu", quiet=True)
-    windows = calibration(lm, samples=128, seqlen=None)
+    windows = calibration(lm, samples=128, kind="sparsity")
     names = lm.adapter.layer_names()
     numel = [lm.adapter.layer(n).weight.numel() for n in names]
     max_windows = args.heldout_windows or None

@@ -15,7 +15,9 @@ from .plans import Plan
 from .provenance import stamp
 
 
-def export(lm, out: str | Path, plan: Plan, report: dict, overwrite: bool = False) -> Path:
+def export(lm, out: str | Path, plan: Plan, report: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the (pruned) model, its tokenizer, the plan, report.json and a model card to `out`."""
+    report = report or {}
     out = Path(out)
     check_output_outside(out, lm.path)
     model = lm.model
@@ -45,10 +47,15 @@ def model_card(plan: Plan, report: dict) -> str:
         f"# {Path(base).name} pruned with layerprune ({plan.kind}, {plan.method})",
         "",
         f"- Base model: `{base}` (fingerprint `{plan.model['fingerprint']}`, {plan.model['num_blocks']} blocks)",
-        f"- Method: {plan.method}, unit {plan.unit}; parameters: `{json.dumps(plan.params, default=str)}`",
+        f"- Method: {plan.method}; parameters: `{json.dumps(plan.params, default=str)}`",
     ]
     if plan.kind == "depth":
-        lines.append(f"- Removed: {', '.join(plan.remove) or 'nothing'}")
+        lines.append(f"- Removed ({plan.unit} units): {', '.join(plan.remove)}")
+    if plan.kind == "sparsity":
+        lines.append(
+            f"- Pruner: {plan.pruner}{f' {plan.nm[0]}:{plan.nm[1]}' if plan.nm else ''}; zeros are stored densely "
+            "(no memory saving or speed-up without sparse kernels)"
+        )
     if counts:
         lines.append(
             f"- Parameters: {counts.get('parameters_before', 0):,} -> {counts.get('parameters_after', 0):,}"

@@ -297,3 +297,88 @@ def calibration_windows(
         "kind": "calibration",
     }
     return _finish(windows, protocol)
+
+
+# ---- calibration of a loaded model, with the papers' defaults ---------------------------------------
+# Depth scoring: 10 samples x 128 tokens of BookCorpus (Shortened LLaMA, Cooperative Game).
+# Sparsity (Wanda, SparseGPT, AlphaPruning, OWL): 128 samples x 2048 tokens of C4, seed 0, scaled down
+# to the model's context for small models. The bundled fixture calibrates on its own validation text.
+CALIBRATION_DEFAULTS = {
+    "depth": {"source": "bookcorpus", "samples": 10, "seqlen": 128},
+    "sparsity": {"source": "c4", "samples": 128, "seqlen": 2048},
+}
+
+
+def default_calibration_source(lm, kind: str = "depth") -> str:
+    return "fixture:val" if lm.name == "fixture" else CALIBRATION_DEFAULTS[kind]["source"]
+
+
+def calibration(
+    lm,
+    source: str | None = None,
+    *,
+    samples: int | None = None,
+    seqlen: int | None = None,
+    seed: int = 0,
+    bos: str | None = None,
+    kind: str = "depth",
+) -> Windows:
+    """Calibration windows for a loaded model; unset arguments take the defaults of `kind`'s papers."""
+    if kind not in CALIBRATION_DEFAULTS:
+        raise LayerpruneError(f"unknown calibration kind '{kind}'; use depth or sparsity")
+    d = CALIBRATION_DEFAULTS[kind]
+    context = lm.adapter.context_length
+    samples = d["samples"] if samples is None else samples
+    if seqlen is None:
+        seqlen = d["seqlen"] if context is None else min(d["seqlen"], context)
+    check_seqlen(seqlen, context)
+    text = load_text(source or default_calibration_source(lm, kind), default_split="train")
+    return calibration_windows(
+        lm.tokenizer, text, samples, seqlen, seed, bos or default_bos(lm.tokenizer, lm.adapter)
+    )
+
+
+def windows_from_protocol(lm, protocol: dict, source: str | None = None, what: str = "the plan") -> Windows:
+    """The calibration windows a recorded protocol describes (or the same draw from `source`).
+
+    Without `source` the text must be the one recorded: its fingerprint is checked, so that a plan or
+    a scores file is never silently applied with other data."""
+    windows = calibration_windows(
+        lm.tokenizer,
+        load_text(source or protocol["dataset"], "train"),
+        protocol["samples"],
+        protocol["seqlen"],
+        protocol["seed"],
+        protocol["bos"],
+    )
+    if source is None and windows.fingerprint != protocol["fingerprint"]:
+        raise LayerpruneError(
+            f"the calibration text of {what} ({protocol['dataset']}) changed since it was recorded; "
+            "pass --calib SRC to use other text, or make it anew"
+        )
+    return windows
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Calibration asked for but not drawn yet: unset fields take the defaults of the plan kind."""
+
+    source: str | None = None
+    samples: int | None = None
+    seqlen: int | None = None
+    seed: int = 0
+    bos: str | None = None
+
+    def windows(self, lm, kind: str) -> Windows:
+        return calibration(
+            lm, self.source, samples=self.samples, seqlen=self.seqlen, seed=self.seed, bos=self.bos, kind=kind
+        )
+
+
+def resolve_calibration(lm, calib: Windows | CalibrationSpec | str | None, kind: str) -> Windows:
+    """Windows from whatever a verb was given: windows, a spec, a text source, or None (defaults)."""
+    if isinstance(calib, Windows):
+        return calib
+    if isinstance(calib, str):
+        calib = CalibrationSpec(calib)
+    return (calib or CalibrationSpec()).windows(lm, kind)

@@ -13,15 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import export
-from .evaluation.perplexity import perplexity
+from .api import apply, calibration, export, load, perplexity, plan, score
 from .io import atomic_write_json
-from .models.loading import load
-from .planners.depth import make_plan
 from .provenance import stamp
-from .pruners.depth import apply
 from .reports.plots import importance_chart
-from .scorers.run import calibration, run
 
 PROMPT = "And God said,"
 
@@ -50,7 +45,7 @@ def demo(
     dense_text = _generate(lm, PROMPT)
 
     windows = calibration(lm)  # 10 samples x 128 tokens of fixture:val, seed 0
-    scores = run(lm, method, windows, progress=progress)
+    scores = score(lm, method, windows, progress=progress)
     scores.save(out / "scores.json")
     importance_chart(scores, out / "scores.png")
     print(
@@ -58,12 +53,12 @@ def demo(
         + ", ".join(f"{u}:{v:.4g}" for u, v in zip(scores.units, scores.importance))
     )
 
-    plan = make_plan(scores, remove=remove)
-    plan.save(out / "plan.json")
-    importance_chart(scores, out / "plan.png", removed=plan.remove)
-    print(f"[4/6] plan: remove blocks {', '.join(plan.remove)}")
+    depth_plan = plan(lm, scores, remove=remove)
+    depth_plan.save(out / "plan.json")
+    importance_chart(scores, out / "plan.png", removed=depth_plan.remove)
+    print(f"[4/6] plan: remove blocks {', '.join(depth_plan.remove)}")
 
-    counts = apply(lm, plan)
+    counts = apply(lm, depth_plan)
     pruned = perplexity(lm, "fixture:test", seqlen=seqlen, progress=progress)
     pruned_text = _generate(lm, PROMPT)
     print(
@@ -71,11 +66,13 @@ def demo(
         f"perplexity {pruned.ppl:.3f} (dense {dense.ppl:.3f})"
     )
 
-    export(lm, out / "model", plan, {"pruning": counts, "evaluation": [pruned.to_dict()]}, overwrite=True)
+    export(
+        lm, out / "model", depth_plan, {"pruning": counts, "evaluation": [pruned.to_dict()]}, overwrite=True
+    )
     results = {
         "dense": dense.to_dict(),
         "pruned": pruned.to_dict(),
-        "plan": plan.remove,
+        "plan": depth_plan.remove,
         "pruning": counts,
         "scores_seconds": scores.seconds,
         "generation": {"prompt": PROMPT, "dense": dense_text, "pruned": pruned_text},

@@ -76,15 +76,25 @@ def check_output_outside(output: str | Path, model_dir: str | Path | None) -> No
         )
 
 
-def read_document(path: str | Path, fmt: str, what: str, make_hint: str) -> dict:
-    """A JSON artifact of ours (plan, scores) with its format tag checked; errors name the fix."""
+def read_json(path: str | Path, what: str, make_hint: str) -> dict:
+    """A JSON object from a file a user gave us; every failure is one line naming the fix."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise LayerpruneError(f"{what} {path} does not exist; make one with `{make_hint}`") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise LayerpruneError(f"cannot read {what} {path}: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
+    except IsADirectoryError:
+        raise LayerpruneError(f"{what} {path} is a folder; pass the JSON file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LayerpruneError(f"cannot read {what} {path}: {e}; make a new one with `{make_hint}`") from None
+    if not isinstance(doc, dict):
+        raise LayerpruneError(f"{path} is not a layerprune {what}: a JSON object was expected")
+    return doc
+
+
+def read_document(path: str | Path, fmt: str, what: str, make_hint: str) -> dict:
+    """A JSON artifact of ours (scores) with its format tag checked; errors name the fix."""
+    doc = read_json(path, what, make_hint)
+    if doc.get("format") != fmt:
         raise LayerpruneError(f"{path} is not a layerprune {what} (format {fmt})")
     return {k: v for k, v in doc.items() if k != "format"}

@@ -13,7 +13,7 @@ from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load, model_fingerprint
 from layerprune.models.tiny import tiny_model
 from layerprune.planners.depth import make_plan, protected_blocks
-from layerprune.plans import Plan
+from layerprune.plans import DepthPlan, Plan
 from layerprune.pruners.depth import apply, split_units
 from layerprune.scorers.base import Scores
 
@@ -108,8 +108,7 @@ def _lm(arch, tmp_path, num_layers=5):
 
 
 def _depth_plan(lm, remove, unit="block"):
-    return Plan(
-        kind="depth",
+    return DepthPlan(
         model={
             "name": lm.name,
             "fingerprint": lm.fingerprint,

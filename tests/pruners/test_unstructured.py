@@ -134,3 +134,83 @@ def test_nm_and_sparsity_errors():
         nm_mask(torch.rand(4, 12), 4, 8)
     with pytest.raises(LayerpruneError, match="unknown pruner"):
         prune(None, None, None, {}, "optimal")
+
+
+def reference_sparsegpt(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
+    """SparseGPT as sequential OBS, written plainly in float64 without the Cholesky trick.
+
+    Columns are processed left to right. When column j is reached, columns < j are final and the
+    loss of the remaining weights is the quadratic form of H[j:, j:]. Removing w_j (setting it to its
+    pruned value q) and letting the columns j+1.. absorb the error optimally (OBS) costs
+    (w_j - q)^2 / [H[j:, j:]^-1]_00 per row and changes the remaining weights by
+    -err * [H[j:, j:]^-1]_0,: with err = (w_j - q) / [H[j:, j:]^-1]_00 (the j entry becomes q).
+    The mask of a block of columns [i1, i2) is chosen on the current (already updated) weights by
+    w^2 / d_j, d_j = [H[j:, j:]^-1]_00: the int(rows * width * s) lowest of the block, or, for N:M,
+    the N lowest of every M consecutive columns of a row, chosen when the loop reaches the group's
+    first column (as the reference does: the group sees the updates of the columns before it)."""
+    W = W.double().clone()
+    H = H.double().clone()
+    rows, cols = W.shape
+    for j in range(cols):  # dead inputs: the weight is useless, the Hessian gets a unit diagonal
+        if H[j, j] == 0:
+            H[j, j] = 1.0
+            W[:, j] = 0.0
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
+    hinv = [torch.linalg.inv(H[j:, j:]) for j in range(cols)]
+    d = torch.tensor([float(hinv[j][0, 0]) for j in range(cols)], dtype=torch.float64)
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        if nm is None:
+            scores = W[:, i1:i2] ** 2 / d[None, i1:i2]
+            k = int(rows * (i2 - i1) * sparsity)
+            flat = sorted(range(scores.numel()), key=lambda f: (float(scores.reshape(-1)[f]), f))
+            for f in flat[:k]:
+                mask[f // (i2 - i1), i1 + f % (i2 - i1)] = True
+        for j in range(i1, i2):
+            if nm is not None and (j - i1) % nm[1] == 0:
+                n, m = nm
+                for r in range(rows):
+                    group = sorted(range(j, j + m), key=lambda c: (float(W[r, c] ** 2 / d[c]), c))
+                    mask[r, group[:n]] = True
+            q = W[:, j].masked_fill(mask[:, j], 0.0)
+            err = (W[:, j] - q) / hinv[j][0, 0]
+            W[:, j:] -= err[:, None] * hinv[j][0, :][None, :]
+            W[:, j] = q
+    return W, mask
+
+
+@pytest.mark.parametrize(
+    "sparsity, nm, blocksize, dead",
+    [
+        (0.5, None, 8, False),
+        (0.5, None, 8, True),
+        (0.5, None, 32, False),
+        (0.5, None, 128, False),
+        (0.5, (2, 4), 8, False),
+        (0.5, (2, 4), 128, True),
+        (0.3, None, 12, False),  # blocks of 12, 12 and 8 columns; k rounds down in each
+    ],
+)
+def test_sparsegpt_equals_plain_sequential_obs(sparsity, nm, blocksize, dead):
+    g = torch.Generator().manual_seed(blocksize + 7 * bool(nm) + 3 * dead)
+    W = torch.randn(12, 32, generator=g)
+    X = torch.randn(200, 32, generator=g) * torch.linspace(0.2, 3.0, 32)  # unequal input scales
+    X[:, :8] += X[:, 8:16]  # correlated inputs, so that OBS updates matter
+    if dead:
+        X[:, 5] = 0.0
+    H = 2 * X.T @ X / X.shape[0]
+    ours, mask = sparsegpt(W, H, sparsity, nm, blocksize=blocksize)
+    ref, ref_mask = reference_sparsegpt(W, H, sparsity, nm, blocksize=blocksize)
+    assert torch.equal(mask, ref_mask)
+    assert (ours.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert torch.equal(ours == 0, ref == 0)  # pruned entries are exactly zero in both
+    if dead:
+        assert (ours[:, 5] == 0).all()
+    if nm is None:
+        width = [min(blocksize, 32 - i) for i in range(0, 32, blocksize)]
+        assert int(mask.sum()) == sum(int(12 * w * sparsity) for w in width)
+    else:
+        assert (mask.reshape(12, -1, 4).sum(-1) == 2).all()
+    # the updates matter: pruning without them is not what either computes
+    assert (W.masked_fill(mask, 0).double() - ref).abs().max() > 0.1

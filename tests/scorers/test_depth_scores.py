@@ -134,7 +134,7 @@ def test_sleb_equals_brute_force_greedy():
     model = tiny_model("mistral", num_layers=6)
     adapter = ModelAdapter(model)
     w = windows()
-    result = scorer("sleb")(model, adapter, w, protected=[0, 5], steps=3, progress=False)
+    result = scorer("sleb")(model, adapter, w, protect=[0, 5], steps=3, progress=False)
     keep, order = [True] * 6, []
     for _ in range(3):
         best = None

@@ -2,8 +2,10 @@
 
 import json
 import math
+import warnings
 
 import pytest
+import scipy.stats
 import torch
 
 from layerprune.data import Windows
@@ -129,10 +131,41 @@ def test_exact_estimator_equals_brute_force_on_a_tiny_model():
     assert result.extra["evaluations"] == 16
 
 
-def test_surrogate_estimators_report_fit_and_budget():
+def skipping_utilities(model, w, masks):
+    """PPL(dense) / PPL(only the blocks of the mask) for every mask, by rebuilding the ModuleList
+    (not through the adapter). Equal-length windows: the mean loss of the batch is the token mean."""
+    layers, n = model.model.layers, model.config.num_hidden_layers
+
+    def ppl():
+        with torch.no_grad():
+            return math.exp(float(model(input_ids=w.input_ids, labels=w.input_ids, use_cache=False).loss))
+
+    dense, out = ppl(), []
+    try:
+        for mask in masks:
+            model.model.layers = torch.nn.ModuleList([b for b, k in zip(layers, mask) if k])
+            model.config.num_hidden_layers = len(model.model.layers)
+            out.append(dense / ppl())
+    finally:
+        model.model.layers, model.config.num_hidden_layers = layers, n
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_surrogate_estimators_report_fit_and_budget(monkeypatch):
+    import layerprune.scorers.shapley as shapley_module
+
     model = tiny_model("qwen3", num_layers=6)
     adapter = ModelAdapter(model)
+    fits = []
+    real_fit = shapley_module.fit_surrogate
+
+    def recording_fit(masks, values, **kwargs):
+        fits.append((masks, values, real_fit(masks, values, **kwargs)))
+        return fits[-1][2]
+
+    monkeypatch.setattr(shapley_module, "fit_surrogate", recording_fit)
     for estimator in ("stratified", "shapley", "kernel"):
+        fits.clear()
         r = shapley(
             model,
             adapter,
@@ -145,8 +178,49 @@ def test_surrogate_estimators_report_fit_and_budget():
         )
         assert len(r.importance) == 6 and all(math.isfinite(v) for v in r.importance)
         assert r.extra["evaluations"] <= 41  # the budget, plus the dense model
-        if estimator != "kernel":
-            assert r.extra["surrogate"]["heldout"] == 8 and -1 <= r.extra["surrogate"]["spearman"] <= 1
+        if estimator == "kernel":
+            assert not fits and "surrogate" not in r.extra
+            continue
+        reported = r.extra["surrogate"]
+        ((masks, values, fit),) = fits
+        assert reported["heldout"] == 8 and len(masks) == 40 and fit.heldout_index.shape == (8,)
+        # The held-out fit, recomputed: true utilities of the held-out masks from plain forwards of
+        # the model with the other blocks dropped, the surrogate's predictions, scipy's statistics.
+        held = masks[fit.heldout_index]
+        truth = skipping_utilities(model, windows(), held.long().tolist())
+        assert truth.tolist() == pytest.approx(values[fit.heldout_index].tolist(), rel=1e-5)
+        assert float(torch.pdist(truth[:, None]).min()) > 1e-4  # the true ranks are not up to rounding
+        pred = fit(held).float().double().numpy()
+        assert reported["spearman"] == pytest.approx(scipy.stats.spearmanr(pred, truth.numpy())[0], abs=1e-12)
+        sse, sst = ((pred - truth.numpy()) ** 2).sum(), ((truth.numpy() - truth.numpy().mean()) ** 2).sum()
+        assert reported["r2"] == pytest.approx(1 - sse / sst, rel=1e-4, abs=1e-5)
+
+
+def test_spearman_ranks_ties_by_their_mean():
+    from layerprune.scorers.shapley.surrogate import spearman
+
+    a = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean ranks of a: 1, 3, 3, 3, 5 -> centred (-2, 0, 0, 0, 2) against (-2, -1, 0, 1, 2): 8 / sqrt(80)
+    assert spearman(a, b) == pytest.approx(2 / math.sqrt(5), abs=1e-12)
+
+    def naive(x, y):  # ranks by position in a sorted order: ties get distinct ranks
+        rx, ry = (v.argsort(stable=True).argsort(stable=True).double() for v in (x, y))
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+    assert naive(a, b) == pytest.approx(1.0)  # the three tied values, ranked in order, look monotone
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (50,), generator=g).double()  # heavy ties on both sides
+    y = (x + torch.randint(0, 3, (50,), generator=g)).float()
+    assert spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x.numpy(), y.numpy())[0], abs=1e-12)
+    assert abs(spearman(x, y) - naive(x, y)) > 0.01
+    assert spearman(y, y) == pytest.approx(1.0)
+    # undefined: a constant side or fewer than two values -> NaN (saved as null), no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(spearman(torch.ones(5), b)) and math.isnan(spearman(b, torch.ones(5)))
+        assert math.isnan(spearman(torch.tensor([1.0]), torch.tensor([2.0])))
 
 
 def test_interrupted_run_resumes_without_reevaluating(tmp_path):

@@ -9,19 +9,21 @@
 
 Only one block's statistics and one set of calibration activations are alive at a time: outputs
 replace inputs micro-batch by micro-batch. The activations live in memory (on CPU when the model is
-on a GPU) or, with `offload="disk"`, in a temporary folder, so that peak memory is the model plus
-one micro-batch however many calibration tokens are used.
+on a GPU) or, with `offload="disk"`, as safetensors files in a temporary folder, so that peak memory
+is the model plus one micro-batch however many calibration tokens are used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,14 +32,22 @@ from .masked import BlockRunner
 
 
 class ActivationStore:
-    """Hidden states of the calibration windows, one tensor per micro-batch."""
+    """Hidden states of the calibration windows, one tensor per micro-batch.
+
+    On disk each put writes a new safetensors file (shape and dtype travel in its header) and
+    deletes the micro-batch's previous one. A tensor returned by `get` on the CPU is memory-mapped
+    from its file, so a file is never written twice: a save that truncates the file in place (as
+    some safetensors releases do) would pull the pages from under a tensor still alive (a block
+    that returns its input unchanged, say). The folder is removed by `close` (also on leaving a
+    `with` block, exceptions included)."""
 
     def __init__(self, offload: str = "memory"):
         if offload not in ("memory", "disk"):
             raise ValueError(f"offload must be memory or disk, not {offload}")
         self.offload = offload
         self._mem: dict[int, torch.Tensor] = {}
-        self._meta: dict[int, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._files: dict[int, Path] = {}
+        self._writes = 0
         self._dir = Path(tempfile.mkdtemp(prefix="layerprune-acts-")) if offload == "disk" else None
 
     def put(self, b: int, h: torch.Tensor) -> None:
@@ -45,21 +55,31 @@ class ActivationStore:
             # On a GPU the activations wait on the CPU; on CPU this is the tensor itself.
             self._mem[b] = h.detach().to("cpu")
             return
-        t = h.detach().to("cpu")
-        self._meta[b] = (tuple(t.shape), t.dtype)
-        t.contiguous().view(torch.uint8).numpy().tofile(self._dir / f"{b}.bin")
+        path = self._dir / f"{b}-{self._writes}.safetensors"
+        self._writes += 1
+        save_file({"h": h.detach().to("cpu").contiguous()}, str(path))
+        old, self._files[b] = self._files.get(b), path
+        if old is not None:
+            with contextlib.suppress(OSError):  # where a mapped file cannot go yet, close() takes it
+                old.unlink()
 
     def get(self, b: int, device) -> torch.Tensor:
         if self._dir is None:
             return self._mem[b].to(device)
-        shape, dtype = self._meta[b]
-        raw = torch.from_numpy(np.fromfile(self._dir / f"{b}.bin", dtype=np.uint8))
-        return raw.view(dtype).view(shape).to(device)
+        with safe_open(str(self._files[b]), framework="pt") as f:
+            return f.get_tensor("h").to(device)
 
     def close(self) -> None:
         self._mem.clear()
+        self._files.clear()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class LayerInputs:
@@ -96,8 +116,7 @@ def run_sequential(
     linear layers. Whatever it did to the block, the block's outputs are then recomputed."""
     runner = BlockRunner(model, adapter, input_ids, batch_size)
     device = next(model.parameters()).device
-    store = ActivationStore(offload)
-    try:
+    with ActivationStore(offload) as store:
         for b in range(len(runner.batches)):
             store.put(b, runner.embed_batch(b))
         for i in tqdm(range(adapter.num_blocks), desc=desc, disable=not progress, leave=False):
@@ -110,8 +129,6 @@ def run_sequential(
             on_block(i, calibrate)
             for b in range(len(runner.batches)):
                 store.put(b, runner.block_batch(i, b, store.get(b, device)))
-    finally:
-        store.close()
 
 
 class ColumnNorms:

@@ -85,7 +85,7 @@ def perplexity(
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of a loaded model (`layerprune.load(...)`) on a text source (see layerprune.data)."""
-    seqlen = seqlen or default_seqlen(lm.adapter)
+    seqlen = default_seqlen(lm.adapter) if seqlen is None else seqlen
     check_seqlen(seqlen, lm.adapter.context_length)
     if mask is not None:
         lm.adapter.check_mask(mask, granularity)

@@ -136,6 +136,11 @@ class ModelAdapter:
             raise LayerpruneError(f"{self.spec.name} blocks have no attention / MLP split; use --unit block")
         return get_module(self.blocks[i], path)
 
+    def output_linear(self, i: int, part: str) -> nn.Module:
+        """The linear layer that writes the attention or MLP output of block i into the residual."""
+        self.part(i, part)  # raises for architectures without the split
+        return self.linears(i)[self.spec.output_roles[part]]
+
     def units(self, granularity: str = "block") -> list[Unit]:
         if granularity == "block":
             return [Unit(i) for i in range(self.num_blocks)]

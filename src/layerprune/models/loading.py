@@ -100,6 +100,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """A device this machine has, or one line saying which it has instead."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LayerpruneError(f"--device '{device}' is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA support"
+                if not torch.backends.cuda.is_built()
+                else "no GPU is visible"
+            )
+            raise LayerpruneError(f"--device {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LayerpruneError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LayerpruneError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise LayerpruneError(f"--device {device}: unsupported device type; use cpu or cuda")
+    return device
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -134,9 +159,9 @@ def load(
 
     if quiet:
         hf_logging.disable_progress_bar()
+    device = check_device(device) if device else default_device()
     config = load_config(name)
     source, path = resolve(name)
-    device = device or default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

@@ -5,7 +5,6 @@ no method anywhere else names an architecture.
 
 Roles of linear layers use one vocabulary across architectures: q, k, v, o for attention and
 gate, up, down for the MLP; fused projections are qkv and gate_up; Mamba's are in, x, dt, out.
-Each role belongs to a part of the block, "attn" or "mlp" (Mamba's mixer counts as "mlp").
 """
 
 from __future__ import annotations
@@ -25,13 +24,9 @@ class ArchSpec:
     attn_returns_tuple: bool = True  # attention modules return (output, weights)
     transposed_weights: bool = False  # GPT-2's Conv1D stores weight as (in, out)
     bos_every_window: bool = False  # Gemma expects BOS at the start of every sequence
-    parts: dict[str, str] = field(default_factory=dict)  # role -> "attn" | "mlp" (derived if empty)
     mlp_modules: tuple[str, ...] = ()  # the MLP's submodules when it is not one module (OPT: fc1, fc2)
-
-    def part_of(self, role: str) -> str:
-        if role in self.parts:
-            return self.parts[role]
-        return "attn" if role in ("q", "k", "v", "o", "qkv") else "mlp"
+    # part -> role of the projection that writes the part's output into the residual stream
+    output_roles: dict[str, str] = field(default_factory=lambda: {"attn": "o", "mlp": "down"})
 
 
 _LLAMA_LINEARS = {

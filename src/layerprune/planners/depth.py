@@ -15,37 +15,9 @@ from itertools import combinations
 
 from ..errors import LayerpruneError
 from ..models.adapter import Unit
-from ..plans import Plan
+from ..plans import DepthPlan
 from ..provenance import stamp
-from ..scorers.base import Scores
-
-DEFAULT_PROTECT = {"taylor": "plus", "sleb": "ends"}
-
-
-def protected_blocks(spec: str | Sequence[int] | None, num_blocks: int, method: str) -> list[int]:
-    """'plus', 'ends', 'none', 'default' or a list like '0,1,-1' (negative counts from the end)."""
-    if spec is None or spec == "default":
-        spec = DEFAULT_PROTECT.get(method, "none")
-    L = num_blocks
-    if spec == "none":
-        return []
-    if spec == "plus":
-        return sorted({0, 1, 2, 3, L - 2, L - 1} & set(range(L)))
-    if spec == "ends":
-        return sorted({0, L - 1})
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = set()
-    for item in items:
-        try:
-            i = int(item)
-        except ValueError:
-            raise LayerpruneError(
-                f"--protect '{spec}': use plus, ends, none or block indices like 0,1,-1"
-            ) from None
-        if not -L <= i < L:
-            raise LayerpruneError(f"--protect: block {i} does not exist in a model of {L} blocks")
-        out.add(i % L)
-    return sorted(out)
+from ..scorers.base import Scores, protected_blocks
 
 
 def units_to_remove(scores: Scores, remove: int | None, ratio: float | None) -> int:
@@ -87,9 +59,10 @@ def make_plan(
     rescore: Callable[[list[bool]], list[float | None]] | None = None,
     recheck: int = 0,
     evaluate: Callable[[list[list[int]]], list[float]] | None = None,
-) -> Plan:
+) -> DepthPlan:
     """`recheck=K`: among the removal sets drawn from the count + 2 least important units, evaluate the
     K with the lowest summed importance for real (`evaluate(sets) -> calibration ppl`), keep the best."""
+    scores.require("depth")
     L = scores.model["num_blocks"]
     units = [Unit.parse(u) for u in scores.units]
     protected = protected_blocks(protect, L, scores.method)
@@ -129,8 +102,7 @@ def make_plan(
                 {"removed": [str(units[j]) for j in c], "calibration_ppl": p} for c, p in zip(sets, ppls)
             ]
     remove_units = [str(units[j]) for j in sorted(chosen, key=lambda j: units[j])]
-    return Plan(
-        kind="depth",
+    return DepthPlan(
         model=dict(scores.model),
         method=scores.method,
         unit=scores.unit,
@@ -148,6 +120,99 @@ def make_plan(
         provenance=stamp(),
         extra=({"recheck": history} if recheck else {"iterations": history}) if history else {},
     )
+
+
+def plan_depth(
+    lm,
+    scores: Scores,
+    *,
+    remove: int | None = None,
+    ratio: float | None = None,
+    protect: str | Sequence[int] | None = None,
+    iterative: bool = False,
+    recheck: int = 0,
+    calib: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> DepthPlan:
+    """A depth plan for a model: `lm` is a loaded model, or its name when neither `iterative` nor
+    `recheck` needs to run it (the model is then loaded only if needed). Re-scoring and re-checking
+    use the calibration windows the scores recorded (or the same draw from `calib`)."""
+    from ..models.loading import LoadedModel, load, load_config
+
+    scores.require("depth", lm if isinstance(lm, LoadedModel) else None)
+    if isinstance(lm, LoadedModel):
+        L, arch = lm.adapter.num_blocks, lm.adapter.spec.name
+    else:
+        from ..models.adapter import spec_for
+
+        config = load_config(lm)
+        L, arch = config.num_hidden_layers, spec_for(config).name
+    expected = L * (1 if scores.unit == "block" else 2)
+    if len(scores.units) != expected or scores.model.get("num_blocks") != L:
+        raise LayerpruneError(
+            f"the scores cover {len(scores.units)} {scores.unit} units but the model has {expected} "
+            f"({arch}, {L} blocks); score this model with `layerprune score`"
+        )
+    rescore = evaluate = None
+    needs_model = (iterative and scores.method not in ("sleb", "angular")) or recheck
+    if needs_model:
+        if not isinstance(lm, LoadedModel):
+            lm = load(lm, quiet=not progress)
+            scores.require("depth", lm)
+        if scores.calibration is None:
+            raise LayerpruneError("these scores recorded no calibration data; re-run `layerprune score`")
+        from ..data import windows_from_protocol
+
+        windows = windows_from_protocol(lm, scores.calibration, calib, what="the scores")
+        if iterative:
+            rescore = _rescorer(lm, scores, windows, progress)
+        if recheck:
+            evaluate = _set_evaluator(lm, scores, windows, batch_size, progress)
+    return make_plan(
+        scores,
+        remove=remove,
+        ratio=ratio,
+        protect=protect,
+        iterative=iterative,
+        rescore=rescore,
+        recheck=recheck,
+        evaluate=evaluate,
+    )
+
+
+def _rescorer(lm, scores: Scores, windows, progress: bool):
+    """rescore(removed) -> the importance of the units left, by the scores' own method and options."""
+    from ..scorers.run import run
+
+    params = {k: v for k, v in scores.params.items() if k in ("batch_size", "norm_power")}
+
+    def rescore(removed):
+        return run(
+            lm, scores.method, windows, unit=scores.unit, removed=removed, progress=progress, **params
+        ).importance
+
+    return rescore
+
+
+def _set_evaluator(lm, scores: Scores, windows, batch_size: int | None, progress: bool):
+    """evaluate(sets of unit indices) -> the real calibration perplexity without each set."""
+    from ..engine.masked import MaskEvaluator
+
+    evaluator = MaskEvaluator(
+        lm.model,
+        lm.adapter,
+        windows.input_ids,
+        granularity=scores.unit,
+        batch_size=batch_size or 16,
+        progress=progress,
+    )
+    n = len(scores.units)
+
+    def evaluate(sets):
+        return evaluator.ppl([[0 if j in s else 1 for j in range(n)] for s in sets])
+
+    return evaluate
 
 
 def _key(v: float | None) -> float:

@@ -124,25 +124,31 @@ def owl(names: list[str], outlier_ratio: list[float], sparsity: float, lam: floa
 def make_plan(
     lm,
     sparsity: float,
-    allocation: str,
-    pruner: str,
-    windows,
+    allocation: str = "uniform",
+    pruner: str = "wanda",
+    windows=None,
     *,
-    nm: tuple[int, int] | None = None,
+    scores=None,
+    nm: tuple[int, int] | str | None = None,
     epsilon: float | None = None,
-    metric: str = "alpha_peak",
-    lower_bound: str = "reference",
-    hyper_m: float = 5.0,
+    metric: str | None = None,
+    lower_bound: str | None = None,
+    filter_zeros: bool | None = None,
+    hyper_m: float | None = None,
     lam: float = 0.08,
     clip: bool = False,
     batch_size: int = 8,
     offload: str = "memory",
     progress: bool = True,
 ):
-    """A sparsity plan: a target per linear layer, the pruner and its calibration."""
-    from ..plans import Plan
+    """A sparsity plan: a target per linear layer, the pruner, and the calibration it will use.
+
+    `scores`: the alpha or OWL scores of this model (`layerprune score --method alpha|owl`); they
+    are used as they are, and the metric options must agree with them. Without them, the allocation
+    computes its metrics here (alpha from the weights, OWL from `windows`)."""
+    from ..plans import SparsityPlan
     from ..provenance import stamp
-    from ..pruners.unstructured import PRUNERS
+    from ..pruners.unstructured import PRUNERS, nm_for, parse_nm
     from ..scorers.run import model_info, run
 
     check_target(sparsity)
@@ -150,6 +156,7 @@ def make_plan(
         raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
     if pruner not in PRUNERS:
         raise LayerpruneError(f"unknown pruner '{pruner}'; use one of {', '.join(PRUNERS)}")
+    nm = parse_nm(nm) if isinstance(nm, str) or nm is None else tuple(nm)
     names = lm.adapter.layer_names()
     numel = [lm.adapter.layer(n).weight.numel() for n in names]
     params: dict = {
@@ -158,35 +165,86 @@ def make_plan(
         "pruner": pruner,
         "nm": list(nm) if nm else None,
     }
-    scores = None
+    if scores is not None:
+        _check_scores(scores, allocation, lm, names)
+    values = None
     if allocation == "uniform":
         layers = uniform(names, sparsity)
     elif allocation == "alpha":
         # The reference scripts' defaults: eps 0.3 with magnitude, 0.2 with Wanda and SparseGPT.
         epsilon = epsilon if epsilon is not None else (0.3 if pruner == "magnitude" else 0.2)
-        s = run(lm, "alpha", None, progress=progress, metric=metric, lower_bound=lower_bound)
-        layers = alpha(names, numel, s.extra["metric_values"], sparsity, epsilon, clip=clip)
-        scores = s.extra["metric_values"]
-        params.update(epsilon=epsilon, metric=metric, lower_bound=lower_bound, clip=clip)
-    else:
-        s = run(
-            lm, "owl", windows, progress=progress, hyper_m=hyper_m, batch_size=batch_size, offload=offload
+        options = {"metric": metric, "lower_bound": lower_bound, "filter_zeros": filter_zeros}
+        if scores is None:
+            options = {k: v for k, v in options.items() if v is not None}
+            scores = run(lm, "alpha", None, progress=progress, **options)
+        else:
+            _check_agrees(scores, options)
+        values = scores.extra["metric_values"]
+        layers = alpha(names, numel, values, sparsity, epsilon, clip=clip)
+        params.update(
+            epsilon=epsilon,
+            metric=scores.extra["metric"],
+            lower_bound=scores.extra["lower_bound"],
+            filter_zeros=scores.extra.get("filter_zeros", False),
+            clip=clip,
         )
-        layers = owl(names, s.importance, sparsity, lam)
-        scores = s.importance
-        params.update(hyper_m=hyper_m, owl_lambda=lam)
+    else:
+        if scores is None:
+            if windows is None:
+                raise LayerpruneError(
+                    "OWL needs calibration windows to find outliers (layerprune.calibration)"
+                )
+            m = 5.0 if hyper_m is None else hyper_m
+            scores = run(
+                lm, "owl", windows, progress=progress, hyper_m=m, batch_size=batch_size, offload=offload
+            )
+        else:
+            _check_agrees(scores, {"hyper_m": hyper_m})
+        values = scores.importance
+        layers = owl(names, values, sparsity, lam)
+        params.update(hyper_m=scores.params.get("hyper_m", 5.0), owl_lambda=lam)
     if nm:
-        from ..pruners.unstructured import nm_for
-
         params["nm_per_layer"] = {n: list(nm_for(v, nm)) for n, v in layers.items()}
-    return Plan(
-        kind="sparsity",
+    if scores is not None:
+        params["scores"] = {"method": scores.method, "calibration": scores.calibration}
+    return SparsityPlan(
         model=model_info(lm),
         method=allocation,
         params=params,
-        sparsity={"pruner": pruner, "nm": list(nm) if nm else None, "layers": layers},
-        scores=scores,
+        pruner=pruner,
+        nm=list(nm) if nm else None,
+        layers=layers,
+        scores=values,
         calibration=windows.protocol if windows is not None else None,
         seed=windows.protocol.get("seed") if windows is not None else None,
         provenance=stamp(),
     )
+
+
+def _check_scores(scores, allocation: str, lm, names: list[str]) -> None:
+    scores.require("sparsity", lm)
+    if allocation == "uniform":
+        raise LayerpruneError(
+            "a uniform allocation uses no scores; drop --scores or choose --allocation alpha|owl"
+        )
+    if scores.method != allocation:
+        raise LayerpruneError(
+            f"the scores are {scores.method} scores but the allocation is {allocation}; "
+            f"pass --allocation {scores.method}, or score with --method {allocation}"
+        )
+    expected = names if allocation == "alpha" else [str(b) for b in range(lm.adapter.num_blocks)]
+    if list(scores.units) != expected:
+        raise LayerpruneError(
+            f"the {allocation} scores cover {len(scores.units)} units, not the {len(expected)} of this model; re-score it"
+        )
+
+
+def _check_agrees(scores, options: dict) -> None:
+    """An option given together with scores must be the one the scores were computed with."""
+    recorded = {**scores.params, **scores.extra}
+    for key, value in options.items():
+        if value is not None and key in recorded and recorded[key] != value:
+            raise LayerpruneError(
+                f"the scores were computed with {key} {recorded[key]!r}, not {value!r}; "
+                f"drop --{key.replace('_', '-')} or re-score with it"
+            )

@@ -14,17 +14,9 @@ import torch
 
 from ..errors import LayerpruneError
 from ..models.adapter import ModelAdapter, Unit
-from ..plans import Plan
+from ..plans import DepthPlan
 
 REMOVED_PARTS_KEY = "layerprune_removed_parts"
-
-
-def check_plan_model(plan: Plan, lm) -> None:
-    if plan.model["fingerprint"] != lm.fingerprint:
-        raise LayerpruneError(
-            f"the plan was made for model {plan.model['name']} (fingerprint {plan.model['fingerprint']}), "
-            f"not for {lm.name} (fingerprint {lm.fingerprint}); pass the model it was made for with --model"
-        )
 
 
 def split_units(units: list[Unit]) -> tuple[list[int], list[Unit]]:
@@ -42,17 +34,16 @@ def split_units(units: list[Unit]) -> tuple[list[int], list[Unit]]:
 
 
 @torch.no_grad()
-def apply(lm, plan: Plan) -> dict:
+def apply(lm, plan: DepthPlan) -> dict:
     """Prune the loaded model in place; return counts for the report."""
-    if plan.kind != "depth":
-        raise LayerpruneError(f"this is a {plan.kind} plan; `apply` routes it to the {plan.kind} pruner")
-    check_plan_model(plan, lm)
+    if not isinstance(plan, DepthPlan):
+        raise LayerpruneError(f"this is a {plan.kind} plan, not a depth plan; apply it with layerprune.apply")
+    plan.check(lm)
     adapter: ModelAdapter = lm.adapter
     before = sum(p.numel() for p in lm.model.parameters())
-    blocks, parts = split_units([Unit.parse(u) for u in plan.remove])
+    blocks, parts = split_units(plan.units())
     for u in parts:
-        role = "o" if u.part == "attn" else "down"
-        layer = adapter.linears(u.block)[role]
+        layer = adapter.output_linear(u.block, u.part)
         layer.weight.zero_()
         if getattr(layer, "bias", None) is not None:
             layer.bias.zero_()

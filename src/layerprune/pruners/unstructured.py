@@ -8,7 +8,7 @@ as in the reference implementations of Wanda and SparseGPT.
   reference's `<= threshold` removes one more, plus ties);
 - wanda: score |W_ij| * ||X_j||_2, remove the lowest int(in * s) scores of every output row;
 - sparsegpt: OBS with the layer Hessian H = 2 X X^T / n, dampening 1% of mean(diag H), columns in
-  blocks of 128; in each block the mask is chosen by w^2 / [H^-1]_jj^2 on the updated weights, then the
+  blocks of 128; in each block the mask is chosen by w^2 / d_j on the updated weights, d_j = [H[j:, j:]^-1]_00 (the squared diagonal of the upper Cholesky factor of H^-1), then the
   remaining weights absorb the error;
 - N:M (every pruner): in each row, every group of M consecutive input columns loses its N lowest
   scores (N zeros out of M; 2:4 and 4:8 are 50%). A per-layer target s becomes N = round(s * M).
@@ -192,18 +192,21 @@ def prune(
 
 def apply(lm, plan, windows, *, batch_size: int = 8, offload: str = "memory", progress: bool = True) -> dict:
     """Apply a sparsity plan to the loaded model in place; return the per-layer report."""
-    from .depth import check_plan_model
+    from ..plans import SparsityPlan
 
-    check_plan_model(plan, lm)
-    sp = plan.sparsity
-    nm = tuple(sp["nm"]) if sp.get("nm") else None
+    if not isinstance(plan, SparsityPlan):
+        raise LayerpruneError(
+            f"this is a {plan.kind} plan, not a sparsity plan; apply it with layerprune.apply"
+        )
+    plan.check(lm)
+    nm = tuple(plan.nm) if plan.nm else None
     ids = windows.input_ids if windows is not None else None
     achieved = prune(
         lm.model,
         lm.adapter,
         ids,
-        sp["layers"],
-        sp["pruner"],
+        plan.layers,
+        plan.pruner,
         nm,
         batch_size=batch_size,
         offload=offload,
@@ -213,10 +216,10 @@ def apply(lm, plan, windows, *, batch_size: int = 8, offload: str = "memory", pr
     numel = {n: lm.adapter.layer(n).weight.numel() for n in achieved}
     total = sum(numel.values())
     return {
-        "pruner": sp["pruner"],
-        "nm": sp.get("nm"),
-        "target": plan.params.get("target"),
+        "pruner": plan.pruner,
+        "nm": plan.nm,
+        "target": plan.target,
         "achieved_mean_sparsity": sum(achieved[n] * numel[n] for n in achieved) / total,
-        "layers": {n: {"target": sp["layers"][n], "achieved": achieved[n]} for n in achieved},
+        "layers": {n: {"target": plan.layers[n], "achieved": achieved[n]} for n in achieved},
         "note": "zeros stored densely: no memory saving or speed-up without sparse kernels",
     }

@@ -54,7 +54,7 @@ def allocation_chart(plan, path: str | Path) -> Path | None:
     except ImportError:
         return None
     path = Path(path)
-    layers = plan.sparsity["layers"]
+    layers = plan.layers
     blocks: dict[int, list[float]] = {}
     for name, v in layers.items():
         blocks.setdefault(int(name.split(".")[0]), []).append(v)
@@ -66,7 +66,7 @@ def allocation_chart(plan, path: str | Path) -> Path | None:
     ax.set_xlabel("block")
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{plan.model['name']}: {plan.method} allocation for {plan.sparsity['pruner']}", fontsize=9)
+    ax.set_title(f"{plan.model['name']}: {plan.method} allocation for {plan.pruner}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -75,3 +75,30 @@ def allocation_chart(plan, path: str | Path) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plan_chart(plan, path: str | Path) -> Path | None:
+    """The chart of a plan: importance with the removed units (depth), or the allocation (sparsity)."""
+    if plan.kind == "sparsity":
+        return allocation_chart(plan, path)
+    if plan.kind != "depth" or not plan.scores:
+        return None
+    from ..scorers.base import Scores
+
+    L = plan.num_blocks
+    units = (
+        [str(i) for i in range(L)]
+        if plan.unit == "block"
+        else [f"{i}.{p}" for i in range(L) for p in ("attn", "mlp")]
+    )
+    scores = Scores(
+        method=plan.method,
+        unit=plan.unit,
+        units=units,
+        importance=plan.scores,
+        model=plan.model,
+        params=plan.params,
+        calibration=plan.calibration,
+        seconds=0.0,
+    )
+    return importance_chart(scores, path, removed=plan.remove)

@@ -6,6 +6,9 @@ import importlib
 
 DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb", "shapley")
 SPARSITY_METHODS = ("alpha", "owl")
+# The kind of plan each method's scores can feed: depth scores rank units to remove; sparsity scores
+# (per-layer heavy-tail metrics, per-block outlier ratios) feed a per-layer sparsity allocation.
+FEEDS = {**{m: "depth" for m in DEPTH_METHODS}, **{m: "sparsity" for m in SPARSITY_METHODS}}
 
 
 def scorer(method: str):

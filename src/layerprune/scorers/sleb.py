@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..engine.masked import MaskEvaluator
 from ..errors import LayerpruneError
-from .base import MethodScores, keep_mask, leave_one_out
+from .base import MethodScores, keep_mask, leave_one_out, protected_blocks
 
 
 def score(
@@ -26,9 +26,11 @@ def score(
     batch_size=16,
     progress=True,
     store=None,
-    protected=(),
+    protect="default",
     steps=None,
 ):
+    """`protect`: blocks never removed ('ends' by default: SLEB keeps the first and last)."""
+    protected = protected_blocks(protect, adapter.num_blocks, "sleb")
     n = len(adapter.units(unit))
     keep = keep_mask(n, removed)
     allowed = [j for j in range(n) if keep[j] and j not in set(protected)]

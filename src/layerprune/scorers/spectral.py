@@ -1,6 +1,14 @@
 """Heavy-tailed spectral metrics of every prunable weight matrix (AlphaPruning's ESD analysis).
 
 For each linear layer of each block: W in float32, eigenvalues of W^T W = svdvals(W)^2, ascending.
+Which eigenvalues enter the fit (`filter_zeros`):
+- `filter_zeros=False` (the default, as the reference's `net_esd_estimator`): all of them, however
+  small; only exact zeros are dropped (ln 0 = -inf would poison the fit, where the reference gives nan).
+- `filter_zeros=True`: eigenvalues <= EVALS_THRESH = 1e-5 are dropped as numerically zero (the
+  reference's option of that name, and our behaviour before version 2 of the cache). Tiny eigenvalues
+  widen the log10 histogram below, which moves the peak bin and hence xmin, so the two settings can
+  give different alphas for matrices that have eigenvalues <= 1e-5.
+
 A power law p(l) ~ l^-alpha is fitted to the tail above xmin with the Hill estimator
 
     alpha(i) = 1 + n / (sum_{k>=i} ln l_k - n ln l_i),   n = N - i,   xmin = l_i
@@ -8,17 +16,17 @@ A power law p(l) ~ l^-alpha is fitted to the tail above xmin with the Hill estim
 and the Kolmogorov-Smirnov distance D(i) = max_k |1 - (l_{i+k}/xmin)^(1-alpha) - k/n|, k = 0..n-1.
 
 - `xmin_peak` (metric `alpha_peak`, the default): a 100-bin histogram of log10 l; p = 10^(left edge of
-  the fullest bin); candidates xmin = l_i between a lower bound and 1.5 p are scanned in order and the
-  alpha of the smallest D is kept (the first, if tied; a skipped candidate counts as D = 1).
-  The reference compares the *linear* l_i with the lower bound log10(0.95 p), a log value: that quirk
-  is the default (`lower_bound="reference"`) so that our alphas match the published ones;
-  `lower_bound="corrected"` uses 0.95 p.
+  the fullest bin); candidates xmin = l_i between a lower bound and 1.5 p (both bounds in float32, as
+  in the reference) are scanned in order and the alpha of the smallest D is kept (the first, if
+  tied; a skipped candidate counts as D = 1). The reference compares the *linear* l_i with the
+  lower bound log10(0.95 p), a log value: that quirk is the default (`lower_bound="reference"`) so
+  that our alphas match the published ones; `lower_bound="corrected"` uses 0.95 p.
 - `xmin_mid` (metric `alpha_mid`): one fit at i = N // 2.
 Also alpha_hat = alpha_peak * log10(l_max), stable rank = sum(l) / l_max, spectral norm = l_max,
 entropy = the spectral entropy of l / sum(l), normalised by ln N (1 = flat spectrum).
 
 The fit over all candidates is vectorised (the reference loops in Python; weightwatcher takes minutes
-per 4096^2 matrix). Results are cached per model fingerprint.
+per 4096^2 matrix). Results are cached per model fingerprint, lower bound and `filter_zeros`.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from ..errors import LayerpruneError
 from .base import MethodScores
 
 METRICS = ("alpha_peak", "alpha_mid", "alpha_hat", "stable_rank", "spectral_norm", "entropy")
-EVALS_THRESH = 1e-5  # the reference's threshold for "zero" eigenvalues
+EVALS_THRESH = 1e-5  # the reference's threshold for "zero" eigenvalues (used with filter_zeros=True)
 MIN_EIGS = 10
+CACHE_VERSION = 2  # 2: tiny eigenvalues kept by default (filter_zeros=False); 1 dropped them always
 
 
 def eigenvalues(weight: torch.Tensor) -> torch.Tensor:
@@ -44,14 +53,23 @@ def eigenvalues(weight: torch.Tensor) -> torch.Tensor:
 
 
 def hill_alpha(
-    eigs: torch.Tensor, xmin: str = "peak", lower_bound: str = "reference", bins: int = 100
+    eigs: torch.Tensor,
+    xmin: str = "peak",
+    lower_bound: str = "reference",
+    bins: int = 100,
+    *,
+    filter_zeros: bool = False,
 ) -> dict:
-    """Power-law exponent of an ascending eigenvalue spectrum; see the module docstring."""
+    """Power-law exponent of an ascending eigenvalue spectrum; see the module docstring.
+
+    filter_zeros=False (the reference's default) keeps every eigenvalue but exact zeros;
+    filter_zeros=True drops those <= EVALS_THRESH."""
     if lower_bound not in ("reference", "corrected"):
         raise LayerpruneError(f"unknown lower bound '{lower_bound}'; use reference or corrected")
     eigs = eigs.float().cpu()
-    if (eigs <= EVALS_THRESH).any():  # log(0) would poison the fit: drop numerically zero eigenvalues
-        eigs = eigs[eigs > EVALS_THRESH]
+    thresh = EVALS_THRESH if filter_zeros else 0.0
+    if (eigs <= thresh).any():  # ln 0 = -inf would poison the fit
+        eigs = eigs[eigs > thresh]
     N = eigs.numel()
     if N < MIN_EIGS:
         raise LayerpruneError(f"only {N} nonzero eigenvalues: too few to fit a power law (need {MIN_EIGS})")
@@ -68,9 +86,11 @@ def hill_alpha(
     lo, hi = float(log10.min()), float(log10.max())
     counts = torch.histc(log10, bins=bins, min=lo, max=hi)
     edges = torch.linspace(lo, hi, bins + 1)
-    peak = 10 ** float(edges[int(torch.argmax(counts))])
-    lower = math.log10(0.95 * peak) if lower_bound == "reference" else 0.95 * peak
-    upper = 1.5 * peak
+    # the bounds in float32 tensor arithmetic, as the reference, so that the comparisons with the
+    # float32 eigenvalues below decide exactly as there
+    peak = torch.pow(10.0, edges[int(torch.argmax(counts))])
+    lower = float(torch.log10(0.95 * peak) if lower_bound == "reference" else 0.95 * peak)
+    upper = float(1.5 * peak)
     candidates = []
     for i in range(N - 1):  # the scan order matters: it stops at the first l_i above the upper bound
         x = float(eigs[i])
@@ -96,19 +116,21 @@ def hill_alpha(
             D[ci] = dev.max(dim=1).values
     best = int(torch.argmin(D))
     if D[best] >= 1:
-        raise LayerpruneError("no xmin candidate gave a valid power-law fit; try --xmin mid")
+        raise LayerpruneError("no xmin candidate gave a valid power-law fit; try --metric alpha_mid")
     return {"alpha": float(alphas[best]), "xmin": float(eigs[best]), "D": float(D[best])}
 
 
-def matrix_metrics(weight: torch.Tensor, lower_bound: str = "reference") -> dict[str, float]:
+def matrix_metrics(
+    weight: torch.Tensor, lower_bound: str = "reference", *, filter_zeros: bool = False
+) -> dict[str, float]:
     eigs = eigenvalues(weight)
-    peak = hill_alpha(eigs, "peak", lower_bound)
+    peak = hill_alpha(eigs, "peak", lower_bound, filter_zeros=filter_zeros)
     lmax = float(eigs[-1])
     p = eigs.double() / eigs.double().sum()
     p = p[p > 0]
     return {
         "alpha_peak": peak["alpha"],
-        "alpha_mid": hill_alpha(eigs, "mid")["alpha"],
+        "alpha_mid": hill_alpha(eigs, "mid", filter_zeros=filter_zeros)["alpha"],
         "alpha_hat": peak["alpha"] * math.log10(lmax),
         "stable_rank": float(eigs.double().sum()) / lmax,
         "spectral_norm": lmax,
@@ -118,29 +140,39 @@ def matrix_metrics(weight: torch.Tensor, lower_bound: str = "reference") -> dict
     }
 
 
-def _cache_path(fingerprint: str, lower_bound: str) -> Path:
+def _cache_path(fingerprint: str, lower_bound: str, filter_zeros: bool = False) -> Path:
     root = Path(
         os.environ.get(
             "LAYERPRUNE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerprune"
         )
     )
-    return root / "esd" / f"{fingerprint}-{lower_bound}.json"
+    zeros = "filterzeros" if filter_zeros else "keepzeros"
+    return root / "esd" / f"{fingerprint}-{lower_bound}-{zeros}-v{CACHE_VERSION}.json"
 
 
 def model_metrics(
-    model, adapter, fingerprint: str | None = None, lower_bound: str = "reference", progress=True
+    model,
+    adapter,
+    fingerprint: str | None = None,
+    lower_bound: str = "reference",
+    progress=True,
+    *,
+    filter_zeros: bool = False,
 ):
-    """{layer name: {metric: value}} for every prunable layer; cached by model fingerprint."""
+    """{layer name: {metric: value}} for every prunable layer; cached by model fingerprint (one file
+    per lower bound and filter_zeros setting)."""
     from tqdm.auto import tqdm
 
-    path = _cache_path(fingerprint, lower_bound) if fingerprint else None
+    path = _cache_path(fingerprint, lower_bound, filter_zeros) if fingerprint else None
     if path is not None and path.exists():
         return json.loads(path.read_text())
     out = {}
     for i in tqdm(range(adapter.num_blocks), desc="spectra", disable=not progress, leave=False):
         for role, layer in adapter.linears(i).items():
             try:
-                out[f"{i}.{role}"] = matrix_metrics(adapter.weight(layer), lower_bound)
+                out[f"{i}.{role}"] = matrix_metrics(
+                    adapter.weight(layer), lower_bound, filter_zeros=filter_zeros
+                )
             except LayerpruneError as e:
                 raise LayerpruneError(f"layer {i}.{role}: {e}") from None
     if path is not None:
@@ -161,12 +193,14 @@ def score(
     metric="alpha_peak",
     lower_bound="reference",
     fingerprint=None,
+    filter_zeros=False,
 ):
     """Importance = -metric per layer (a heavier tail, lower alpha, marks a better-trained layer:
-    prune it less). extra: the raw metric per layer and its block means."""
+    prune it less). extra: the raw metric per layer and its block means. filter_zeros=True drops
+    eigenvalues <= EVALS_THRESH before the fits (the default keeps them, as the reference)."""
     if metric not in METRICS:
         raise LayerpruneError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
-    table = model_metrics(model, adapter, fingerprint, lower_bound, progress)
+    table = model_metrics(model, adapter, fingerprint, lower_bound, progress, filter_zeros=filter_zeros)
     names = adapter.layer_names()
     values = [table[n][metric] for n in names]
     per_block = len(adapter.roles)
@@ -178,6 +212,7 @@ def score(
             "metric_values": values,
             "block_values": blocks,
             "lower_bound": lower_bound,
+            "filter_zeros": filter_zeros,
             "all_metrics": table,
         },
     )

@@ -10,7 +10,8 @@ Schedules:
   0.05-0.2 on the bundled model) and the Shapley ranking follows the underfit, not the model.
   Counting steps instead gives R^2 ~0.99 at 128-256 masks.
 - "reference": the reference's epochs, batch and learning rate, exactly.
-A held-out fraction of the masks measures the fit: R^2 and Spearman's rho on masks it never saw.
+A held-out fraction of the masks measures the fit: R^2 and Spearman's rho (ties: mean ranks) on
+masks it never saw.
 Training is seeded and runs on CPU (a second or two); prediction is batched.
 """
 
@@ -31,6 +32,7 @@ class SurrogateFit:
     spearman: float | None
     train: int
     heldout: int
+    heldout_index: torch.Tensor | None = None  # rows of the fitted masks that measured r2 / spearman
 
     @torch.no_grad()
     def __call__(self, masks: torch.Tensor) -> torch.Tensor:
@@ -44,10 +46,17 @@ def make_network(L: int, hidden: int | None = None) -> nn.Module:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+    """Spearman's rho: the Pearson correlation of the ranks, tied values sharing the mean of their
+    ranks (scipy.stats.spearmanr). NaN where it is undefined, without a warning: fewer than two
+    values, or either side constant (every rank tied); NaN inputs give NaN. Score files store NaN
+    as null."""
+    from scipy.stats import spearmanr  # imported here: scipy.stats costs a second at start-up
+
+    x = a.detach().reshape(-1).double().cpu().numpy()
+    y = b.detach().reshape(-1).double().cpu().numpy()
+    if x.size < 2 or (x == x[0]).all() or (y == y[0]).all():
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
 
 
 def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -92,7 +101,7 @@ def fit_surrogate(
             opt.step()
         sched.step()
     net.eval()
-    fit = SurrogateFit(net, None, None, len(train), n_test)
+    fit = SurrogateFit(net, None, None, len(train), n_test, test)
     if n_test >= 3:
         pred = fit(X[test]).float()
         fit.r2, fit.spearman = r_squared(pred, y[test]), spearman(pred, y[test])

@@ -1,0 +1,176 @@
+"""The verbs of the pipeline, as plain functions: what `import layerprune as lp` offers.
+
+    lm = lp.load("fixture")
+    calib = lp.calibration(lm, "fixture:val", samples=10, seqlen=128)
+    s = lp.score(lm, "ppl", calib)
+    p = lp.plan(lm, s, remove=3)                      # or lp.plan(lm, sparsity=0.7, allocation="alpha", ...)
+    lp.apply(lm, p, calib)
+    lp.export(lm, "pruned/", p)
+    lp.perplexity(lm, "fixture:test", seqlen=128).ppl
+
+Each verb checks its input and calls the module that does the work; the CLI calls the same verbs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import export
+from .data import CalibrationSpec, Windows, calibration, resolve_calibration
+from .errors import LayerpruneError
+from .evaluation.perplexity import perplexity
+from .models.loading import LoadedModel, load
+from .plans import DepthPlan, Plan, SparsityPlan, WidthPlan
+from .scorers.base import Scores
+
+__all__ = ["load", "calibration", "score", "plan", "apply", "export", "perplexity", "info"]
+
+
+def score(
+    lm: LoadedModel,
+    method: str,
+    calib: Windows | CalibrationSpec | str | None = None,
+    *,
+    unit: str = "block",
+    progress: bool = True,
+    **options,
+) -> Scores:
+    """Importance of every unit by `method`: depth methods (ppl, taylor, bi, angular, sleb, shapley)
+    score blocks or attention / MLP parts; alpha scores linear layers and OWL blocks, for sparsity
+    plans. `calib` defaults to the method's papers' calibration; `options` are the method's own
+    (e.g. budget=256 for shapley, store="evals.sqlite" to resume); one it does not use is an error."""
+    from .scorers import FEEDS, scorer
+    from .scorers.run import run
+
+    scorer(method)  # an unknown method fails before any data is read
+    calib = None if method == "alpha" else resolve_calibration(lm, calib, FEEDS[method])
+    return run(lm, method, calib, unit=unit, progress=progress, **options)
+
+
+def plan(
+    lm: LoadedModel | str,
+    scores: Scores | str | Path | None = None,
+    *,
+    remove: int | None = None,
+    ratio: float | None = None,
+    sparsity: float | None = None,
+    calib: Windows | CalibrationSpec | str | None = None,
+    progress: bool = True,
+    **options,
+) -> Plan:
+    """Turn scores into a plan.
+
+    - depth: `plan(lm, scores, remove=N | ratio=R, protect=, iterative=, recheck=)`; `lm` may be a
+      model name when neither `iterative` nor `recheck` needs to run the model;
+    - sparsity: `plan(lm, sparsity=S, allocation="uniform|alpha|owl", pruner="magnitude|wanda|sparsegpt",
+      nm="2:4", scores=alpha_or_owl_scores, epsilon=, clip=, ...)`; `calib` is what the pruner will
+      calibrate on (default: the papers' 128 samples of C4, or the fixture's own text)."""
+    if isinstance(scores, (str, Path)):
+        scores = Scores.load(scores)
+    if sparsity is not None:
+        if remove is not None or ratio is not None:
+            raise LayerpruneError(
+                "a plan removes units (--remove/--ratio) or sets a sparsity (--sparsity), not both"
+            )
+        return _plan_sparsity(lm, sparsity, scores, calib, progress, options)
+    if scores is None:
+        raise LayerpruneError("pass scores (--scores scores.json) for a depth plan, or a --sparsity target")
+    from .options import accepted
+    from .planners.depth import plan_depth
+
+    if calib is not None and not isinstance(calib, str):
+        raise LayerpruneError(
+            "a depth plan re-scores on the calibration its scores recorded; pass a text source or None"
+        )
+    options = accepted(plan_depth, options, "a depth plan", generic=("batch_size",))
+    return plan_depth(lm, scores, remove=remove, ratio=ratio, calib=calib, progress=progress, **options)
+
+
+def _plan_sparsity(lm, sparsity, scores, calib, progress, options) -> SparsityPlan:
+    from .options import accepted
+    from .planners.sparsity import make_plan
+
+    if not isinstance(lm, LoadedModel):
+        lm = load(lm, quiet=not progress)
+    options = accepted(make_plan, options, "a sparsity plan", generic=())
+    pruner = options.get("pruner", "wanda")
+    allocation = options.get("allocation", "uniform")
+    needs_data = pruner != "magnitude" or (allocation == "owl" and scores is None)
+    windows = resolve_calibration(lm, calib, "sparsity") if needs_data else None
+    return make_plan(lm, sparsity, windows=windows, scores=scores, progress=progress, **options)
+
+
+def apply(
+    lm: LoadedModel,
+    plan: Plan | str | Path,
+    calib: Windows | str | None = None,
+    *,
+    batch_size: int = 8,
+    offload: str = "memory",
+    progress: bool = True,
+) -> dict:
+    """Apply a plan to the loaded model, in place, after checking it against the model; return what
+    was done (counts for the report). A sparsity plan calibrates its pruner on `calib`: windows, a
+    text source drawn as the plan recorded, or (None) exactly the text the plan recorded."""
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    plan.check(lm)
+    if isinstance(plan, DepthPlan):
+        from .pruners.depth import apply as apply_depth
+
+        if calib is not None:
+            raise LayerpruneError("a depth plan needs no calibration; drop --calib")
+        return apply_depth(lm, plan)
+    if isinstance(plan, SparsityPlan):
+        from .pruners.unstructured import apply as apply_sparsity
+
+        windows = _plan_windows(lm, plan, calib)
+        return apply_sparsity(lm, plan, windows, batch_size=batch_size, offload=offload, progress=progress)
+    if isinstance(plan, WidthPlan):
+        raise LayerpruneError(
+            "width plans cannot be applied by this version of layerprune (structured pruning is not built yet)"
+        )
+    raise LayerpruneError(f"cannot apply a {type(plan).__name__}")
+
+
+def _plan_windows(lm, plan: SparsityPlan, calib) -> Windows | None:
+    from .data import windows_from_protocol
+
+    if plan.pruner == "magnitude":
+        if calib is not None:
+            raise LayerpruneError("magnitude pruning needs no calibration; drop --calib")
+        return None
+    if isinstance(calib, Windows):
+        return calib
+    if plan.calibration is None:
+        raise LayerpruneError(
+            f"the plan records no calibration for {plan.pruner}; re-make it with `layerprune plan`"
+        )
+    return windows_from_protocol(lm, plan.calibration, calib, what="the plan")
+
+
+def info(lm: LoadedModel) -> dict:
+    """What a model is made of: architecture, blocks, parameters per block and part, fingerprint."""
+    from .models.adapter import Unit
+
+    a = lm.adapter
+    per_block = [sum(p.numel() for p in b.parameters()) for b in a.blocks]
+    parts = None
+    if a.has_parts():
+        parts = [[a.unit_params(Unit(i, "attn")), a.unit_params(Unit(i, "mlp"))] for i in range(a.num_blocks)]
+    return {
+        "model": lm.name,
+        "path": str(lm.path) if lm.path else None,
+        "architecture": a.spec.name,
+        "class": type(lm.model).__name__,
+        "blocks": a.num_blocks,
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "parameters_in_blocks": sum(per_block),
+        "parameters_per_block": per_block,
+        "parameters_per_part": parts,
+        "linear_roles": a.roles,
+        "has_attention_mlp_split": a.has_parts(),
+        "context_length": a.context_length,
+        "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
+        "fingerprint": lm.fingerprint,
+    }
