@@ -19,3 +19,26 @@ def fixture_lm():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class CliResult:
+    def __init__(self, code, out, err):
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the `layerprune` command in this process: same parser, verbs, exit codes and stderr as the
+    console script, without paying for a fresh interpreter and torch import per call."""
+    from layerprune.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = e.code
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..errors import LayerpruneError
 
+BUSY_TIMEOUT_S = 60.0
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS evals (
@@ -42,7 +44,10 @@ class EvalStore:
         self.model_fp, self.data_fp = model_fp, data_fp
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path)
+            # Several runs may share a store (two scorers, a search and its resume): writers wait
+            # for each other (busy timeout) instead of failing with "database is locked".
+            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+            self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
@@ -51,10 +56,10 @@ class EvalStore:
                 f"{self.path} is not an evaluation store ({e}); choose another --store path"
             ) from None
         meta = dict(self.db.execute("SELECT key, value FROM meta"))
-        if not meta:
+        if not meta:  # OR IGNORE: another run may create the store at the same moment; the first wins
             with self.db:
                 self.db.executemany(
-                    "INSERT INTO meta VALUES (?, ?)",
+                    "INSERT OR IGNORE INTO meta VALUES (?, ?)",
                     [
                         ("model_fp", model_fp),
                         ("data_fp", data_fp),
@@ -62,7 +67,8 @@ class EvalStore:
                         ("created", str(time.time())),
                     ],
                 )
-        elif meta.get("model_fp") != model_fp or meta.get("data_fp") != data_fp:
+            meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        if meta.get("model_fp") != model_fp or meta.get("data_fp") != data_fp:
             raise LayerpruneError(
                 f"store {self.path} holds evaluations of model {meta.get('model_fp')} on data {meta.get('data_fp')}, "
                 f"not of this model ({model_fp}) and data ({data_fp}); use a new --store path"
