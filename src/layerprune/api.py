@@ -74,7 +74,9 @@ def plan(
             )
         return _plan_sparsity(lm, sparsity, scores, calib, progress, options)
     if scores is None:
-        raise LayerpruneError("pass --scores scores.json for a depth plan, or --sparsity S for a sparsity plan")
+        raise LayerpruneError(
+            "pass --scores scores.json for a depth plan, or --sparsity S for a sparsity plan"
+        )
     from .options import accepted
     from .planners.depth import plan_depth
 
