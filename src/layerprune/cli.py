@@ -377,7 +377,9 @@ def cmd_apply(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import demo
 
-    demo(args.output, method=args.method, remove=args.remove, quiet=args.quiet)
+    demo(
+        args.output, method=args.method, remove=args.remove, eval_windows=args.eval_windows, quiet=args.quiet
+    )
     return 0
 
 
@@ -578,6 +580,9 @@ def _parser_demo(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
     p.add_argument("--method", default="ppl", help="depth scoring method")
     p.add_argument("--remove", type=positive_int, default=3, help="blocks to remove")
+    p.add_argument(
+        "--eval-windows", type=positive_int, default=None, help="evaluate on the first N windows only"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

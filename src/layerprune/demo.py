@@ -29,8 +29,14 @@ def _generate(lm, prompt: str, tokens: int = 24) -> str:
 
 
 def demo(
-    out: str | Path, method: str = "ppl", remove: int = 3, seqlen: int = 128, quiet: bool = False
+    out: str | Path,
+    method: str = "ppl",
+    remove: int = 3,
+    seqlen: int = 128,
+    eval_windows: int | None = None,
+    quiet: bool = False,
 ) -> dict:
+    """`eval_windows`: evaluate on the first N windows of fixture:test only (default: all of it)."""
     out = Path(out)
     progress = not quiet
     t0 = time.perf_counter()
@@ -40,7 +46,7 @@ def demo(
         f"{sum(p.numel() for p in lm.model.parameters()):,} parameters"
     )
 
-    dense = perplexity(lm, "fixture:test", seqlen=seqlen, progress=progress)
+    dense = perplexity(lm, "fixture:test", seqlen=seqlen, max_windows=eval_windows, progress=progress)
     print(f"[2/6] dense perplexity on fixture:test (seqlen {seqlen}): {dense.ppl:.3f}")
     dense_text = _generate(lm, PROMPT)
 
@@ -59,7 +65,7 @@ def demo(
     print(f"[4/6] plan: remove blocks {', '.join(depth_plan.remove)}")
 
     counts = apply(lm, depth_plan)
-    pruned = perplexity(lm, "fixture:test", seqlen=seqlen, progress=progress)
+    pruned = perplexity(lm, "fixture:test", seqlen=seqlen, max_windows=eval_windows, progress=progress)
     pruned_text = _generate(lm, PROMPT)
     print(
         f"[5/6] pruned: {counts['blocks_after']} blocks, {counts['parameters_after']:,} parameters, "
