@@ -302,7 +302,7 @@ CASES = [
     ),
     (
         ["plan", "fixture", "--scores", "{d}/bi.json", "--remove", "2", "-o", "{d}/existing_out"],
-        "check the path",
+        "give a file path to -o",
     ),
     # applying
     (["apply", "{d}/missing_plan.json", "-o", "{out}"], "make one with `layerprune plan`"),

@@ -144,13 +144,15 @@ def _calib_spec(args):
     return CalibrationSpec(args.calib, args.samples, args.seqlen, args.seed, args.bos)
 
 
-def _check_output(args, model: str) -> None:
-    """Refuse, before any work, an output inside the input model's folder."""
-    from .io import check_output_outside
+def _check_output(args, model: str, file: bool = True) -> None:
+    """Refuse, before any work, an output inside the input model's folder (or a folder for a file)."""
+    from .io import check_file_path, check_output_outside
     from .models.loading import resolve
 
     if args.output is not None:
         check_output_outside(args.output, resolve(model)[1])
+        if file:
+            check_file_path(args.output)
 
 
 def _load(args, model: str | None = None):
@@ -341,7 +343,7 @@ def cmd_apply(args) -> int:
 
     plan = lp.Plan.load(args.plan)
     model = args.model or plan.model["name"]
-    _check_output(args, model)
+    _check_output(args, model, file=False)
     lm = _load(args, model)
     counts = lp.apply(
         lm, plan, args.calib, batch_size=args.batch_size, offload=args.offload, progress=not args.quiet

@@ -14,8 +14,17 @@ from typing import Any
 from .errors import LayerpruneError
 
 
+def check_file_path(path: str | Path) -> None:
+    """A file output must not name an existing folder (a rename over it would fail late)."""
+    if Path(path).is_dir():
+        raise LayerpruneError(
+            f"output {path} is a folder; give a file path to -o, e.g. {Path(path) / 'out.json'}"
+        )
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
+    check_file_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
