@@ -39,11 +39,11 @@ def score(
     score blocks or attention / MLP parts; alpha scores linear layers and OWL blocks, for sparsity
     plans. `calib` defaults to the method's papers' calibration; `options` are the method's own
     (e.g. budget=256 for shapley, store="evals.sqlite" to resume); one it does not use is an error."""
-    from .scorers import FEEDS, scorer
+    from .scorers import DATA_FREE, FEEDS, scorer
     from .scorers.run import run
 
     scorer(method)  # an unknown method fails before any data is read
-    calib = None if method == "alpha" else resolve_calibration(lm, calib, FEEDS[method])
+    calib = None if method in DATA_FREE else resolve_calibration(lm, calib, FEEDS[method])
     return run(lm, method, calib, unit=unit, progress=progress, **options)
 
 
@@ -54,6 +54,7 @@ def plan(
     remove: int | None = None,
     ratio: float | None = None,
     sparsity: float | None = None,
+    width: float | None = None,
     calib: Windows | CalibrationSpec | str | None = None,
     progress: bool = True,
     **options,
@@ -64,15 +65,29 @@ def plan(
       model name when neither `iterative` nor `recheck` needs to run the model;
     - sparsity: `plan(lm, sparsity=S, allocation="uniform|alpha|owl", pruner="magnitude|wanda|sparsegpt",
       nm="2:4", scores=alpha_or_owl_scores, epsilon=, clip=, ...)`; `calib` is what the pruner will
-      calibrate on (default: the papers' 128 samples of C4, or the fixture's own text)."""
+      calibrate on (default: the papers' 128 samples of C4, or the fixture's own text);
+    - width: `plan(lm, width=B, allocation="uniform|owl|alpha|search", scores=wanda_sp_scores,
+      store=, operators="classic|llm", llm=LLMConfig(...), population=, iterations=, seed=, ...)`:
+      one structured rate per block, mean B of the blocks' prunable parameters."""
     if isinstance(scores, (str, Path)):
         scores = Scores.load(scores)
+    kinds = [
+        k
+        for k, v in (
+            ("--remove/--ratio", remove if remove is not None else ratio),
+            ("--sparsity", sparsity),
+            ("--width", width),
+        )
+        if v is not None
+    ]
+    if len(kinds) > 1:
+        raise LayerpruneError(
+            f"give one of --remove/--ratio, --sparsity, --width, not both: {' and '.join(kinds)} were given"
+        )
     if sparsity is not None:
-        if remove is not None or ratio is not None:
-            raise LayerpruneError(
-                "a plan removes units (--remove/--ratio) or sets a sparsity (--sparsity), not both"
-            )
         return _plan_sparsity(lm, sparsity, scores, calib, progress, options)
+    if width is not None:
+        return _plan_width(lm, width, scores, calib, progress, options)
     if scores is None:
         raise LayerpruneError(
             "pass --scores scores.json for a depth plan, or --sparsity S for a sparsity plan"
@@ -102,6 +117,21 @@ def _plan_sparsity(lm, sparsity, scores, calib, progress, options) -> SparsityPl
     return make_plan(lm, sparsity, windows=windows, scores=scores, progress=progress, **options)
 
 
+def _plan_width(lm, width, scores, calib, progress, options) -> WidthPlan:
+    from .options import accepted
+    from .planners.width import make_plan
+    from .scorers import DATA_FREE
+
+    if not isinstance(lm, LoadedModel):
+        lm = load(lm, quiet=not progress)
+    options = accepted(make_plan, options, "a width plan", generic=("batch_size",))
+    pruner = scores.method if scores is not None else options.get("pruner", "wanda-sp")
+    allocation = options.get("allocation", "uniform")
+    needs_data = pruner not in DATA_FREE or allocation in ("owl", "search")
+    windows = resolve_calibration(lm, calib, "width") if needs_data else None
+    return make_plan(lm, width, windows=windows, scores=scores, progress=progress, **options)
+
+
 def apply(
     lm: LoadedModel,
     plan: Plan | str | Path,
@@ -129,13 +159,14 @@ def apply(
         windows = _plan_windows(lm, plan, calib)
         return apply_sparsity(lm, plan, windows, batch_size=batch_size, offload=offload, progress=progress)
     if isinstance(plan, WidthPlan):
-        raise LayerpruneError(
-            "width plans cannot be applied by this version of layerprune (structured pruning is not built yet)"
-        )
+        from .pruners.width import apply_plan
+
+        windows = None if plan.pruner == "magnitude-sp" else _plan_windows(lm, plan, calib)
+        return apply_plan(lm, plan, windows, batch_size=batch_size, progress=progress)
     raise LayerpruneError(f"cannot apply a {type(plan).__name__}")
 
 
-def _plan_windows(lm, plan: SparsityPlan, calib) -> Windows | None:
+def _plan_windows(lm, plan: SparsityPlan | WidthPlan, calib) -> Windows | None:
     from .data import windows_from_protocol
 
     if plan.pruner == "magnitude":

@@ -282,10 +282,11 @@ def _print_importance(scores) -> None:
 
 
 # ---- plan -------------------------------------------------------------------------------------
-# Both kinds' options go to the library, which refuses those that the kind of plan does not use.
+# Every kind's options go to the library, which refuses those that the kind of plan does not use.
 PLAN_OPTIONS = (
     "protect", "iterative", "recheck", "allocation", "pruner", "nm", "epsilon", "lam", "clip", "metric",
-    "lower_bound", "filter_zeros", "hyper_m", "batch_size",
+    "lower_bound", "filter_zeros", "hyper_m", "batch_size", "store", "operators", "population", "crossovers",
+    "mutations", "iterations", "p_min", "p_max", "log",
 )  # fmt: skip
 
 
@@ -296,7 +297,7 @@ def cmd_plan(args) -> int:
 
     _check_output(args, args.model)
     options = _options(args, PLAN_OPTIONS)
-    if args.sparsity is None:  # depth: the model is loaded only if the plan runs it (--iterative, --recheck)
+    if args.sparsity is None and args.width is None:  # depth: the model is loaded only if the plan runs it
         model = _load(args) if args.device else args.model
         plan = lp.plan(
             model,
@@ -311,7 +312,7 @@ def cmd_plan(args) -> int:
         print(
             f"depth plan ({plan.method}{how}): remove {', '.join(plan.remove)} of {plan.num_blocks} blocks; protected {plan.params['protected'] or 'none'}"
         )
-    else:
+    elif args.sparsity is not None:
         lm = _load(args)
         plan = lp.plan(
             lm,
@@ -331,6 +332,33 @@ def cmd_plan(args) -> int:
             f"sparsity plan: {plan.method} allocation, {plan.pruner} pruner{nm}, target {args.sparsity}; per block: "
             + " ".join(f"{v:.3f}" for v in per_block)
         )
+    else:
+        lm = _load(args)
+        if args.llm_url or args.llm_model:
+            from .planners.search import LLMConfig
+
+            options["llm"] = LLMConfig(url=args.llm_url, model=args.llm_model, key_env=args.llm_key_env)
+        if args.seed and args.allocation == "search":
+            options["seed"] = args.seed
+        plan = lp.plan(
+            lm,
+            args.scores,
+            remove=args.remove,
+            ratio=args.ratio,
+            width=args.width,
+            calib=_calib_spec(args),
+            progress=not args.quiet,
+            **options,
+        )
+        p = plan.params
+        print(
+            f"width plan: {plan.method} allocation, {plan.pruner} scores, target {p['target']}, achieved {p['achieved']:.4f}; per block: "
+            + " ".join(f"{v:.3f}" for v in p["achieved_rates"])
+        )
+        if "best_fitness" in plan.extra:
+            print(
+                f"searched: calibration perplexity {plan.extra['best_fitness']:.4f}, {plan.extra['evaluations_this_run']} evaluations this run"
+            )
     plan.save(args.output)
     print(f"wrote {args.output}")
     _chart(args, plan_chart, plan, Path(args.output).with_suffix(".png"))
@@ -360,7 +388,12 @@ def cmd_apply(args) -> int:
     out = lp.export(
         lm, args.output, plan, {"pruning": counts, "evaluation": evaluation}, overwrite=args.overwrite
     )
-    if plan.kind == "depth":
+    if plan.kind == "width":
+        print(
+            f"{counts['pruner']} removed KV groups and channels: {counts['parameters_before']:,} -> "
+            f"{counts['parameters_after']:,} parameters ({'standard config' if counts['standard_config'] else 'per-block shapes: reload with layerprune.load'})"
+        )
+    elif plan.kind == "depth":
         print(
             f"removed {', '.join(plan.remove)}: {counts['blocks_before']} -> {counts['blocks_after']} blocks, "
             f"{counts['parameters_before']:,} -> {counts['parameters_after']:,} parameters"
@@ -424,11 +457,17 @@ def _parser_eval(sub) -> None:
 
 
 def _parser_score(sub) -> None:
-    from .scorers import DEPTH_METHODS, SPARSITY_METHODS
+    from .scorers import DEPTH_METHODS, SPARSITY_METHODS, WIDTH_METHODS
 
-    p = sub.add_parser("score", help="importance of each block, attention / MLP part, or linear layer")
+    p = sub.add_parser(
+        "score", help="importance of each block, attention / MLP part, linear layer, head group or channel"
+    )
     _model(p)
-    p.add_argument("--method", required=True, help=f"one of {', '.join(DEPTH_METHODS + SPARSITY_METHODS)}")
+    p.add_argument(
+        "--method",
+        required=True,
+        help=f"one of {', '.join(DEPTH_METHODS + SPARSITY_METHODS + WIDTH_METHODS)}",
+    )
     p.add_argument(
         "--unit",
         choices=("block", "module"),
@@ -542,6 +581,44 @@ def _parser_plan(sub) -> None:
         default=None,
         help="alpha: clip ratios to [0, 0.99] and re-normalise instead of failing",
     )
+    g = p.add_argument_group("width (Self-Pruner)")
+    g.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="fraction of the blocks' prunable parameters to remove, in (0, 1)",
+    )
+    g.add_argument(
+        "--operators",
+        choices=("classic", "llm"),
+        default=None,
+        help="search operators (default classic; llm needs --llm-url and --llm-model)",
+    )
+    g.add_argument(
+        "--llm-url", default=None, help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"
+    )
+    g.add_argument("--llm-model", default=None, help="the chat model that performs the operators")
+    g.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--population", type=positive_int, default=None, help="search population (default 30)")
+    g.add_argument("--iterations", type=positive_int, default=None, help="search generations (default 20)")
+    g.add_argument(
+        "--crossovers",
+        type=non_negative_int,
+        default=None,
+        help="children by crossover per generation (default 10)",
+    )
+    g.add_argument(
+        "--mutations",
+        type=non_negative_int,
+        default=None,
+        help="children by mutation per generation (default 10)",
+    )
+    g.add_argument("--p-min", type=fraction, default=None, help="lowest rate of a block")
+    g.add_argument("--p-max", type=fraction, default=None, help="highest rate of a block")
+    g.add_argument(
+        "--store", default=None, help="SQLite store of fitness evaluations: a killed search resumes"
+    )
+    g.add_argument("--log", default=None, help="JSONL log of the search, one line per generation (+ PNG)")
     _spectral(p)
     _calibration(p)
     _batch(p)

@@ -306,6 +306,8 @@ def calibration_windows(
 CALIBRATION_DEFAULTS = {
     "depth": {"source": "bookcorpus", "samples": 10, "seqlen": 128},
     "sparsity": {"source": "c4", "samples": 128, "seqlen": 2048},
+    # structured (Wanda-sp) scores calibrate as Wanda does; the width search's fitness uses "depth"
+    "width": {"source": "c4", "samples": 128, "seqlen": 2048},
 }
 
 
@@ -325,7 +327,9 @@ def calibration(
 ) -> Windows:
     """Calibration windows for a loaded model; unset arguments take the defaults of `kind`'s papers."""
     if kind not in CALIBRATION_DEFAULTS:
-        raise LayerpruneError(f"unknown calibration kind '{kind}'; use depth or sparsity")
+        raise LayerpruneError(
+            f"unknown calibration kind '{kind}'; use one of {', '.join(CALIBRATION_DEFAULTS)}"
+        )
     d = CALIBRATION_DEFAULTS[kind]
     context = lm.adapter.context_length
     samples = d["samples"] if samples is None else samples

@@ -250,6 +250,60 @@ class ModelAdapter:
             stand_in = ZeroBranch(out_features=getattr(original, "out_features", None))
         set_module(self.blocks[i], self._part_path(part), stand_in)
 
+    # ---- widths (structured pruning) -----------------------------------------------------------
+    def _width_config(self, key: str | None):
+        if not self.has_parts():
+            raise LayerpruneError(
+                f"{self.spec.name} blocks have no attention / MLP split: width pruning needs one"
+            )
+        return None if key is None else getattr(self.config, key, None)
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads per block, as the config states them (blocks of a width-pruned model may differ)."""
+        return int(self._width_config(self.spec.heads_key))
+
+    @property
+    def num_kv_heads(self) -> int:
+        kv = self._width_config(self.spec.kv_heads_key)
+        return int(kv) if kv is not None else self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        d = self._width_config(self.spec.head_dim_key)
+        return int(d) if d is not None else self.config.hidden_size // self.num_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        n = self._width_config(self.spec.intermediate_key)
+        return int(n) if n is not None else self.spec.intermediate_default * self.config.hidden_size
+
+    def attn_heads(self, i: int) -> tuple[int, int]:
+        """(query heads, KV heads) of block i, read from its weights (they may differ per block)."""
+        lin = self.linears(i)
+        d = self.head_dim
+        heads = self.weight(lin[self.spec.output_roles["attn"]]).shape[1] // d
+        qkv_rows = sum(self.weight(lin[r]).shape[0] for r in ("q", "k", "v", "qkv") if r in lin)
+        return heads, (qkv_rows - heads * d) // (2 * d)
+
+    def mlp_channels(self, i: int) -> int:
+        """Intermediate channels of block i's MLP, read from its weights."""
+        self._width_config(None)
+        return self.weight(self.linears(i)[self.spec.output_roles["mlp"]]).shape[1]
+
+    def set_weight(self, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Replace a linear layer's weight, given as (out_features, in_features), and optionally its bias;
+        the layer's feature counts follow (nn.Linear: in/out_features; GPT-2 Conv1D: nx/nf)."""
+        stored = weight.T if self.spec.transposed_weights else weight
+        grad = layer.weight.requires_grad
+        layer.weight = nn.Parameter(stored.detach().contiguous(), requires_grad=grad)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().contiguous(), requires_grad=layer.bias.requires_grad)
+        out_f, in_f = weight.shape
+        for attr, value in (("out_features", out_f), ("in_features", in_f), ("nf", out_f), ("nx", in_f)):
+            if hasattr(layer, attr):
+                setattr(layer, attr, value)
+
     # ---- removal ---------------------------------------------------------------------------
     def remove_blocks(self, indices: Sequence[int]) -> None:
         """Delete blocks in place; the model then saves and reloads as a standard checkpoint."""

@@ -164,7 +164,12 @@ def load(
     source, path = resolve(name)
     dtype = dtype if dtype is not None else default_dtype(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if getattr(config, "layerprune_block_configs", None):  # width-pruned, shapes differ per block
+            from ..pruners.width import load_shrunk
+
+            model = load_shrunk(source, config, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         raise LayerpruneError(f"cannot load {name}: {str(e).splitlines()[0]}") from None

@@ -27,6 +27,20 @@ class ArchSpec:
     mlp_modules: tuple[str, ...] = ()  # the MLP's submodules when it is not one module (OPT: fc1, fc2)
     # part -> role of the projection that writes the part's output into the residual stream
     output_roles: dict[str, str] = field(default_factory=lambda: {"attn": "o", "mlp": "down"})
+    # ---- widths, for structured (width) pruning ----
+    # Rows of the fused qkv projection: "concat" = [q heads; k heads; v heads] (phi3, GPT-2 c_attn),
+    # "interleaved" = per head [q; k; v] (gpt_neox: view(..., heads, 3 * head_dim)); "separate" = no qkv.
+    # A fused gate_up projection's rows are always [gate; up] (phi3: chunk(2)).
+    qkv_layout: str = "separate"
+    heads_key: str = "num_attention_heads"  # config keys (aliases such as GPT-2's n_head resolve)
+    kv_heads_key: str | None = "num_key_value_heads"  # None: no GQA, one KV head per query head
+    head_dim_key: str | None = "head_dim"  # None: head size is hidden // heads, not a config entry
+    intermediate_key: str = "intermediate_size"
+    intermediate_default: int = 4  # config value None means this many times the hidden size (GPT-2)
+    # Attributes of the attention module that its forward reads: attr -> "heads" | "kv_heads" | "q_width".
+    attn_module_attrs: dict[str, str] = field(default_factory=dict)
+    # Config entries the attention forward reads from its own `config` (attr -> "heads" | "kv_heads").
+    attn_config_keys: dict[str, str] = field(default_factory=dict)
 
 
 _LLAMA_LINEARS = {
@@ -93,6 +107,9 @@ SPECS: tuple[ArchSpec, ...] = (
         "self_attn",
         "mlp",
         _LLAMA_NORMS,
+        qkv_layout="concat",
+        attn_module_attrs={"num_key_value_heads": "kv_heads"},
+        attn_config_keys={"num_attention_heads": "heads"},  # its forward reads config.num_attention_heads
     ),
     ArchSpec(
         "opt",
@@ -110,6 +127,10 @@ SPECS: tuple[ArchSpec, ...] = (
         "fc2",  # OPT has no MLP module: zeroing fc2's output removes the MLP branch
         {"self_attn_layer_norm": "attn", "final_layer_norm": "mlp"},
         mlp_modules=("fc1", "fc2"),
+        kv_heads_key=None,
+        head_dim_key=None,
+        intermediate_key="ffn_dim",
+        attn_module_attrs={"num_heads": "heads"},
     ),
     ArchSpec(
         "gpt2",
@@ -120,6 +141,11 @@ SPECS: tuple[ArchSpec, ...] = (
         "mlp",
         {"ln_1": "attn", "ln_2": "mlp"},
         transposed_weights=True,
+        qkv_layout="concat",
+        kv_heads_key=None,
+        head_dim_key=None,
+        intermediate_key="n_inner",
+        attn_module_attrs={"num_heads": "heads", "split_size": "q_width"},
     ),
     ArchSpec(
         "gpt_neox",
@@ -134,6 +160,9 @@ SPECS: tuple[ArchSpec, ...] = (
         "attention",
         "mlp",
         {"input_layernorm": "attn", "post_attention_layernorm": "mlp"},
+        qkv_layout="interleaved",
+        kv_heads_key=None,
+        head_dim_key=None,
     ),
     ArchSpec(
         "mamba",

@@ -6,9 +6,15 @@ import importlib
 
 DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb", "shapley")
 SPARSITY_METHODS = ("alpha", "owl")
+WIDTH_METHODS = ("wanda-sp", "magnitude-sp")
+DATA_FREE = ("alpha", "magnitude-sp")
 # The kind of plan each method's scores can feed: depth scores rank units to remove; sparsity scores
 # (per-layer heavy-tail metrics, per-block outlier ratios) feed a per-layer sparsity allocation.
-FEEDS = {**{m: "depth" for m in DEPTH_METHODS}, **{m: "sparsity" for m in SPARSITY_METHODS}}
+FEEDS = {
+    **{m: "depth" for m in DEPTH_METHODS},
+    **{m: "sparsity" for m in SPARSITY_METHODS},
+    **{m: "width" for m in WIDTH_METHODS},
+}
 
 
 def scorer(method: str):
@@ -23,7 +29,10 @@ def scorer(method: str):
         "shapley": "shapley",
         "alpha": "spectral",
         "owl": "outliers",
+        "wanda-sp": "structured:score_wanda_sp",
+        "magnitude-sp": "structured:score_magnitude_sp",
     }
     if method not in modules:
         raise LayerpruneError(f"unknown scoring method '{method}'; use one of {', '.join(modules)}")
-    return importlib.import_module(f"{__name__}.{modules[method]}").score
+    module, _, fn = modules[method].partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), fn or "score")

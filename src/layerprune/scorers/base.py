@@ -52,7 +52,9 @@ class Scores:
     def require(self, kind: str, lm=None, what: str = "scores") -> None:
         """Refuse scores that cannot feed a `kind` plan, or that were computed on another model."""
         if self.feeds != kind:
-            fix = {"depth": "--remove N or --ratio R", "sparsity": "--sparsity S"}[self.feeds]
+            fix = {"depth": "--remove N or --ratio R", "sparsity": "--sparsity S", "width": "--width B"}[
+                self.feeds
+            ]
             raise LayerpruneError(
                 f"{what} holds {self.method} scores, which feed {self.feeds} plans, not {kind} plans; "
                 f"plan with them using {fix}, or score with a {kind} method"

@@ -10,7 +10,7 @@ from ..data import Windows
 from ..errors import LayerpruneError
 from ..options import accepted
 from ..provenance import stamp
-from . import scorer
+from . import DATA_FREE, FEEDS, scorer
 from .base import Scores
 
 # Options that a method may not need; passing them to it is not an error.
@@ -41,7 +41,10 @@ def run(
     params = accepted(fn, params, f"scoring method {method}", GENERIC, flags={"ratio": "--target-ratio"})
     if method == "alpha":  # per linear layer, data-free, cached by fingerprint
         unit, params, windows = "layer", {**params, "fingerprint": lm.fingerprint}, None
-    elif windows is None:
+    elif FEEDS[method] == "width":  # per attention / MLP part, scores per group and channel inside
+        unit = "module"
+        windows = None if method in DATA_FREE else windows
+    if windows is None and method not in DATA_FREE:
         raise LayerpruneError(f"{method} scores need calibration windows (layerprune.calibration)")
     names = unit_names(lm.adapter, unit)  # an unsupported granularity fails here, before any work
     with contextlib.ExitStack() as stack:

@@ -1,0 +1,291 @@
+"""Width plans: a structured pruning rate per block, turned into KV groups and MLP channels to remove.
+
+A rate r_i is the fraction of block i's prunable parameters (its attention and MLP projections) to
+remove; the parameter-weighted mean of the rates is the target beta. In block i, round(r_i * G) of
+its G KV groups go first (never all of them), then as many MLP channels as bring the block's removed
+parameters closest to r_i of them: a block's rate is met to within one channel even when a model
+has only a few KV groups. Which groups and channels go is decided by structured scores computed
+once on the dense model (`wanda-sp` by default), so any rate vector becomes a mask with no more data.
+
+Allocations: `uniform` (every r_i = beta), `owl` and `alpha` (the sparsity allocators of OWL and
+AlphaPruning applied per block, read as structured rates), and `search` (Self-Pruner's
+evolutionary search, classic or LLM operators, fitness = calibration perplexity under the mask).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from ..errors import LayerpruneError
+
+ALLOCATIONS = ("uniform", "owl", "alpha", "search")
+
+
+@dataclass(frozen=True)
+class BlockBudget:
+    groups: int  # KV groups
+    group_params: int  # parameters one group owns (weights and biases of q, k, v, o slices)
+    channels: int  # MLP channels
+    channel_params: int
+
+    @property
+    def params(self) -> int:
+        return self.groups * self.group_params + self.channels * self.channel_params
+
+
+def budgets(adapter) -> list[BlockBudget]:
+    """Per block, how many groups and channels it has and what each owns, from the layout."""
+    from ..pruners.width import layout
+
+    out = []
+    for i in range(adapter.num_blocks):
+        sizes = []
+        for part in ("attn", "mlp"):
+            lay = layout(adapter, i, part)
+            linears = adapter.linears(i)
+            units = next(iter(lay.values()))[1].shape[0]
+            per_unit = 0
+            for role, (axis, idx) in lay.items():
+                w = adapter.weight(linears[role])
+                per_unit += idx.shape[1] * w.shape[1 - axis]
+                bias = getattr(linears[role], "bias", None)
+                if bias is not None and axis == 0:
+                    per_unit += idx.shape[1]
+            sizes += [units, per_unit]
+        out.append(BlockBudget(*sizes))
+    return out
+
+
+def counts(rates: list[float], blocks: list[BlockBudget]) -> list[tuple[int, int]]:
+    """(groups removed, channels removed) per block for the given rates."""
+    if len(rates) != len(blocks):
+        raise LayerpruneError(f"{len(rates)} rates for {len(blocks)} blocks; give one rate per block")
+    out = []
+    for r, b in zip(rates, blocks):
+        g = min(max(round(r * b.groups), 0), b.groups - 1)
+        rest = r * b.params - g * b.group_params
+        c = min(max(round(rest / b.channel_params), 0), b.channels - 1)
+        out.append((g, c))
+    return out
+
+
+def achieved(decision: list[tuple[int, int]], blocks: list[BlockBudget]) -> list[float]:
+    return [(g * b.group_params + c * b.channel_params) / b.params for (g, c), b in zip(decision, blocks)]
+
+
+def decision_key(decision: list[tuple[int, int]]) -> str:
+    """The store key of a structured mask: what is removed, block by block."""
+    return "w:" + json.dumps(decision, separators=(",", ":"))
+
+
+def masks_for(decision: list[tuple[int, int]], table: dict):
+    """Keep all but the g lowest-scoring groups and the c lowest-scoring channels of each block."""
+    from ..pruners.width import WidthMask
+
+    masks = []
+    for (g, c), gs, cs in zip(decision, table["groups"], table["channels"]):
+        keep_g = sorted(sorted(range(len(gs)), key=lambda j: (gs[j], j))[g:])
+        keep_c = sorted(sorted(range(len(cs)), key=lambda j: (cs[j], j))[c:])
+        masks.append(WidthMask(groups=keep_g, channels=keep_c))
+    return masks
+
+
+def check_target(width: float) -> None:
+    if not 0 < width < 1:
+        raise LayerpruneError(f"--width {width} must be in (0, 1): the fraction of parameters to remove")
+
+
+def allocation_rates(
+    lm, width: float, allocation: str, windows=None, *, epsilon: float = 0.2, lam: float = 0.08, progress=True
+):
+    """Per-block rates with parameter-weighted mean `width`, by a hand-made allocation rule."""
+    from ..scorers.run import run
+    from . import sparsity as sp
+
+    L = lm.adapter.num_blocks
+    if allocation == "uniform":
+        return [width] * L
+    names = [str(i) for i in range(L)]
+    numel = [b.params for b in budgets(lm.adapter)]
+    if allocation == "owl":
+        if windows is None:
+            raise LayerpruneError("OWL rates need calibration windows")
+        s = run(lm, "owl", windows, progress=progress)
+        rates = sp.owl(names, s.importance, width, lam)
+        return [rates[n] for n in names]
+    if allocation == "alpha":
+        s = run(lm, "alpha", None, progress=progress)
+        rates = sp.alpha(names, numel, s.extra["block_values"], width, epsilon)
+        return [rates[n] for n in names]
+    raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
+
+
+class Fitness:
+    """Calibration perplexity of the model under the structured mask of a rate vector, in place,
+    through an evaluation store when one is given (a killed search resumes without re-evaluating)."""
+
+    def __init__(self, lm, table: dict, windows, *, store=None, batch_size: int = 16):
+        self.lm, self.table, self.windows = lm, table, windows
+        self.blocks = budgets(lm.adapter)
+        self.store, self.batch_size = store, batch_size
+        self.evaluations = 0  # real forwards in this run
+
+    def key(self, rates: list[float]) -> str:
+        return decision_key(counts(rates, self.blocks))
+
+    def __call__(self, batch: list[list[float]]) -> list[float]:
+        return [self.one(r) for r in batch]
+
+    def one(self, rates: list[float]) -> float:
+        from ..evaluation.perplexity import perplexity_of_windows
+        from ..pruners.width import masked
+
+        decision = counts(rates, self.blocks)
+        key = decision_key(decision)
+        if self.store is not None:
+            hit = self.store.get(key)
+            if hit is not None:
+                return math.exp(hit[0] / hit[1])
+        with masked(self.lm.adapter, masks_for(decision, self.table)):
+            r = perplexity_of_windows(
+                self.lm.model, self.lm.adapter, self.windows, self.batch_size, progress=False
+            )
+        self.evaluations += 1
+        if self.store is not None:
+            self.store.put(key, r.nll, r.tokens)
+        return r.ppl
+
+
+def make_plan(
+    lm,
+    width: float,
+    allocation: str = "uniform",
+    windows=None,
+    *,
+    scores=None,
+    fitness_windows=None,
+    pruner: str = "wanda-sp",
+    store=None,
+    operators: str = "classic",
+    llm=None,
+    population: int = 30,
+    crossovers: int = 10,
+    mutations: int = 10,
+    iterations: int = 20,
+    seed: int = 0,
+    p_min: float | None = None,
+    p_max: float | None = None,
+    log: str | None = None,
+    epsilon: float = 0.2,
+    lam: float = 0.08,
+    batch_size: int = 16,
+    progress: bool = True,
+):
+    """A width plan for `width` of the blocks' prunable parameters removed.
+
+    `windows`: calibration of the structured scores (and OWL); `fitness_windows`: the search's
+    calibration (10 x 128 tokens by default, as the issue of record); `store`: an EvalStore path or
+    object for the search's fitness evaluations."""
+    from ..plans import WidthPlan
+    from ..provenance import stamp
+    from ..scorers.run import model_info, run
+
+    check_target(width)
+    if allocation not in ALLOCATIONS:
+        raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
+    if scores is None:
+        scores = run(lm, pruner, windows, progress=progress)
+    else:
+        scores.require("width", lm)
+        pruner = scores.method
+    table = {"groups": scores.extra["groups"], "channels": scores.extra["channels"]}
+    blocks = budgets(lm.adapter)
+    params: dict = {"target": width, "allocation": allocation, "pruner": pruner}
+    extra: dict = {}
+    if allocation == "search":
+        rates, extra = _search(
+            lm, width, table, blocks, windows, fitness_windows, store=store, operators=operators, llm=llm,
+            population=population, crossovers=crossovers, mutations=mutations, iterations=iterations, seed=seed,
+            p_min=p_min, p_max=p_max, log=log, epsilon=epsilon, lam=lam, batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+        params.update(operators=operators, population=population, crossovers=crossovers, mutations=mutations,
+                      iterations=iterations, seed=seed, p_min=extra["p_min"], p_max=extra["p_max"])  # fmt: skip
+    else:
+        rates = allocation_rates(lm, width, allocation, windows, epsilon=epsilon, lam=lam, progress=progress)
+        if allocation == "alpha":
+            params["epsilon"] = epsilon
+        if allocation == "owl":
+            params["owl_lambda"] = lam
+    decision = counts(rates, blocks)
+    got = achieved(decision, blocks)
+    total = sum(b.params for b in blocks)
+    params.update(
+        rates=rates,
+        achieved_rates=got,
+        achieved=sum(r * b.params for r, b in zip(got, blocks)) / total,
+        removed={"groups": [g for g, _ in decision], "channels": [c for _, c in decision]},
+    )
+    return WidthPlan(
+        model=model_info(lm),
+        method=allocation,
+        params=params,
+        attn=[g / b.groups for (g, _), b in zip(decision, blocks)],
+        mlp=[c / b.channels for (_, c), b in zip(decision, blocks)],
+        pruner=pruner,
+        scores=scores.importance,
+        calibration=scores.calibration,
+        seed=seed if allocation == "search" else (scores.calibration or {}).get("seed"),
+        provenance=stamp(),
+        extra=extra,
+    )
+
+
+def decision_of(plan, blocks: list[BlockBudget]) -> list[tuple[int, int]]:
+    """The groups and channels a width plan removes, block by block (its rates times the sizes)."""
+    return [(round(a * b.groups), round(m * b.channels)) for a, m, b in zip(plan.attn, plan.mlp, blocks)]
+
+
+def _search(lm, width, table, blocks, windows, fitness_windows, *, store, operators, llm, population,
+            crossovers, mutations, iterations, seed, p_min, p_max, log, epsilon, lam, batch_size, progress):  # fmt: skip
+    import contextlib
+    from pathlib import Path
+
+    from ..data import calibration
+    from ..engine.store import EvalStore
+    from .search import DEFAULT_P_MAX, DEFAULT_P_MIN, plot_history, search
+
+    fw = fitness_windows if fitness_windows is not None else calibration(lm, kind="depth")
+    seeds = {"uniform": [width] * len(blocks)}
+    for name in ("owl", "alpha"):
+        try:
+            seeds[name] = allocation_rates(
+                lm, width, name, windows, epsilon=epsilon, lam=lam, progress=progress
+            )
+        except LayerpruneError:
+            continue  # an allocation that is infeasible at this width does not seed the population
+    with contextlib.ExitStack() as stack:
+        if isinstance(store, (str, Path)):
+            store = stack.enter_context(EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol))
+        fitness = Fitness(lm, table, fw, store=store, batch_size=batch_size)
+        p_min = DEFAULT_P_MIN if p_min is None else p_min
+        p_max = DEFAULT_P_MAX if p_max is None else p_max
+        result = search(
+            len(blocks), width, [b.params for b in blocks], fitness, fitness.key,
+            population=population, crossovers=crossovers, mutations=mutations, iterations=iterations,
+            seed=seed, seeds=seeds, operators=operators, llm=llm, log_path=log, progress=progress,
+            p_min=p_min, p_max=p_max,
+        )  # fmt: skip
+    if log is not None:
+        plot_history(result.history, Path(log).with_suffix(".png"))
+    extra = {
+        "best_fitness": result.best_fitness,
+        "fitness_calibration": fw.protocol,
+        "evaluations_this_run": fitness.evaluations,
+        "history": result.history,
+        "operator_stats": result.stats,
+        "p_min": p_min,
+        "p_max": p_max,
+    }
+    return list(result.best_rates), extra
