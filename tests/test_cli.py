@@ -219,3 +219,37 @@ def test_iterative_depth_plan_through_the_cli(tmp_path, cli):
     plan = json.loads((tmp_path / "p.json").read_text())
     assert plan["params"]["iterative"] is True and len(plan["extra"]["iterations"]) == 2
     assert plan["remove"] == sorted({h["removed"] for h in plan["extra"]["iterations"]}, key=int)
+
+
+def test_width_search_plan_apply_and_reload(tmp_path, cli):
+    """score wanda-sp -> plan --width --allocation search (a small search with a store and a log) ->
+    apply: a physically smaller checkpoint that layerprune reloads with the same perplexity."""
+    small = ["--samples", "8", "--seqlen", "64", "--quiet", "--no-plot"]
+    r = cli("score", "fixture", "--method", "wanda-sp", "-o", tmp_path / "wsp.json", *small)
+    assert r.returncode == 0, r.stderr
+    args = ["plan", "fixture", "--width", "0.3", "--scores", tmp_path / "wsp.json", "--allocation", "search",
+            "--population", "4", "--crossovers", "2", "--mutations", "2", "--iterations", "1",
+            "--store", tmp_path / "fit.sqlite", "--log", tmp_path / "search.jsonl"]  # fmt: skip
+    r = cli(*args, "-o", tmp_path / "plan.json", *small)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["kind"] == "width" and plan["params"]["achieved"] == pytest.approx(0.3, abs=0.01)
+    lines = [json.loads(x) for x in (tmp_path / "search.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "end" and (tmp_path / "search.png").exists()
+    r = cli(*args, "-o", tmp_path / "again.json", *small)  # every candidate is in the store now
+    assert json.loads((tmp_path / "again.json").read_text())["extra"]["evaluations_this_run"] == 0
+    r = cli("apply", tmp_path / "plan.json", "-o", tmp_path / "out", "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["pruning"]["parameters_after"] < report["pruning"]["parameters_before"]
+    r = cli(
+        "eval", tmp_path / "out", "--ppl", "fixture:val", "--seqlen", "128", "--max-windows", "8", "--quiet"
+    )
+    assert r.returncode == 0, r.stderr
+    # the same plan applied in this process: the reloaded checkpoint computes the same function
+    import layerprune as lp
+
+    lm = lp.load("fixture", device="cpu", quiet=True)
+    lp.apply(lm, lp.Plan.load(tmp_path / "plan.json"), progress=False)
+    want = lp.perplexity(lm, "fixture:val", seqlen=128, max_windows=8, progress=False).ppl
+    assert f"perplexity {want:.4f}" in r.stdout, (want, r.stdout)

@@ -71,6 +71,7 @@ def files(tmp_path_factory):
         width.pop(key)
     (d / "width.json").write_text(json.dumps(width))
     (d / "width_bad_rate.json").write_text(json.dumps({**width, "mlp": [0.2] * 11 + [1.0]}))
+    (d / "width_all_groups.json").write_text(json.dumps({**width, "attn": [0.2] * 5 + [0.9] + [0.2] * 6}))
     depth_doc = json.loads((d / "depth.json").read_text())
     (d / "depth_dup.json").write_text(json.dumps({**depth_doc, "remove": ["3", "3"]}))
     (d / "depth_out_of_range.json").write_text(json.dumps({**depth_doc, "remove": ["12"]}))
@@ -304,7 +305,37 @@ CASES = [
         ["plan", "fixture", "--scores", "{d}/bi.json", "--remove", "2", "-o", "{d}/existing_out"],
         "give a file path to -o",
     ),
+    (["plan", "fixture", "--width", "1.5", "-o", "{out}"], "must be in (0, 1)"),
+    (
+        [
+            "plan",
+            "fixture",
+            "--width",
+            "0.2",
+            "--allocation",
+            "search",
+            "--p-min",
+            "0.5",
+            "--p-max",
+            "0.3",
+            "-o",
+            "{out}",
+        ],
+        "--p-min",
+    ),
+    (
+        ["plan", "fixture", "--width", "0.95", "--allocation", "search", "--p-max", "0.5", "-o", "{out}"],
+        "--p-max",
+    ),
+    (
+        ["plan", "fixture", "--width", "0.2", "--allocation", "search", "--operators", "llm", "-o", "{out}"],
+        "needs --llm-url and --llm-model",
+    ),
+    (["plan", "fixture", "--width", "0.2", "--p-max", "0.5", "-o", "{out}"], "add --allocation search"),
+    (["plan", "fixture", "--width", "0.2", "--scores", "{d}/bi.json", "-o", "{out}"], "feed depth plans"),
+    (["plan", "fixture", "--width", "0.2", "--sparsity", "0.5", "-o", "{out}"], "not both"),
     # applying
+    (["apply", "{d}/width_all_groups.json", "-o", "{out}"], "removes all 2 KV groups of block 5"),
     (["apply", "{d}/missing_plan.json", "-o", "{out}"], "make one with `layerprune plan`"),
     (["apply", "{d}/bi.json", "-o", "{out}"], "not a layerprune plan"),
     (["apply", "{d}/corrupt.json", "-o", "{out}"], "make a new one"),
@@ -322,7 +353,7 @@ CASES = [
     (["apply", "{d}/plan_other_model.json", "-o", "{out}"], "pass the model it was made for with --model"),
     (["apply", "{d}/plan_no_fingerprint.json", "-o", "{out}"], "model.fingerprint is missing"),
     (["apply", "{d}/width_bad_rate.json", "-o", "{out}"], "each must be in [0, 1)"),
-    (["apply", "{d}/width.json", "-o", "{out}"], "cannot be applied by this version"),
+    (["apply", "{d}/width.json", "-o", "{out}"], "records no calibration for wanda-sp"),
     (["apply", "{d}/depth_dup.json", "-o", "{out}"], "list each once"),
     (["apply", "{d}/depth_out_of_range.json", "-o", "{out}"], "do not exist in a model of 12 blocks"),
     (["apply", "{d}/depth.json", "--calib", "fixture:val", "-o", "{out}"], "drop --calib"),

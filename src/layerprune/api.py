@@ -119,15 +119,17 @@ def _plan_sparsity(lm, sparsity, scores, calib, progress, options) -> SparsityPl
 
 def _plan_width(lm, width, scores, calib, progress, options) -> WidthPlan:
     from .options import accepted
-    from .planners.width import make_plan
+    from .planners.width import check_request, make_plan
     from .scorers import DATA_FREE
 
+    options = accepted(make_plan, options, "a width plan", generic=("batch_size",))
+    search_keys = ("allocation", "p_min", "p_max", "operators", "llm", "log", "store")
+    check_request(width, **{k: options[k] for k in search_keys if k in options})
     if not isinstance(lm, LoadedModel):
         lm = load(lm, quiet=not progress)
-    options = accepted(make_plan, options, "a width plan", generic=("batch_size",))
     pruner = scores.method if scores is not None else options.get("pruner", "wanda-sp")
     allocation = options.get("allocation", "uniform")
-    needs_data = pruner not in DATA_FREE or allocation in ("owl", "search")
+    needs_data = (scores is None and pruner not in DATA_FREE) or allocation in ("owl", "search")
     windows = resolve_calibration(lm, calib, "width") if needs_data else None
     return make_plan(lm, width, windows=windows, scores=scores, progress=progress, **options)
 

@@ -320,6 +320,7 @@ def cmd_plan(args) -> int:
             remove=args.remove,
             ratio=args.ratio,
             sparsity=args.sparsity,
+            width=args.width,
             calib=_calib_spec(args),
             progress=not args.quiet,
             **options,
@@ -525,6 +526,7 @@ def _parser_score(sub) -> None:
 def _parser_plan(sub) -> None:
     from .planners.sparsity import ALLOCATIONS
     from .pruners.unstructured import PRUNERS
+    from .scorers import WIDTH_METHODS
 
     p = sub.add_parser("plan", help="turn scores into a plan (JSON)")
     _model(p, "the model to plan for")
@@ -556,10 +558,16 @@ def _parser_plan(sub) -> None:
         "--sparsity", type=float, default=None, help="the target, parameter-weighted mean, in [0, 1)"
     )
     g.add_argument(
-        "--allocation", default=None, choices=ALLOCATIONS, help="per-layer allocation (default uniform)"
+        "--allocation",
+        default=None,
+        choices=ALLOCATIONS + ("search",),
+        help="per-layer allocation (default uniform; search: width plans only)",
     )
     g.add_argument(
-        "--pruner", default=None, choices=PRUNERS, help="the pruner that applies it (default wanda)"
+        "--pruner",
+        default=None,
+        choices=PRUNERS + WIDTH_METHODS,
+        help="the pruner that applies it (default wanda; wanda-sp for --width)",
     )
     g.add_argument("--nm", default=None, help="N:M pattern, N zeros in every M (2:4, 4:8)")
     g.add_argument(

@@ -260,6 +260,22 @@ class WidthPlan(Plan):
                         f"{where}: {part} rate of block {i} is {r!r}; each must be in [0, 1)"
                     )
 
+    def check(self, lm, where: str = "plan") -> None:
+        super().check(lm, where)
+        from .pruners.width import units
+
+        for i, (a, m) in enumerate(zip(self.attn, self.mlp)):
+            groups, channels = units(lm.adapter, i)
+            if round(a * groups) >= groups:
+                raise LayerpruneError(
+                    f"{where}: an attention rate of {a} removes all {groups} KV groups of block {i}; keep at "
+                    f"least one (a rate below {(groups - 0.5) / groups:.3f}), or remove the block with a depth plan"
+                )
+            if round(m * channels) >= channels:
+                raise LayerpruneError(
+                    f"{where}: an MLP rate of {m} removes all {channels} channels of block {i}; lower it"
+                )
+
 
 PLAN_TYPES: dict[str, type[Plan]] = {cls.kind: cls for cls in (DepthPlan, SparsityPlan, WidthPlan)}
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+import time
 from dataclasses import dataclass
 
 from ..errors import LayerpruneError
@@ -97,6 +99,37 @@ def check_target(width: float) -> None:
         raise LayerpruneError(f"--width {width} must be in (0, 1): the fraction of parameters to remove")
 
 
+def check_request(
+    width,
+    allocation="uniform",
+    *,
+    p_min=None,
+    p_max=None,
+    operators="classic",
+    llm=None,
+    log=None,
+    store=None,
+):
+    """What can be refused before any data is read: the target, the allocation, the search bounds."""
+    check_target(width)
+    if allocation not in ALLOCATIONS:
+        raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
+    if allocation == "search":
+        from .search import DEFAULT_P_MAX, DEFAULT_P_MIN, check_bounds
+
+        check_bounds(
+            width, DEFAULT_P_MIN if p_min is None else p_min, DEFAULT_P_MAX if p_max is None else p_max
+        )
+        if operators == "llm" and llm is None:
+            raise LayerpruneError(
+                "--operators llm needs --llm-url and --llm-model (or use --operators classic)"
+            )
+    elif any(v is not None for v in (p_min, p_max, log, store)) or operators != "classic" or llm is not None:
+        raise LayerpruneError(
+            "--p-min, --p-max, --store, --log and the operators shape a search; add --allocation search"
+        )
+
+
 def allocation_rates(
     lm, width: float, allocation: str, windows=None, *, epsilon: float = 0.2, lam: float = 0.08, progress=True
 ):
@@ -131,6 +164,7 @@ class Fitness:
         self.blocks = budgets(lm.adapter)
         self.store, self.batch_size = store, batch_size
         self.evaluations = 0  # real forwards in this run
+        self.forward_seconds: list[float] = []  # each real evaluation's masked forward, for overhead figures
 
     def key(self, rates: list[float]) -> str:
         return decision_key(counts(rates, self.blocks))
@@ -192,9 +226,9 @@ def make_plan(
     from ..provenance import stamp
     from ..scorers.run import model_info, run
 
-    check_target(width)
-    if allocation not in ALLOCATIONS:
-        raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
+    check_request(
+        width, allocation, p_min=p_min, p_max=p_max, operators=operators, llm=llm, log=log, store=store
+    )
     if scores is None:
         scores = run(lm, pruner, windows, progress=progress)
     else:
@@ -271,18 +305,25 @@ def _search(lm, width, table, blocks, windows, fitness_windows, *, store, operat
         fitness = Fitness(lm, table, fw, store=store, batch_size=batch_size)
         p_min = DEFAULT_P_MIN if p_min is None else p_min
         p_max = DEFAULT_P_MAX if p_max is None else p_max
+        t0 = time.perf_counter()
         result = search(
             len(blocks), width, [b.params for b in blocks], fitness, fitness.key,
             population=population, crossovers=crossovers, mutations=mutations, iterations=iterations,
             seed=seed, seeds=seeds, operators=operators, llm=llm, log_path=log, progress=progress,
             p_min=p_min, p_max=p_max,
         )  # fmt: skip
+        seconds = time.perf_counter() - t0
     if log is not None:
         plot_history(result.history, Path(log).with_suffix(".png"))
     extra = {
         "best_fitness": result.best_fitness,
         "fitness_calibration": fw.protocol,
         "evaluations_this_run": fitness.evaluations,
+        "search_seconds": seconds,
+        "forward_seconds_total": sum(fitness.forward_seconds),
+        "forward_seconds_median": statistics.median(fitness.forward_seconds)
+        if fitness.forward_seconds
+        else None,
         "history": result.history,
         "operator_stats": result.stats,
         "p_min": p_min,
