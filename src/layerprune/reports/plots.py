@@ -5,14 +5,36 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def importance_chart(scores, path: str | Path, removed: list[str] | None = None) -> Path | None:
-    """Bar chart of per-unit importance; removed units (a plan) in another colour."""
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (no display needed), or None where it is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def importance_chart(scores, path: str | Path, removed: list[str] | None = None) -> Path | None:
+    """Bar chart of per-unit importance; removed units (a plan) in another colour."""
+    plt = pyplot()
+    if plt is None:
         return None
     path = Path(path)
     values = [float("nan") if v is None else v for v in scores.importance]
@@ -35,23 +57,13 @@ def importance_chart(scores, path: str | Path, removed: list[str] | None = None)
             scores.extra["calibration_ppl"], color="grey", ls="--", lw=1, label="calibration ppl, all units"
         )
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def allocation_chart(plan, path: str | Path) -> Path | None:
     """Per-block mean target sparsity of a sparsity plan, with the target as a line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     path = Path(path)
     layers = plan.layers
@@ -68,13 +80,7 @@ def allocation_chart(plan, path: str | Path) -> Path | None:
     ax.set_ylim(0, 1)
     ax.set_title(f"{plan.model['name']}: {plan.method} allocation for {plan.pruner}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def plan_chart(plan, path: str | Path) -> Path | None:

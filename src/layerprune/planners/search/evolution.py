@@ -569,12 +569,10 @@ def search(
 
 def plot_history(history: Sequence[Mapping], path: str | Path) -> Path | None:
     """PNG of the best and median fitness per generation; None when matplotlib is missing."""
-    try:
-        import matplotlib
+    from ...reports.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     path = Path(path)
     gens = [h["generation"] for h in history]
@@ -588,10 +586,4 @@ def plot_history(history: Sequence[Mapping], path: str | Path) -> Path | None:
     ax.set_ylabel("fitness (calibration perplexity, lower is better)")
     ax.set_title("evolutionary search of per-block pruning rates", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
