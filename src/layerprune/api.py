@@ -90,7 +90,7 @@ def plan(
         return _plan_width(lm, width, scores, calib, progress, options)
     if scores is None:
         raise LayerpruneError(
-            "pass --scores scores.json for a depth plan, or --sparsity S for a sparsity plan"
+            "pass --scores scores.json for a depth plan, --sparsity S for a sparsity plan or --width B for a width plan"
         )
     from .options import accepted
     from .planners.depth import plan_depth

@@ -182,10 +182,13 @@ class Fitness:
             hit = self.store.get(key)
             if hit is not None:
                 return math.exp(hit[0] / hit[1])
-        with masked(self.lm.adapter, masks_for(decision, self.table)):
+        masks = masks_for(decision, self.table)
+        t0 = time.perf_counter()
+        with masked(self.lm.adapter, masks):
             r = perplexity_of_windows(
                 self.lm.model, self.lm.adapter, self.windows, self.batch_size, progress=False
             )
+        self.forward_seconds.append(time.perf_counter() - t0)
         self.evaluations += 1
         if self.store is not None:
             self.store.put(key, r.nll, r.tokens)
