@@ -31,7 +31,7 @@ from _results import write
 
 import layerprune as lp
 from layerprune.evaluation.perplexity import perplexity_of_windows
-from layerprune.planners.width import Fitness, budgets, counts, masks_for
+from layerprune.planners.width import Fitness, budgets, counts, decision_of, masks_for
 from layerprune.pruners.width import masked
 
 HERE = Path(__file__).resolve().parent
@@ -94,7 +94,7 @@ def main(argv=None):
     test = lp.eval_windows(lm.tokenizer, lp.load_text("fixture:test"), 128, "first", args.heldout_windows)
     t0 = time.perf_counter()
     scores = lp.score(lm, "wanda-sp", calib, progress=False)
-    table = {"groups": scores.extra["groups"], "channels": scores.extra["channels"]}
+    table = scores.extra  # groups and channels per block
     doc: dict = {
         "benchmark": "width pruning on fixture",
         "scores_seconds": time.perf_counter() - t0,
@@ -112,9 +112,7 @@ def main(argv=None):
             fit = Fitness(lm, table, fitness_windows).one(plan.params["rates"])
             with masked(
                 lm.adapter,
-                masks_for(
-                    list(zip(plan.params["removed"]["groups"], plan.params["removed"]["channels"])), table
-                ),
+                masks_for(decision_of(plan, budgets(lm.adapter)), table),
             ):
                 ppl = heldout(lm, test)
             quality.append({"width": width, "allocation": allocation, "seed": None, "calibration_ppl": fit,
@@ -124,7 +122,7 @@ def main(argv=None):
             plan = lp.plan(lm, scores, width=width, allocation="search", calib=calib, seed=seed,
                            iterations=args.iterations, progress=False)  # fmt: skip
             seconds = plan.extra["search_seconds"]  # the search alone: seeding with OWL/alpha rates excluded
-            decision = list(zip(plan.params["removed"]["groups"], plan.params["removed"]["channels"]))
+            decision = decision_of(plan, budgets(lm.adapter))
             with masked(lm.adapter, masks_for(decision, table)):
                 ppl = heldout(lm, test)
             evals = plan.extra["evaluations_this_run"]

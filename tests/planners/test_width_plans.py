@@ -125,8 +125,8 @@ def test_apply_equals_the_masked_model_and_the_plan_mean_is_the_target(tmp_path)
     plan = lp.plan(lm, scores, width=0.3, allocation="uniform")
     assert plan.params["achieved"] == pytest.approx(0.3, abs=0.02)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
-    table = {"groups": scores.extra["groups"], "channels": scores.extra["channels"]}
     decision = list(zip(plan.params["removed"]["groups"], plan.params["removed"]["channels"]))
+    table = scores.extra
     with torch.no_grad(), masked(lm.adapter, masks_for(decision, table)):
         want = lm.model(ids).logits
     plan.save(tmp_path / "plan.json")

@@ -44,9 +44,9 @@ def budgets(adapter) -> list[BlockBudget]:
     out = []
     for i in range(adapter.num_blocks):
         sizes = []
+        linears = adapter.linears(i)
         for part in ("attn", "mlp"):
             lay = layout(adapter, i, part)
-            linears = adapter.linears(i)
             units = next(iter(lay.values()))[1].shape[0]
             per_unit = 0
             for role, (axis, idx) in lay.items():
@@ -83,7 +83,9 @@ def decision_key(decision: list[tuple[int, int]]) -> str:
 
 
 def masks_for(decision: list[tuple[int, int]], table: dict):
-    """Keep all but the g lowest-scoring groups and the c lowest-scoring channels of each block."""
+    """Keep all but the g lowest-scoring groups and the c lowest-scoring channels of each block.
+
+    `table`: {"groups": [...], "channels": [...]} per block, e.g. the `extra` of structured scores."""
     from ..pruners.width import WidthMask
 
     masks = []
@@ -237,7 +239,7 @@ def make_plan(
     else:
         scores.require("width", lm)
         pruner = scores.method
-    table = {"groups": scores.extra["groups"], "channels": scores.extra["channels"]}
+    table = scores.extra
     blocks = budgets(lm.adapter)
     params: dict = {"target": width, "allocation": allocation, "pruner": pruner}
     extra: dict = {}

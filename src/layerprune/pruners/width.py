@@ -401,9 +401,7 @@ def apply_plan(lm, plan, windows, *, batch_size: int = 8, progress: bool = True)
     before = sum(p.numel() for p in lm.model.parameters())
     scores = run(lm, plan.pruner, windows, batch_size=batch_size, progress=progress)
     decision = decision_of(plan, budgets(lm.adapter))
-    blocks = shrink(
-        lm, masks_for(decision, {"groups": scores.extra["groups"], "channels": scores.extra["channels"]})
-    )
+    blocks = shrink(lm, masks_for(decision, scores.extra))
     after = sum(p.numel() for p in lm.model.parameters())
     return {
         "pruner": plan.pruner,
