@@ -33,14 +33,33 @@ def test_source_errors(tmp_path):
         load_text("wikitext2")
     with pytest.raises(LayerpruneError, match="not a file, a folder"):
         load_text("no-such-source")
-    with pytest.raises(LayerpruneError, match="splits val and test"):
-        load_text("fixture:train")
+    with pytest.raises(LayerpruneError, match="splits train, val and test"):
+        load_text("fixture:dev")
 
 
 def test_fixture_splits_are_held_out():
     val, test = load_text("fixture:val"), load_text("fixture:test")
     assert len(val.text) > 100_000 and len(test.text) > 100_000
     assert val.text[:2000] not in test.text
+
+
+def test_fixture_train_slice_shares_no_document_with_held_out_text():
+    import hashlib
+    import json
+    import re
+
+    from layerprune.models.loading import FIXTURE_DIR
+
+    train = load_text("fixture:train")
+    manifest = json.loads((FIXTURE_DIR / "data" / "manifest.json").read_text())["files"]
+    assert hashlib.sha256(train.text.encode()).hexdigest() == manifest["train_sample.txt"]["sha256"]
+    documents = train.text.split("\n\n")
+    held_out = load_text("fixture:val").text + load_text("fixture:test").text
+    # a KJV chapter is one paragraph headed "Book N" (Python docs repeat boilerplate paragraphs)
+    heading = re.compile(r"^(\d )?[A-Z][a-z]+( [A-Za-z]+)* \d+$")
+    paragraphs = [d for d in documents if heading.match(d.split("\n", 1)[0])]
+    assert len(paragraphs) > 30
+    assert not [d for d in paragraphs if d in held_out]
 
 
 def test_eval_windows_bos_policies(tok):

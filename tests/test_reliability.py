@@ -92,7 +92,7 @@ CASES = [
     (["eval", "fixture", "--ppl", "fixture:test", "--seqlen", "0"], "must be at least 1"),
     (["eval", "fixture", "--ppl", "fixture:test", "--batch-size", "-3"], "must be at least 1"),
     (["eval", "fixture", "--ppl", "wikitext2"], "needs a network"),
-    (["eval", "fixture", "--ppl", "fixture:train"], "use fixture:val or fixture:test"),
+    (["eval", "fixture", "--ppl", "fixture:dev"], "use fixture:train, fixture:val or fixture:test"),
     (["eval", "fixture", "--ppl", "{d}/missing.txt"], "is not a file, a folder"),
     (["eval", "fixture", "--ppl", "{d}/short.txt", "--seqlen", "128"], "a smaller --seqlen"),
     (["eval", "fixture", "--ppl", "fixture:test", "--mask", "101"], "give one 0/1 per unit"),

@@ -1,7 +1,8 @@
 """Calibration and evaluation text, cut into token windows with a recorded protocol.
 
 A source is one of:
-- `fixture:val`, `fixture:test` — the bundled model's held-out text;
+- `fixture:val`, `fixture:test` — the bundled model's held-out text; `fixture:train` — a 5% slice of its
+  training split (for recovery; never evaluate on it);
 - a local `.txt` file (one document), `.jsonl` file (one document per line: {"text": ...} or a
   string), or a folder of those (sorted, recursively);
 - a named dataset, `wikitext2`, `ptb`, `c4`, `bookcorpus`, with an optional `:train|val|test`
@@ -82,9 +83,9 @@ def load_text(source: str, default_split: str = "test") -> Text:
     """Read a text source (see module docstring). `default_split` applies to named datasets."""
     if source.startswith("fixture:") or source == "fixture":
         split = source.partition(":")[2] or default_split
-        if split not in ("val", "test"):
+        if split not in ("train", "val", "test"):
             raise LayerpruneError(
-                f"fixture has splits val and test, not '{split}'; use fixture:val or fixture:test"
+                f"fixture has splits train, val and test, not '{split}'; use fixture:train, fixture:val or fixture:test"
             )
         path = FIXTURE_DIR / "data" / f"{split}.txt"
         if not path.exists():
