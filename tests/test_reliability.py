@@ -40,6 +40,12 @@ def files(tmp_path_factory):
     (d / "alpha_for_owl.json").write_text(json.dumps({**doc, "method": "alpha", "feeds": "sparsity"}))
     (d / "corrupt.json").write_text("{not json")
     (d / "short.txt").write_text(SHORT_TEXT)
+    (d / "alpaca_bad.jsonl").write_text(
+        json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."})
+        + "\n"
+        + json.dumps({"instruction": "Say bye.", "input": ""})
+        + "\n"
+    )
     (d / "not_a_model").mkdir()
     (d / "a_file").write_text("x")
     (d / "not_a_store.sqlite").write_text("this is not a database")
@@ -360,6 +366,27 @@ CASES = [
     (["apply", "{d}/depth.json", "-o", "{d}/existing_out"], "pass --overwrite"),
     (["apply", "{d}/depth.json", "-o", str(FIXTURE_DIR / "pruned")], "write it somewhere else"),
     (["apply", "{d}/sparse.json", "--model", "{d}/not_a_model", "-o", "{out}"], "no config.json"),
+    (
+        ["recover", "fixture", "--data", "{d}/short.txt", "--seqlen", "128", "-o", "{out}"],
+        "fewer than one window of 128",
+    ),
+    (
+        ["recover", "fixture", "--data", "{d}/alpaca_bad.jsonl", "-o", "{out}"],
+        "alpaca_bad.jsonl:2 has no output",
+    ),
+    (["recover", "fixture", "--data", "fixture:train", "-o", str(FIXTURE_DIR / "lora")], "somewhere else"),
+    (["recover", "fixture", "--data", "fixture:train", "-o", "{d}/existing_out"], "pass --overwrite"),
+    (
+        ["recover", "fixture", "--data", "fixture:train", "--lr", "3", "-o", "{out}"],
+        "--lr 3.0 must be in (0, 1)",
+    ),
+    (
+        ["recover", "fixture", "--data", "fixture:train", "--epochs", "0", "-o", "{out}"],
+        "--epochs must be positive",
+    ),
+    (["recover", "fixture", "--data", "fixture:train", "--seqlen", "512", "-o", "{out}"], "use --seqlen 256"),
+    (["recover", "fixture", "--data", "fixture:dev", "-o", "{out}"], "use fixture:train"),
+    (["recover", "{d}/not_a_model", "--data", "fixture:train", "-o", "{out}"], "no config.json"),
 ]
 
 

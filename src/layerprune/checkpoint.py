@@ -8,6 +8,7 @@ protocol and results) and a short model card naming the base model.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json, check_output_outside
@@ -15,28 +16,65 @@ from .plans import Plan
 from .provenance import stamp
 
 
-def export(lm, out: str | Path, plan: Plan, report: dict | None = None, overwrite: bool = False) -> Path:
-    """Write the (pruned) model, its tokenizer, the plan, report.json and a model card to `out`."""
+def export(
+    lm,
+    out: str | Path,
+    plan: Plan | None,
+    report: dict | None = None,
+    overwrite: bool = False,
+    extras: Callable[[Path], object] | None = None,
+) -> Path:
+    """Write the (pruned) model, its tokenizer, the plan, report.json and a model card to `out`.
+    `plan` None: a model no plan of ours made (e.g. a dense model after recovery). `extras(folder)`
+    writes more files (charts, logs) into the folder before it appears."""
     report = report or {}
     out = Path(out)
     check_output_outside(out, lm.path)
     model = lm.model
     dtype = lm.source_dtype or next(model.parameters()).dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+        converted: dict = {}  # tied weights (embedding = lm_head) stay one tensor, stored once
+        state = {}
+        for k, v in model.state_dict().items():
+            key = (v.data_ptr(), tuple(v.shape))
+            if key not in converted:
+                converted[key] = v.detach().to(dtype)
+            state[k] = converted[key]
         model.config.dtype = dtype
         model.save_pretrained(tmp, state_dict=state)
         lm.tokenizer.save_pretrained(tmp)
-        plan.save(tmp / "plan.json")
-        full = {"base_model": plan.model, "plan": plan.to_dict(), **report, **stamp()}
+        if plan is not None:
+            plan.save(tmp / "plan.json")
+        base = plan.model if plan is not None else {"name": lm.name, "fingerprint": lm.fingerprint}
+        full = {"base_model": base, "plan": plan.to_dict() if plan else None, **report, **stamp()}
         atomic_write_json(tmp / "report.json", full)
         (tmp / "README.md").write_text(model_card(plan, full), encoding="utf-8")
+        if extras is not None:
+            extras(tmp)
     return out
 
 
-def model_card(plan: Plan, report: dict) -> str:
-    base = plan.model["name"]
+def read_record(model_dir: str | Path | None) -> tuple[Plan | None, dict]:
+    """The plan and report.json that layerprune wrote next to a model (None and {} where absent)."""
+    if model_dir is None:
+        return None, {}
+    model_dir = Path(model_dir)
+    plan = Plan.load(model_dir / "plan.json") if (model_dir / "plan.json").is_file() else None
+    report = {}
+    if (model_dir / "report.json").is_file():
+        from .io import read_json
+
+        report = read_json(model_dir / "report.json", "report", "layerprune apply")
+    return plan, report
+
+
+def model_card(plan: Plan | None, report: dict) -> str:
+    base = report["base_model"]["name"]
     counts = report.get("pruning", {})
+    what = f"pruned with layerprune ({plan.kind}, {plan.method})" if plan else "processed with layerprune"
+    recovery = report.get("recovery")
+    if recovery:
+        what += f", recovered by {'LoRA' if recovery['method'] == 'lora' else 'continued pretraining'}"
     lines = [
         "---",
         f"base_model: {base}" if "/" in base else f"# base model: {base}",
@@ -44,14 +82,16 @@ def model_card(plan: Plan, report: dict) -> str:
         "tags: [layerprune, pruned]",
         "---",
         "",
-        f"# {Path(base).name} pruned with layerprune ({plan.kind}, {plan.method})",
+        f"# {Path(base).name} {what}",
         "",
-        f"- Base model: `{base}` (fingerprint `{plan.model['fingerprint']}`, {plan.model['num_blocks']} blocks)",
-        f"- Method: {plan.method}; parameters: `{json.dumps(plan.params, default=str)}`",
+        f"- Base model: `{base}` (fingerprint `{report['base_model']['fingerprint']}`"
+        + (f", {plan.model['num_blocks']} blocks)" if plan else ")"),
     ]
-    if plan.kind == "depth":
+    if plan is not None:
+        lines.append(f"- Method: {plan.method}; parameters: `{json.dumps(plan.params, default=str)}`")
+    if plan is not None and plan.kind == "depth":
         lines.append(f"- Removed ({plan.unit} units): {', '.join(plan.remove)}")
-    if plan.kind == "sparsity":
+    if plan is not None and plan.kind == "sparsity":
         lines.append(
             f"- Pruner: {plan.pruner}{f' {plan.nm[0]}:{plan.nm[1]}' if plan.nm else ''}; zeros are stored densely "
             "(no memory saving or speed-up without sparse kernels)"
@@ -60,7 +100,13 @@ def model_card(plan: Plan, report: dict) -> str:
         lines.append(
             f"- Parameters: {counts.get('parameters_before', 0):,} -> {counts.get('parameters_after', 0):,}"
         )
-    if plan.calibration:
+    if recovery:
+        d = recovery["data"]
+        lines.append(
+            f"- Recovery: {recovery['method']}, {recovery['steps']} steps, {recovery['tokens']:,} tokens of "
+            f"{d.get('dataset')} ({d.get('format')}, seqlen {d.get('seqlen')}), merged into the weights"
+        )
+    if plan is not None and plan.calibration:
         c = plan.calibration
         lines.append(
             f"- Calibration: {c.get('dataset')} ({c.get('samples')} x {c.get('seqlen')} tokens, seed {c.get('seed')}, "

@@ -108,3 +108,23 @@ def plan_chart(plan, path: str | Path) -> Path | None:
         seconds=0.0,
     )
     return importance_chart(scores, path, removed=plan.remove)
+
+
+def loss_chart(history: dict, path: str | Path, title: str = "recovery") -> Path | None:
+    """Training loss per optimizer step (and its running mean), against tokens seen."""
+    plt = pyplot()
+    if plt is None or not history.get("loss"):
+        return None
+    loss = history["loss"]
+    k = max(1, len(loss) // 20)
+    smooth = [
+        sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))
+    ]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(history["step"], loss, color="#1f77b4", alpha=0.35, lw=1, label="loss per step")
+    ax.plot(history["step"], smooth, color="#1f77b4", lw=2, label=f"mean of {k} steps")
+    ax.set_xlabel(f"step ({history['tokens'][-1]:,} tokens in all)")
+    ax.set_ylabel("training loss (nats / token)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,320 @@
+"""Recover a pruned model: LoRA (peft) merged back into the weights, or continued pretraining of
+every weight (`method="full"`, Shortened LLaMA's CPT), on the same data interface.
+
+Defaults are Shortened LLaMA's LoRA recipe: rank 8, alpha 16, dropout 0.05 on every q, k, v, o, gate,
+up, down projection, AdamW at lr 1e-4, linear decay after a warm-up (100 steps, at most 10% of the
+run), gradient norm clipped at 1.
+
+- Deterministic for a seed: example order is a seeded permutation per epoch, and a step's
+  micro-batches are a function of its index alone.
+- Checkpoints every `save_every` steps (trainable weights in safetensors, optimizer and scheduler
+  state, RNG state, the loss curve) written atomically; a rerun with the same options resumes from the
+  last one and ends with the same weights as an uninterrupted run.
+- Sparse models keep their zeros: LoRA deltas are merged and the masks re-applied; in full training
+  the masks are re-applied after every step. Width-pruned models keep their per-block shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LayerpruneError
+from ..io import atomic_dir, atomic_write_json
+from .data import TrainingData
+
+SPARSE_MODEL = 0.01  # block linears with at least this fraction of exact zeros are a sparse model
+
+
+@dataclass
+class RecoveryConfig:
+    method: str = "lora"  # lora | full
+    steps: int | None = None  # optimizer steps; default: `epochs` passes over the data
+    epochs: float = 2.0
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup: int = 100  # steps, capped at 10% of the run
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    seed: int = 0
+    save_every: int = 100
+
+    def check(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise LayerpruneError(f"recovery method '{self.method}' is unknown; use lora or full")
+        for name in ("batch_size", "grad_accum", "rank", "save_every"):
+            if getattr(self, name) < 1:
+                raise LayerpruneError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps is not None and self.steps < 0:
+            raise LayerpruneError("--steps must be at least 0")
+        if self.epochs <= 0 and self.steps is None:
+            raise LayerpruneError("--epochs must be positive")
+        if not 0 < self.lr < 1:
+            raise LayerpruneError(f"--lr {self.lr} must be in (0, 1)")
+
+    def total_steps(self, examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_epoch = math.ceil(examples / (self.batch_size * self.grad_accum))
+        return max(1, math.ceil(per_epoch * self.epochs))
+
+
+def lora_targets(lm) -> list[str]:
+    """Full names of every linear layer of every block (q, k, v, o, gate, up, down or their fused
+    forms), skipping parts that a depth plan replaced by no-ops."""
+    wanted = set()
+    for i in range(lm.adapter.num_blocks):
+        for path in lm.adapter.spec.linears.values():
+            try:
+                wanted.add(id(_get(lm.adapter.blocks[i], path)))
+            except AttributeError:
+                continue  # a silenced part
+    return [name for name, m in lm.model.named_modules() if id(m) in wanted]
+
+
+def _get(root, path):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def zero_masks(lm) -> dict[str, torch.Tensor]:
+    """Where the block linears hold exact zeros, if the model is sparse (else empty: nothing to keep)."""
+    targets = set(lora_targets(lm))
+    masks, zeros, total = {}, 0, 0
+    for name, module in lm.model.named_modules():
+        if name in targets:
+            w = module.weight
+            masks[name] = w == 0
+            zeros += int(masks[name].sum())
+            total += w.numel()
+    return masks if total and zeros / total >= SPARSE_MODEL else {}
+
+
+def _apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
+    if not masks:
+        return
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            modules[name].weight.masked_fill_(mask, 0)
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def _order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _micro_batches(step: int, cfg: RecoveryConfig, n: int) -> list[list[int]]:
+    """The example indices of the micro-batches of optimizer step `step` (epochs wrap around)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    start = step * per_step
+    indices, orders = [], {}
+    for k in range(start, start + per_step):
+        epoch, pos = divmod(k, n)
+        if epoch not in orders:
+            orders[epoch] = _order(n, cfg.seed, epoch)
+        indices.append(int(orders[epoch][pos]))
+    return [indices[j : j + cfg.batch_size] for j in range(0, per_step, cfg.batch_size)]
+
+
+def run_key(lm, data: TrainingData, cfg: RecoveryConfig) -> str:
+    """What a checkpoint must match to be resumed: the model, the data and every option but save_every."""
+    options = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
+    doc = {"model": lm.fingerprint, "data": data.protocol, "options": options}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recover(
+    lm,
+    data: TrainingData,
+    cfg: RecoveryConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train `lm` in place on `data` and merge; return the record (loss curve, tokens, seconds).
+
+    `stop_after` ends the run after that many steps without merging (for tests of resumption)."""
+    cfg = cfg or RecoveryConfig()
+    cfg.check()
+    if len(data) == 0:
+        raise LayerpruneError("the training data has no examples")
+    total = cfg.total_steps(len(data))
+    warmup = min(cfg.warmup, total // 10)
+    key = run_key(lm, data, cfg)
+    masks = zero_masks(lm)
+    device = lm.device
+    torch.manual_seed(cfg.seed)
+
+    model, trainable = _prepare(lm, cfg)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    history: dict[str, list] = {"step": [], "loss": [], "lr": [], "tokens": []}
+    start, tokens_seen, seconds = 0, 0, 0.0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and (ckpt / "state.json").exists():
+        start, tokens_seen, seconds, history = _resume(ckpt, key, trainable, optimizer, scheduler)
+
+    pad = lm.tokenizer.pad_token_id
+    pad = pad if pad is not None else (lm.tokenizer.eos_token_id or 0)
+    model.train()
+    bar = tqdm(total=total, initial=start, desc=f"recover ({cfg.method})", unit="step", disable=not progress)
+    t_run = time.perf_counter()
+    step = start
+    try:
+        while step < total and (stop_after is None or step < stop_after):
+            t0 = time.perf_counter()
+            loss_sum, step_tokens = 0.0, 0
+            for idx in _micro_batches(step, cfg, len(data)):
+                batch = {k: v.to(device) for k, v in data.batch(idx, pad).items()}
+                out = model(**batch, use_cache=False)
+                (out.loss / cfg.grad_accum).backward()
+                loss_sum += float(out.loss.detach()) / cfg.grad_accum
+                step_tokens += int(batch["attention_mask"].sum())
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm)
+            history["lr"].append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.method == "full":
+                _apply_masks(model, masks)
+            step += 1
+            tokens_seen += step_tokens
+            seconds += time.perf_counter() - t0
+            history["step"].append(step)
+            history["loss"].append(loss_sum)
+            history["tokens"].append(tokens_seen)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(seconds, 1e-9):,.0f}")
+            if ckpt is not None and (step % cfg.save_every == 0) and step < total:
+                _save(ckpt, key, step, tokens_seen, seconds, history, trainable, optimizer, scheduler)
+    finally:
+        bar.close()
+    model.eval()
+    if step < total:  # stopped early on request: leave the model as it is (tests of resumption)
+        return {"steps": step, "total_steps": total, "history": history}
+    _finish(lm, model, cfg, masks)
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return {
+        "method": cfg.method,
+        "options": asdict(cfg),
+        "data": data.protocol,
+        "steps": total,
+        "warmup_steps": warmup,
+        "resumed_from_step": start or None,
+        "tokens": tokens_seen,
+        "seconds": seconds,
+        "seconds_this_run": time.perf_counter() - t_run,
+        "trainable_parameters": sum(p.numel() for _, p in trainable),
+        "sparsity_kept": bool(masks),
+        "history": history,
+    }
+
+
+def _prepare(lm, cfg: RecoveryConfig):
+    """The model to train and its (name, parameter) trainable list."""
+    if cfg.method == "full":
+        for p in lm.model.parameters():
+            p.requires_grad_(True)
+        return lm.model, list(lm.model.named_parameters())
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise LayerpruneError("LoRA needs peft: pip install 'layerprune[recover]'") from None
+    targets = lora_targets(lm)
+    if not targets:
+        raise LayerpruneError("the model has no linear layer to put LoRA on; use --full")
+    conv1d = lm.adapter.spec.transposed_weights  # GPT-2's Conv1D stores (in, out)
+    config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        fan_in_fan_out=bool(conv1d),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(lm.model, config)
+    return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _finish(lm, model, cfg: RecoveryConfig, masks) -> None:
+    """Merge LoRA into the weights, put the zeros of a sparse model back, freeze everything."""
+    from ..models.adapter import ModelAdapter, Unit
+
+    if cfg.method == "lora":
+        merged = model.merge_and_unload()
+        lm.model = merged
+        removed = getattr(merged.config, "layerprune_removed_parts", None)
+        lm.adapter = ModelAdapter(merged)
+        if removed:
+            lm.adapter.silence_parts([Unit.parse(u) for u in removed])
+    _apply_masks(lm.model, masks)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    lm.model.eval()
+    lm.modified()
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def _save(ckpt: Path, key, step, tokens, seconds, history, trainable, optimizer, scheduler) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(ckpt, overwrite=True) as tmp:
+        save_file(
+            {n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / "trainable.safetensors")
+        )
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
+        )
+        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        atomic_write_json(
+            tmp / "state.json",
+            {"key": key, "step": step, "tokens": tokens, "seconds": seconds, "history": history},
+        )
+
+
+def _resume(ckpt: Path, key, trainable, optimizer, scheduler):
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("key") != key:
+        raise LayerpruneError(
+            f"{ckpt} holds a checkpoint of another recovery run (other model, data or options); "
+            "rerun with the same options to resume, or delete that folder to start over"
+        )
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, p in trainable:
+            p.copy_(weights[name])
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["cpu"])
+    return state["step"], state["tokens"], state["seconds"], state["history"]
