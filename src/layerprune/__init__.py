@@ -6,6 +6,7 @@
     scores = lp.score(lm, "ppl", calib)                # importance of each block
     plan = lp.plan(lm, scores, remove=3)               # a DepthPlan; lp.plan(lm, sparsity=0.7, ...) too
     lp.apply(lm, plan)                                 # checked against the model, pruned in place
+    lp.recover(lm, "fixture:train", steps=200)         # LoRA (peft), merged back; method="full": CPT
     lp.export(lm, "pruned/", plan)                     # a standard checkpoint, written atomically
     lp.perplexity(lm, "fixture:test", seqlen=128).ppl
 
@@ -22,8 +23,10 @@ _LAZY = {
     "score": "layerprune.api",
     "plan": "layerprune.api",
     "apply": "layerprune.api",
+    "recover": "layerprune.recovery",
     "export": "layerprune.checkpoint",
     "perplexity": "layerprune.evaluation.perplexity",
+    "report": "layerprune.reports.compare",
     # the types a user keeps or passes
     "Scores": "layerprune.scorers.base",
     "Plan": "layerprune.plans",

@@ -408,6 +408,88 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .reports.compare import report
+
+    out = report(args.runs, args.output, overwrite=args.overwrite, title=args.title)
+    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+# ---- recover ----------------------------------------------------------------------------------
+RECOVER_OPTIONS = (
+    "steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "rank", "alpha", "dropout", "seed",
+    "save_every",
+)  # fmt: skip
+
+
+def cmd_recover(args) -> int:
+    import layerprune as lp
+
+    from .checkpoint import read_record
+    from .io import atomic_write_json
+    from .recovery import RecoveryConfig, load_training_data
+    from .reports.plots import loss_chart
+
+    _check_output(args, args.model, file=False)
+    if args.output.exists() and not args.overwrite:
+        raise LayerpruneError(
+            f"output folder {args.output} already exists; choose another -o or pass --overwrite"
+        )
+    RecoveryConfig(**_options(args, RECOVER_OPTIONS)).check()  # bad options fail before loading
+    lm = _load(args)
+    data = load_training_data(lm, args.data, args.seqlen)  # bad data fails before any work
+    plan, record = read_record(lm.path)
+    fixture_data = args.data.startswith("fixture")
+    sources = args.eval if args.eval is not None else (["fixture:test"] if fixture_data else [])
+
+    def evaluate(when: str) -> list[dict]:
+        results = []
+        for source in sources:
+            r = lp.perplexity(
+                lm, source, seqlen=args.eval_seqlen, max_windows=args.eval_windows, progress=not args.quiet
+            )
+            print(
+                f"{source}: perplexity {r.ppl:.4f} {when} ({r.protocol['windows']} windows x {r.protocol['seqlen']})"
+            )
+            results.append(r.to_dict())
+        return results
+
+    before = evaluate("before recovery")
+    method = "full" if args.full else "lora"
+    result = lp.recover(
+        lm,
+        data,
+        method=method,
+        checkpoint_dir=args.output.parent / f".{args.output.name}.recover",
+        progress=not args.quiet,
+        **_options(args, RECOVER_OPTIONS),
+    )
+    after = evaluate("after recovery")
+    history = result.pop("history")
+    losses = history["loss"] or [float("nan")]
+    result.update(
+        perplexity_before=before, perplexity_after=after, loss={"first": losses[0], "last": losses[-1]}
+    )
+
+    def extras(folder: Path) -> None:
+        atomic_write_json(folder / "loss.json", history)
+        if not args.no_plot:
+            loss_chart(history, folder / "loss.png", title=f"{args.model}: {method} on {args.data}")
+
+    report = {k: v for k, v in record.items() if k not in ("plan", "versions", "created")}
+    report.update(evaluation=after, recovery=result)
+    out = lp.export(lm, args.output, plan, report, overwrite=args.overwrite, extras=extras)
+    print(
+        f"{method}: {result['steps']} steps, {result['tokens']:,} tokens in {result['seconds']:.1f}s "
+        f"({result['tokens'] / max(result['seconds'], 1e-9):,.0f} tokens/s), loss "
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+        + (", zeros of the sparse model kept" if result["sparsity_kept"] else "")
+    )
+    print(f"wrote {out} (weights merged; loss.json, loss.png, report.json)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import demo
 
@@ -660,6 +742,46 @@ def _parser_apply(sub) -> None:
     p.set_defaults(func=cmd_apply)
 
 
+def _parser_recover(sub) -> None:
+    p = sub.add_parser("recover", help="retrain a pruned model (LoRA or all weights) and merge")
+    p.add_argument("model", help="the (pruned) model folder, or 'fixture'")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training text: fixture:train, a .txt/.jsonl file or folder, an Alpaca .jsonl "
+        "(instruction/input/output), or a named corpus (alpaca, wikitext2, c4) when online",
+    )
+    _output(p, "output folder: the merged checkpoint (written atomically)")
+    p.add_argument("--full", action="store_true", help="train every weight (continued pretraining)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=non_negative_int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 2)")
+    p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per example (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="examples per micro-batch (8)")
+    p.add_argument("--grad-accum", type=positive_int, default=None, help="micro-batches per step (1)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="warm-up steps (100, at most 10%%)")
+    p.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=positive_int, default=None, help="LoRA alpha (default 16)")
+    p.add_argument("--dropout", type=fraction, default=None, help="LoRA dropout (default 0.05)")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="data order and LoRA init (0)")
+    p.add_argument(
+        "--save-every", type=positive_int, default=None, help="checkpoint every N steps (100); reruns resume"
+    )
+    p.add_argument(
+        "--eval",
+        action="append",
+        metavar="SRC",
+        help="perplexity before and after on SRC (repeatable; default fixture:test for fixture data)",
+    )
+    p.add_argument("--eval-seqlen", type=positive_int, default=None, help="window length of --eval")
+    p.add_argument("--eval-windows", type=positive_int, default=None, help="the first N windows only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _no_plot(p)
+    _common(p)
+    p.set_defaults(func=cmd_recover)
+
+
 def _parser_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the bundled model")
     p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
@@ -672,6 +794,20 @@ def _parser_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _parser_report(sub) -> None:
+    p = sub.add_parser("report", help="pruned models side by side: Markdown, HTML, JSON and charts")
+    p.add_argument(
+        "runs",
+        nargs="*",
+        metavar="RUN",
+        help="an exported model folder, a `layerprune eval -o` results file, or a folder holding them",
+    )
+    _output(p, "output folder (written atomically): report.md, report.html, report.json, PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--title", default=None, help="the report's title")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -681,7 +817,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"layerprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for add in (_parser_info, _parser_eval, _parser_score, _parser_plan, _parser_apply, _parser_demo):
+    for add in (
+        _parser_info,
+        _parser_eval,
+        _parser_score,
+        _parser_plan,
+        _parser_apply,
+        _parser_recover,
+        _parser_demo,
+        _parser_report,
+    ):
         add(sub)
     return parser
 
