@@ -202,17 +202,26 @@ def cmd_info(args) -> int:
 
 # ---- eval -------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
+    import contextlib
+
     import layerprune as lp
 
     from .io import atomic_write_json
     from .provenance import stamp
 
-    if not args.ppl:
-        raise LayerpruneError("nothing to evaluate; pass --ppl SOURCE (e.g. --ppl fixture:test)")
+    if not args.ppl and not args.tasks:
+        raise LayerpruneError(
+            "nothing to evaluate; pass --ppl SOURCE (e.g. --ppl fixture:test) and/or --tasks NAMES (e.g. --tasks fixture)"
+        )
+    tasks = None
+    if args.tasks:
+        from .evaluation.zeroshot import resolve_tasks
+
+        tasks = resolve_tasks(args.tasks)  # a bad name fails here, before the model is loaded
     _check_output(args, args.model)
     lm = _load(args)
     results = []
-    for source in args.ppl:
+    for source in args.ppl or ():
         r = lp.perplexity(
             lm,
             source,
@@ -229,10 +238,41 @@ def cmd_eval(args) -> int:
             f"{source}: perplexity {r.ppl:.4f}  ({p['windows']} windows x {p['seqlen']} tokens, BOS {p['bos']}, {r.seconds:.1f}s)"
         )
         results.append(r.to_dict())
+    zs = None
+    if tasks:
+        from .evaluation.zeroshot import zeroshot
+
+        skip = lm.adapter.skip(args.mask, args.unit) if args.mask is not None else contextlib.nullcontext()
+        with skip:
+            zs = zeroshot(
+                lm,
+                tasks,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                num_fewshot=args.num_fewshot,
+                progress=not args.quiet,
+            )
+        for name, t in zs["tasks"].items():
+            err = f" ± {t['acc_stderr']:.4f}" if t["acc_stderr"] is not None else ""
+            norm = f"  acc_norm {t['acc_norm']:.4f}" if t.get("acc_norm") is not None else ""
+            print(
+                f"{name}: acc {t['acc']:.4f}{err}{norm}  chance {t['chance']:.4f}  ({t['samples']} examples, {t['num_fewshot']}-shot)"
+            )
+        metrics = ", ".join(sorted({t["metric"] for t in zs["tasks"].values()}))
+        print(f"zero-shot mean ({metrics}): {zs['mean']:.4f}  ({zs['seconds']:.1f}s)")
     if args.output:
         atomic_write_json(
             args.output,
-            {"model": args.model, "model_fingerprint": lm.fingerprint, "perplexity": results, **stamp()},
+            {
+                "model": args.model,
+                "model_path": str(lm.path) if lm.path else None,
+                "model_fingerprint": lm.fingerprint,
+                "parameters": sum(p.numel() for p in lm.model.parameters()),
+                "mask": args.mask,
+                "perplexity": results,
+                "zeroshot": zs,
+                **stamp(),
+            },
         )
         print(f"wrote {args.output}")
     return 0
@@ -494,7 +534,13 @@ def cmd_demo(args) -> int:
     from .demo import demo
 
     demo(
-        args.output, method=args.method, remove=args.remove, eval_windows=args.eval_windows, quiet=args.quiet
+        args.output,
+        method=args.method,
+        remove=args.remove,
+        eval_windows=args.eval_windows,
+        zeroshot_limit=args.zeroshot_limit,
+        recover_steps=args.recover_steps,
+        quiet=args.quiet,
     )
     return 0
 
@@ -509,7 +555,7 @@ def _parser_info(sub) -> None:
 
 
 def _parser_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity (under an optional layer mask)")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy (under an optional layer mask)")
     _model(p)
     p.add_argument(
         "--ppl",
@@ -533,6 +579,25 @@ def _parser_eval(sub) -> None:
     )
     p.add_argument(
         "--unit", choices=("block", "module"), default="block", help="what a --mask entry stands for"
+    )
+    g = p.add_argument_group("zero-shot (lm-eval)")
+    g.add_argument(
+        "--tasks",
+        metavar="NAMES",
+        default=None,
+        help="multiple-choice tasks, comma-separated: fixture (the bundled offline tasks: fixture_kjv, "
+        "fixture_wordnet, fixture_pydoc), commonsense (boolq, piqa, hellaswag, winogrande, arc_easy, "
+        "arc_challenge, openbookqa; need a network), or any lm-eval task name",
+    )
+    g.add_argument(
+        "--limit", type=positive_int, default=None, help="evaluate only the first N examples of each task"
+    )
+    g.add_argument(
+        "--num-fewshot",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="examples in the prompt (default 0)",
     )
     _output(p, "write results JSON here", required=False)
     _common(p)
@@ -790,6 +855,10 @@ def _parser_demo(sub) -> None:
     p.add_argument(
         "--eval-windows", type=positive_int, default=None, help="evaluate on the first N windows only"
     )
+    p.add_argument(
+        "--zeroshot-limit", type=positive_int, default=None, help="the first N examples of each task only"
+    )
+    p.add_argument("--recover-steps", type=non_negative_int, default=100, help="LoRA steps (default 100)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
