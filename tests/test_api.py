@@ -114,7 +114,15 @@ def test_demo_writes_what_it_reports(tmp_path):
 
     from layerprune.demo import demo
 
-    results = demo(tmp_path / "demo", remove=2, eval_windows=8, quiet=True)
+    results = demo(
+        tmp_path / "demo",
+        remove=2,
+        eval_windows=8,
+        zeroshot_limit=10,
+        sparsity_samples=8,
+        recover_steps=2,
+        quiet=True,
+    )
     scores = lp.Scores.load(tmp_path / "demo" / "scores.json")
     lowest = sorted(range(12), key=lambda i: scores.importance[i])[:2]
     assert results["plan"] == [str(i) for i in sorted(lowest)]
@@ -128,3 +136,17 @@ def test_demo_writes_what_it_reports(tmp_path):
         json.loads((tmp_path / "demo" / "results.json").read_text())["pruned"]["ppl"]
         == results["pruned"]["ppl"]
     )
+    # the report puts the dense model, both pruned models and the recovered one side by side
+    page = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    rows = {r["label"]: r for r in page["rows"]}
+    assert set(rows) == {"fixture", "model", "wanda50", "model+lora"}, set(rows)
+    assert rows["model"]["parameters"] == rows["model+lora"]["parameters"] == model.num_parameters()
+    assert rows["wanda50"]["parameters"] == rows["fixture"]["parameters"]  # zeros are stored densely
+    assert rows["model+lora"]["recovery"]["steps"] == 2
+    for file in ("dense", "model", "model+lora"):
+        evaluation = json.loads((tmp_path / "demo" / "evals" / f"{file}.json").read_text())
+        assert (
+            f"{evaluation['perplexity'][0]['ppl']:.2f}"
+            in (tmp_path / "demo" / "report" / "report.md").read_text()
+        )
+        assert evaluation["zeroshot"]["tasks"] and evaluation["zeroshot"]["limit"] == 10
