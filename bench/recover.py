@@ -26,6 +26,7 @@ from pathlib import Path
 from _results import write
 
 import layerprune as lp
+from layerprune.evaluation import results_document
 from layerprune.evaluation.zeroshot import zeroshot
 from layerprune.io import atomic_write_json
 
@@ -78,15 +79,7 @@ def evaluate(path: str, label: str, out: Path, limit: int | None, ppl=None) -> d
     if ppl is None:
         ppl = lp.perplexity(lm, "fixture:test", seqlen=128, progress=False)
     zs = zeroshot(lm, "fixture", limit=limit, progress=False)
-    doc = {
-        "model": path,
-        "model_path": str(lm.path),
-        "model_fingerprint": lm.fingerprint,
-        "parameters": sum(p.numel() for p in lm.model.parameters()),
-        "perplexity": [ppl.to_dict()],
-        "zeroshot": zs,
-    }
-    atomic_write_json(out / f"eval_{label}.json", doc)
+    atomic_write_json(out / f"eval_{label}.json", results_document(lm, path, [ppl.to_dict()], zs))
     tasks = ", ".join(
         f"{t} {v[v['metric']]:.3f}±{v[v['metric'] + '_stderr']:.3f}" for t, v in zs["tasks"].items()
     )

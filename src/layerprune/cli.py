@@ -207,7 +207,6 @@ def cmd_eval(args) -> int:
     import layerprune as lp
 
     from .io import atomic_write_json
-    from .provenance import stamp
 
     if not args.ppl and not args.tasks:
         raise LayerpruneError(
@@ -261,19 +260,9 @@ def cmd_eval(args) -> int:
         metrics = ", ".join(sorted({t["metric"] for t in zs["tasks"].values()}))
         print(f"zero-shot mean ({metrics}): {zs['mean']:.4f}  ({zs['seconds']:.1f}s)")
     if args.output:
-        atomic_write_json(
-            args.output,
-            {
-                "model": args.model,
-                "model_path": str(lm.path) if lm.path else None,
-                "model_fingerprint": lm.fingerprint,
-                "parameters": sum(p.numel() for p in lm.model.parameters()),
-                "mask": args.mask,
-                "perplexity": results,
-                "zeroshot": zs,
-                **stamp(),
-            },
-        )
+        from .evaluation import results_document
+
+        atomic_write_json(args.output, results_document(lm, args.model, results, zs, mask=args.mask))
         print(f"wrote {args.output}")
     return 0
 

@@ -34,20 +34,13 @@ def _generate(lm, prompt: str, tokens: int = 24) -> str:
 def _evaluate(lm, label: str, folder: Path, seqlen, eval_windows, zeroshot_limit, progress) -> dict:
     """Held-out perplexity and zero-shot accuracy, written as an eval results file (what
     `layerprune eval -o` writes), which the report reads."""
+    from .evaluation import results_document
     from .evaluation.zeroshot import zeroshot
 
     ppl = perplexity(lm, "fixture:test", seqlen=seqlen, max_windows=eval_windows, progress=progress)
     zs = zeroshot(lm, "fixture", limit=zeroshot_limit, progress=progress)
-    doc = {
-        "model": str(lm.path) if label != "dense" else "fixture",
-        "model_path": str(lm.path),
-        "model_fingerprint": lm.fingerprint,
-        "parameters": sum(p.numel() for p in lm.model.parameters()),
-        "perplexity": [ppl.to_dict()],
-        "zeroshot": zs,
-        **stamp(),
-    }
-    atomic_write_json(folder / f"{label}.json", doc)
+    name = str(lm.path) if label != "dense" else "fixture"
+    atomic_write_json(folder / f"{label}.json", results_document(lm, name, [ppl.to_dict()], zs))
     tasks = ", ".join(f"{t} {v[v['metric']]:.3f}" for t, v in zs["tasks"].items())
     print(f"      {label:<10} perplexity {ppl.ppl:8.3f}   zero-shot {tasks} (mean {zs['mean']:.3f})")
     return {"ppl": ppl.ppl, "zeroshot_mean": zs["mean"], "zeroshot": zs["tasks"]}
