@@ -146,7 +146,7 @@ def test_demo_writes_what_it_reports(tmp_path):
     for file in ("dense", "model", "model+lora"):
         evaluation = json.loads((tmp_path / "demo" / "evals" / f"{file}.json").read_text())
         assert (
-            f"{evaluation['perplexity'][0]['ppl']:.2f}"
+            f"{evaluation['perplexity'][0]['ppl']:.3f}"
             in (tmp_path / "demo" / "report" / "report.md").read_text()
         )
         assert evaluation["zeroshot"]["tasks"] and evaluation["zeroshot"]["limit"] == 10
