@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -277,6 +279,7 @@ SCORE_OPTIONS = (
 def cmd_score(args) -> int:
     import layerprune as lp
 
+    from .distributed import is_main
     from .reports.plots import importance_chart
     from .scorers import scorer
 
@@ -287,6 +290,8 @@ def cmd_score(args) -> int:
     if args.method == "shapley":
         options["seed"] = args.seed
     scores = lp.score(lm, args.method, _calib_spec(args), unit=args.unit, progress=not args.quiet, **options)
+    if not is_main():  # under torchrun rank 0 writes the results
+        return 0
     scores.save(args.output)
     c = scores.calibration
     print(
@@ -322,6 +327,7 @@ PLAN_OPTIONS = (
 def cmd_plan(args) -> int:
     import layerprune as lp
 
+    from .distributed import is_main
     from .reports.plots import plan_chart
 
     _check_output(args, args.model)
@@ -389,6 +395,8 @@ def cmd_plan(args) -> int:
             print(
                 f"searched: calibration perplexity {plan.extra['best_fitness']:.4f}, {plan.extra['evaluations_this_run']} evaluations this run"
             )
+    if not is_main():  # under torchrun rank 0 writes the plan
+        return 0
     plan.save(args.output)
     print(f"wrote {args.output}")
     _chart(args, plan_chart, plan, Path(args.output).with_suffix(".png"))
@@ -889,9 +897,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SPREAD_COMMANDS = ("score", "plan")  # what torchrun spreads over ranks
+SPREAD_METHODS = ("ppl", "sleb", "shapley")  # scorers made of independent mask evaluations
+
+
+def _torchrun(args) -> None:
+    """Under torchrun: refuse what has nothing to spread; ranks other than 0 print and write nothing."""
+    from .distributed import group, world_from_env
+
+    rank, world, _ = world_from_env()
+    if world <= 1:
+        return
+    if args.command not in SPREAD_COMMANDS or (args.command == "score" and args.method not in SPREAD_METHODS):
+        what = f"score --method {args.method}" if args.command == "score" else args.command
+        raise LayerpruneError(
+            f"torchrun spreads the mask evaluations of score ({', '.join(SPREAD_METHODS)}) and plan; "
+            f"{what} has none: run it as one process"
+        )
+    group()  # the rendezvous, before any model is loaded
+
+    def stopped(signum, _frame):  # torchrun stops the other ranks when one fails
+        raise LayerpruneError(
+            f"rank {rank} was stopped (signal {signum}): another rank of this torchrun job failed or was "
+            "killed; rerun the same command (any number of processes) to resume from rank 0's store"
+        )
+
+    signal.signal(signal.SIGTERM, stopped)
+    if rank != 0:
+        args.quiet, args.no_plot = True, True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of this process
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
+
     args = build_parser().parse_args(argv)
     try:
+        _torchrun(args)
         return args.func(args)
     except LayerpruneError as e:
         print(f"layerprune: error: {e}", file=sys.stderr)
@@ -907,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
             f"layerprune: error: {e.strerror or e}:{where}; check the path and its permissions",
             file=sys.stderr,
         )
+    finally:
+        distributed.close()
     return 2
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..distributed import spread
 from ..models.adapter import ModelAdapter, SkippedBlock
 
 Mask = tuple[bool, ...]
@@ -308,19 +309,24 @@ class MaskEvaluator:
         if self.store is not None:
             stored = self.store.get_many(self._key(m) for m in keyed)
             known = {m: stored[self._key(m)][0] for m in keyed if self._key(m) in stored}
-        missing = sorted({m for m in keyed if m not in known})
-        if missing:
-            bar = tqdm(total=len(missing), desc="masks", unit="mask", disable=not self.progress, leave=False)
+        # Keep-branches first: under torchrun each rank's contiguous share keeps long shared prefixes.
+        wanted = sorted(set(keyed), reverse=True)
+        bar = tqdm(
+            total=len(wanted) - len(known), desc="masks", unit="mask", disable=not self.progress, leave=False
+        )
 
-            def record(m: Mask, value: float) -> None:
-                known[m] = value
-                self.evaluations += 1
-                if self.store is not None:
-                    self.store.put(self._key(m), value, self.tokens)
+        def record(m: Mask, value: float) -> None:
+            self.evaluations += 1
+            bar.update()
+            if self.store is not None:
+                self.store.put(self._key(m), value, self.tokens)
 
-            evaluate_masks(self.runner, missing, self.granularity, on_result=record, progress=bar.update)
-            bar.close()
-        return [known[m] for m in keyed]
+        def evaluate(share: list[Mask], on_value) -> list[float]:
+            return evaluate_masks(self.runner, share, self.granularity, on_result=on_value)
+
+        values = spread(wanted, known, evaluate, record)
+        bar.close()
+        return [values[m] for m in keyed]
 
     def _checked(self, mask) -> Mask:
         if self.allow_empty and len(mask) == self.num_units and not any(int(b) for b in mask):

@@ -97,7 +97,11 @@ def default_dtype(device: str) -> torch.dtype | str:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """cuda when there is one (under torchrun: the local rank's GPU), else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    return f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
 
 
 def check_device(device: str) -> str:
@@ -160,6 +164,8 @@ def load(
     if quiet:
         hf_logging.disable_progress_bar()
     device = check_device(device) if device else default_device()
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
+        device = default_device()
     config = load_config(name)
     source, path = resolve(name)
     dtype = dtype if dtype is not None else default_dtype(device)

@@ -165,25 +165,49 @@ class Fitness:
         self.lm, self.table, self.windows = lm, table, windows
         self.blocks = budgets(lm.adapter)
         self.store, self.batch_size = store, batch_size
-        self.evaluations = 0  # real forwards in this run
+        self.tokens = int(windows.input_ids.shape[0] * (windows.input_ids.shape[1] - 1))
+        self.evaluations = 0  # real evaluations in this run (all ranks' under torchrun)
         self.forward_seconds: list[float] = []  # each real evaluation's masked forward, for overhead figures
 
     def key(self, rates: list[float]) -> str:
         return decision_key(counts(rates, self.blocks))
 
     def __call__(self, batch: list[list[float]]) -> list[float]:
-        return [self.one(r) for r in batch]
+        """Perplexity of each candidate; under torchrun the candidates that rank 0's store lacks are
+        spread over the ranks (see layerprune.distributed), and only rank 0 has a store."""
+        from ..distributed import spread
+
+        keys = [self.key(r) for r in batch]
+        rates = dict(zip(keys, batch))
+        known: dict[str, float] = {}  # summed NLL: the one scalar per candidate that crosses ranks
+        if self.store is not None:
+            known = {k: nll for k, (nll, _) in self.store.get_many(keys).items()}
+
+        def evaluate(share: list[str], on_value) -> list[float]:
+            out = []
+            for k in share:
+                out.append(self.nll(rates[k]))
+                on_value(k, out[-1])
+            return out
+
+        def record(k: str, nll: float) -> None:
+            self.evaluations += 1  # every rank counts the job's evaluations
+            if self.store is not None:
+                self.store.put(k, nll, self.tokens)
+
+        values = spread(keys, known, evaluate, record)
+        return [math.exp(values[k] / self.tokens) for k in keys]
 
     def one(self, rates: list[float]) -> float:
+        """Perplexity of one candidate, evaluated for real (no store)."""
+        return math.exp(self.nll(rates) / self.tokens)
+
+    def nll(self, rates: list[float]) -> float:
+        """Summed calibration NLL of one candidate, evaluated for real (no store)."""
         from ..evaluation.perplexity import perplexity_of_windows
         from ..pruners.width import masked
 
         decision = counts(rates, self.blocks)
-        key = decision_key(decision)
-        if self.store is not None:
-            hit = self.store.get(key)
-            if hit is not None:
-                return math.exp(hit[0] / hit[1])
         masks = masks_for(decision, self.table)
         t0 = time.perf_counter()
         with masked(self.lm.adapter, masks):
@@ -191,10 +215,7 @@ class Fitness:
                 self.lm.model, self.lm.adapter, self.windows, self.batch_size, progress=False
             )
         self.forward_seconds.append(time.perf_counter() - t0)
-        self.evaluations += 1
-        if self.store is not None:
-            self.store.put(key, r.nll, r.tokens)
-        return r.ppl
+        return r.nll
 
 
 def make_plan(
@@ -292,6 +313,7 @@ def _search(lm, width, table, blocks, windows, fitness_windows, *, store, operat
     from pathlib import Path
 
     from ..data import calibration
+    from ..distributed import is_main
     from ..engine.store import EvalStore
     from .search import DEFAULT_P_MAX, DEFAULT_P_MIN, plot_history, search
 
@@ -305,8 +327,12 @@ def _search(lm, width, table, blocks, windows, fitness_windows, *, store, operat
         except LayerpruneError:
             continue  # an allocation that is infeasible at this width does not seed the population
     with contextlib.ExitStack() as stack:
-        if isinstance(store, (str, Path)):
-            store = stack.enter_context(EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol))
+        if isinstance(store, (str, Path)):  # under torchrun rank 0 owns the store
+            store = (
+                stack.enter_context(EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol))
+                if is_main()
+                else None
+            )
         fitness = Fitness(lm, table, fw, store=store, batch_size=batch_size)
         p_min = DEFAULT_P_MIN if p_min is None else p_min
         p_max = DEFAULT_P_MAX if p_max is None else p_max
@@ -318,7 +344,7 @@ def _search(lm, width, table, blocks, windows, fitness_windows, *, store, operat
             p_min=p_min, p_max=p_max,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-    if log is not None:
+    if log is not None and is_main():
         plot_history(result.history, Path(log).with_suffix(".png"))
     extra = {
         "best_fitness": result.best_fitness,

@@ -49,10 +49,14 @@ def run(
     names = unit_names(lm.adapter, unit)  # an unsupported granularity fails here, before any work
     with contextlib.ExitStack() as stack:
         if isinstance(params.get("store"), (str, Path)):  # a path: the store of this model and data
+            from ..distributed import is_main
             from ..engine.store import EvalStore
 
-            store = EvalStore(params["store"], lm.fingerprint, windows.fingerprint, windows.protocol)
-            params["store"] = stack.enter_context(store)
+            if is_main():  # under torchrun rank 0 owns the store; the others get its values
+                store = EvalStore(params["store"], lm.fingerprint, windows.fingerprint, windows.protocol)
+                params["store"] = stack.enter_context(store)
+            else:
+                params["store"] = None
         t0 = time.perf_counter()
         result = fn(lm.model, lm.adapter, windows, unit=unit, removed=removed, progress=progress, **params)
         seconds = time.perf_counter() - t0

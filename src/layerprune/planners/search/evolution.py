@@ -477,8 +477,10 @@ def search(
         if operators == "llm"
         else None,  # url, model, key_env (the name, never the key)...
     }
+    from ...distributed import is_main
+
     log = None
-    if log_path is not None:
+    if log_path is not None and is_main():  # under torchrun rank 0 owns every output file
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = log_path.open("a", encoding="utf-8")

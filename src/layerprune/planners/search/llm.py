@@ -161,7 +161,13 @@ class LLMOperators:
         return self._client
 
     def ask(self, purpose: str, prompt: str) -> str | None:
-        """The reply's text, or None after a failed request (not the first: that one raises)."""
+        """The reply's text, or None after a failed request (not the first: that one raises).
+        Under torchrun only rank 0 talks to the endpoint; every rank gets its reply."""
+        from ...distributed import group
+
+        return group().from_main(lambda: self._ask(purpose, prompt))
+
+    def _ask(self, purpose: str, prompt: str) -> str | None:
         client = self.client()
         import openai
 
