@@ -31,17 +31,22 @@ def export(
     out = Path(out)
     check_output_outside(out, lm.path)
     model = lm.model
-    dtype = lm.source_dtype or next(model.parameters()).dtype
+    dtype = lm.source_dtype or model.get_input_embeddings().weight.dtype
+    if lm.offloaded:
+        dtype = lm.source_dtype or lm.adapter.offload.dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        converted: dict = {}  # tied weights (embedding = lm_head) stay one tensor, stored once
-        state = {}
-        for k, v in model.state_dict().items():
-            key = (v.data_ptr(), tuple(v.shape))
-            if key not in converted:
-                converted[key] = v.detach().to(dtype)
-            state[k] = converted[key]
-        model.config.dtype = dtype
-        model.save_pretrained(tmp, state_dict=state)
+        if lm.offloaded:  # tensor by tensor into shards laid out like the input's
+            lm.adapter.offload.save(tmp, dtype)
+        else:
+            converted: dict = {}  # tied weights (embedding = lm_head) stay one tensor, stored once
+            state = {}
+            for k, v in model.state_dict().items():
+                key = (v.data_ptr(), tuple(v.shape))
+                if key not in converted:
+                    converted[key] = v.detach().to(dtype)
+                state[k] = converted[key]
+            model.config.dtype = dtype
+            model.save_pretrained(tmp, state_dict=state)
         lm.tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp / "plan.json")

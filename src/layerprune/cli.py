@@ -77,6 +77,11 @@ def _model(p, help=MODEL_HELP) -> None:
 
 def _common(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="e.g. 8GB: a model whose weights exceed it keeps its blocks on disk and reads one at a time",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -160,7 +165,7 @@ def _check_output(args, model: str, file: bool = True) -> None:
 def _load(args, model: str | None = None):
     import layerprune as lp
 
-    return lp.load(model or args.model, device=args.device, quiet=args.quiet)
+    return lp.load(model or args.model, device=args.device, quiet=args.quiet, max_memory=args.max_memory)
 
 
 def _chart(args, plot, *chart_args, **kwargs) -> None:

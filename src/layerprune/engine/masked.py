@@ -126,7 +126,8 @@ class BlockRunner:
         self, model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int = 16
     ):
         self.model, self.adapter = model, adapter
-        device = next(model.parameters()).device
+        # the embeddings' device: with offloaded blocks the first parameters may be on meta
+        device = self.device = model.get_input_embeddings().weight.device
         self.batches = [b.to(device) for b in input_ids.split(batch_size)]
         self.tokens = int(input_ids.shape[0] * (input_ids.shape[1] - 1))
         self._calls: dict[tuple, dict] = {}
@@ -174,7 +175,10 @@ class BlockRunner:
     def block(self, i: int, states: list[torch.Tensor], parts_off: Sequence[str] = ()) -> list[torch.Tensor]:
         """Block i on every micro-batch; `parts_off` ("attn", "mlp") contribute nothing."""
         out = []
-        with self.adapter.zero_parts(i, parts_off) if parts_off else contextlib.nullcontext():
+        with (
+            self.adapter.resident(i),
+            self.adapter.zero_parts(i, parts_off) if parts_off else contextlib.nullcontext(),
+        ):
             for b, h in enumerate(states):
                 out.append(self.block_batch(i, b, h))
         return out

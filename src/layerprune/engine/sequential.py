@@ -110,12 +110,15 @@ def run_sequential(
     offload: str = "memory",
     progress: bool = True,
     desc: str = "blocks",
+    modifies: bool = True,
 ) -> None:
     """Walk the blocks in order. `on_block(i, calibrate)` may call `calibrate(callback)` any number of
     times: each call runs block i on every micro-batch with `callback(role, inputs)` hooked on its
-    linear layers. Whatever it did to the block, the block's outputs are then recomputed."""
+    linear layers. Whatever it did to the block, the block's outputs are then recomputed.
+    With offloaded blocks, block i is resident while it is calibrated, changed and recomputed, and
+    (`modifies`) its new weights are kept as it leaves."""
     runner = BlockRunner(model, adapter, input_ids, batch_size)
-    device = next(model.parameters()).device
+    device = runner.device
     with ActivationStore(offload) as store:
         for b in range(len(runner.batches)):
             store.put(b, runner.embed_batch(b))
@@ -126,9 +129,10 @@ def run_sequential(
                     for b in range(len(runner.batches)):
                         runner.block_batch(i, b, store.get(b, device))
 
-            on_block(i, calibrate)
-            for b in range(len(runner.batches)):
-                store.put(b, runner.block_batch(i, b, store.get(b, device)))
+            with adapter.resident(i, modifies=modifies):
+                on_block(i, calibrate)
+                for b in range(len(runner.batches)):
+                    store.put(b, runner.block_batch(i, b, store.get(b, device)))
 
 
 class ColumnNorms:

@@ -49,19 +49,26 @@ def perplexity_of_windows(
     granularity: str = "block",
     progress: bool = True,
 ) -> PerplexityResult:
-    """Stream the windows through the model (under a skip mask if given), batch by batch."""
-    device = next(model.parameters()).device
+    """Stream the windows through the model (under a skip mask if given), batch by batch; with
+    offloaded blocks, block by block (each block read once for all windows)."""
+    device = model.get_input_embeddings().weight.device
     t0 = time.perf_counter()
     nll = 0.0
     ids = windows.input_ids
-    ctx = adapter.skip(mask, granularity) if mask is not None else contextlib.nullcontext()
-    with ctx:
-        for batch in tqdm(
-            ids.split(batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False
-        ):
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            nll += float(token_nll(logits, batch).double().sum())
+    if adapter.offload is not None:
+        from ..engine.masked import BlockRunner, evaluate_masks
+
+        keep = [1] * len(adapter.units(granularity)) if mask is None else list(mask)
+        nll = evaluate_masks(BlockRunner(model, adapter, ids, batch_size), [keep], granularity)[0]
+    else:
+        ctx = adapter.skip(mask, granularity) if mask is not None else contextlib.nullcontext()
+        with ctx:
+            for batch in tqdm(
+                ids.split(batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False
+            ):
+                batch = batch.to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                nll += float(token_nll(logits, batch).double().sum())
     tokens = int(ids.shape[0] * (ids.shape[1] - 1))
     return PerplexityResult(
         ppl=math.exp(nll / tokens),

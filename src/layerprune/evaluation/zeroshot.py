@@ -252,6 +252,7 @@ def zeroshot(
     """
     import lm_eval
 
+    lm.adapter.require_in_memory("zero-shot evaluation (lm-eval runs whole forwards)")
     names = resolve_tasks(tasks)
     t0 = time.perf_counter()
     out = run_lm_eval(lm, names, limit, batch_size, num_fewshot, seed, progress)

@@ -93,6 +93,20 @@ class ModelAdapter:
         self.model = model
         self.config = model.config
         self.spec = spec or spec_for(model.config)
+        self.offload = None  # OffloadedBlocks when the blocks stay on disk (models/offload.py)
+
+    def resident(self, i: int, modifies: bool = False):
+        """A context in which block i's weights are on the compute device (a no-op unless the
+        blocks are offloaded); `modifies`: the block's new values are kept when it leaves."""
+        return self.offload.resident(i, modifies) if self.offload is not None else contextlib.nullcontext()
+
+    def require_in_memory(self, what: str) -> None:
+        """Refuse an offloaded model where a path needs every block at once."""
+        if self.offload is not None:
+            raise LayerpruneError(
+                f"{what} needs the whole model in memory; load it without --max-memory "
+                "(offloaded models support wanda, sparsegpt, magnitude, ppl, sleb, shapley, bi, angular, alpha, owl)"
+            )
 
     # ---- structure -------------------------------------------------------------------------
     @property

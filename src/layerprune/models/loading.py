@@ -142,8 +142,14 @@ class LoadedModel:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
+            offload = self.adapter.offload
+            self._fingerprint = model_fingerprint(self.model, tensor=offload.tensor if offload else None)
         return self._fingerprint
+
+    @property
+    def offloaded(self) -> bool:
+        """True when the blocks stay on disk and come in one at a time (load(..., max_memory=))."""
+        return self.adapter.offload is not None
 
     def modified(self) -> None:
         """Call after changing the weights in place: the fingerprint is computed anew."""
@@ -151,13 +157,24 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.get_input_embeddings().weight.device
 
 
 def load(
-    name: str, device: str | None = None, dtype: torch.dtype | str | None = None, quiet: bool = False
+    name: str,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    quiet: bool = False,
+    max_memory: int | str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer for pruning. Weights in float32 on CPU by default."""
+    """Load a causal LM and its tokenizer for pruning. Weights in float32 on CPU by default.
+
+    `max_memory` (bytes, or "8GB"): when the weights exceed it, the blocks stay in the checkpoint's
+    safetensors shards and come in one at a time (models/offload.py); the embeddings and head plus
+    one block must fit in it."""
+    from .offload import parse_size
+
+    max_memory = parse_size(max_memory)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -169,6 +186,10 @@ def load(
     config = load_config(name)
     source, path = resolve(name)
     dtype = dtype if dtype is not None else default_dtype(device)
+    if max_memory is not None:
+        offloaded = _load_offloaded(name, source, path, config, device, dtype, max_memory)
+        if offloaded is not None:
+            return offloaded
     try:
         if getattr(config, "layerprune_block_configs", None):  # width-pruned, shapes differ per block
             from ..pruners.width import load_shrunk
@@ -189,6 +210,36 @@ def load(
     return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
 
 
+def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> LoadedModel | None:
+    """The model with its blocks offloaded, or None when its weights fit in max_memory."""
+    from transformers import AutoTokenizer
+
+    from .offload import checkpoint_bytes, load_offloaded
+
+    if getattr(config, "layerprune_block_configs", None):
+        raise LayerpruneError(f"{name} was width-pruned (per-block shapes); load it without --max-memory")
+    if path is None:  # a hub id: its files, fetched once into the hub cache
+        from huggingface_hub import snapshot_download
+
+        path = Path(
+            snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+        )
+    compute = dtype if isinstance(dtype, torch.dtype) else (_dtype_of(config) or torch.float32)
+    total, _ = checkpoint_bytes(path, compute)
+    if total <= max_memory:
+        return None
+    model, adapter, _ = load_offloaded(path, config, device, compute, max_memory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except OSError as e:
+        raise LayerpruneError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}") from None
+    if getattr(model.config, "layerprune_removed_parts", None):
+        from .adapter import Unit
+
+        adapter.silence_parts([Unit.parse(u) for u in model.config.layerprune_removed_parts])
+    return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
+
+
 def _dtype_of(config) -> torch.dtype | None:
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
@@ -196,16 +247,19 @@ def _dtype_of(config) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def model_fingerprint(model: torch.nn.Module, samples: int = 1024) -> str:
+def model_fingerprint(model: torch.nn.Module, samples: int = 1024, tensor=None) -> str:
     """A short hash of what the model computes: its config and a strided sample of every tensor.
 
     Values are hashed as float32, so the same weights loaded in bf16 and in fp32 agree; any pruning
     (removed blocks, zeroed weights, changed shapes) changes it. Reading a few thousand values per
-    tensor keeps it fast on models of any size."""
+    tensor keeps it fast on models of any size. `tensor(name)`: where to read a tensor that is not
+    in memory (offloaded blocks), one at a time; the hash is the same as the in-memory model's."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
+        if p.device.type == "meta" and tensor is not None:
+            p = tensor(name)
         flat = p.detach().reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
         h.update(name.encode())

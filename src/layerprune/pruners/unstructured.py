@@ -175,7 +175,8 @@ def prune(
         if pruner != "magnitude":
             raise LayerpruneError(f"{pruner} needs calibration windows")
         for i in range(adapter.num_blocks):
-            on_block(i, None)
+            with adapter.resident(i, modifies=True):
+                on_block(i, None)
         return achieved
     run_sequential(
         model,

@@ -28,6 +28,7 @@ def recover(
     steps, epochs, batch_size, grad_accum, lr, warmup, weight_decay, max_grad_norm, rank, alpha,
     dropout, seed, save_every (RecoveryConfig). `checkpoint_dir`: where checkpoints go; a rerun with
     the same options resumes from it."""
+    lm.adapter.require_in_memory("recovery training")
     from ..errors import LayerpruneError
 
     unknown = sorted(set(options) - set(RecoveryConfig.__dataclass_fields__) - {"stop_after"})

@@ -47,5 +47,6 @@ def score(
         offload=offload,
         progress=progress,
         desc="outliers",
+        modifies=False,
     )
     return MethodScores(ratios, {"hyper_m": hyper_m, "outlier_ratio_percent": ratios})

@@ -168,13 +168,14 @@ def model_metrics(
         return json.loads(path.read_text())
     out = {}
     for i in tqdm(range(adapter.num_blocks), desc="spectra", disable=not progress, leave=False):
-        for role, layer in adapter.linears(i).items():
-            try:
-                out[f"{i}.{role}"] = matrix_metrics(
-                    adapter.weight(layer), lower_bound, filter_zeros=filter_zeros
-                )
-            except LayerpruneError as e:
-                raise LayerpruneError(f"layer {i}.{role}: {e}") from None
+        with adapter.resident(i):
+            for role, layer in adapter.linears(i).items():
+                try:
+                    out[f"{i}.{role}"] = matrix_metrics(
+                        adapter.weight(layer), lower_bound, filter_zeros=filter_zeros
+                    )
+                except LayerpruneError as e:
+                    raise LayerpruneError(f"layer {i}.{role}: {e}") from None
     if path is not None:
         from ..io import atomic_write_json
 

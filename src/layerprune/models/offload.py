@@ -1,0 +1,282 @@
+"""Models larger than memory: blocks stay in their safetensors shards and come in one at a time.
+
+`load(..., max_memory=...)` builds the model on the meta device (accelerate's `init_empty_weights`)
+when its weights exceed `max_memory`, loads what lives outside the blocks (embeddings, final norm,
+head: small next to the blocks of a large model), and leaves every block's parameters on meta.
+`OffloadedBlocks.resident(i)` brings block i from the shards (`safetensors.safe_open`, placed by
+accelerate's `set_module_tensor_to_device`) onto the compute device for the length of a `with`, and
+sends it back to meta afterwards. A block that was changed there (pruned) is written, as it is done,
+to a temporary safetensors file that later reads prefer; the export streams every tensor, one at a
+time, into shards laid out like the input's.
+
+Every sequential path asks for residency through the adapter (`adapter.resident(i)`): the
+calibration walk of Wanda / SparseGPT / magnitude / OWL, the mask engine (leave-one-out, SLEB,
+Shapley, angular, block influence), ESD metrics and perplexity. Paths that need the whole model at
+once (Taylor gradients, width pruning, depth apply, recovery, zero-shot) refuse an offloaded model
+with a one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import LayerpruneError
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """Bytes from 2GB / 1.5GiB / 500MB / a plain number (accelerate's parser)."""
+    if text is None or isinstance(text, int):
+        return text
+    from accelerate.utils import convert_file_size_to_int
+
+    text = str(text).strip()
+    try:
+        size = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        size = -1
+    if not isinstance(size, int) or size <= 0:
+        raise LayerpruneError(f"--max-memory '{text}' is not a size; write it like 8GB, 1.5GiB or 500MB")
+    return size
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: shard file} of a safetensors checkpoint (sharded with an index, or one file)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
+    raise LayerpruneError(
+        f"{folder} has no safetensors weights; --max-memory reads safetensors shards "
+        "(re-save the model with save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def checkpoint_bytes(folder: Path, dtype: torch.dtype) -> tuple[int, dict[str, int]]:
+    """(total parameter bytes in `dtype`, {tensor name: bytes}) from the shards' headers alone."""
+    sizes: dict[str, int] = {}
+    per_file: dict[Path, list[str]] = {}
+    for name, file in checkpoint_files(folder).items():
+        per_file.setdefault(file, []).append(name)
+    width = torch.empty(0, dtype=dtype).element_size()
+    for file, names in per_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                shape = f.get_slice(name).get_shape()
+                numel = 1
+                for d in shape:
+                    numel *= d
+                sizes[name] = numel * width
+    return sum(sizes.values()), sizes
+
+
+class OffloadedBlocks:
+    """The blocks of a meta-device model, read from its shards one at a time."""
+
+    def __init__(self, model, adapter, folder: Path, device: str, dtype: torch.dtype):
+        self.model, self.adapter = model, adapter
+        self.folder, self.device, self.dtype = Path(folder), torch.device(device), dtype
+        self.files = checkpoint_files(self.folder)
+        self.prefix = next(n for n, m in model.named_modules() if m is adapter.blocks)
+        self._overlay = Path(tempfile.mkdtemp(prefix="layerprune-blocks-"))
+        self._changed: dict[int, Path] = {}
+        self._depth: dict[int, int] = {}
+        self.loads = 0  # blocks brought in (for benchmarks)
+
+    # ---- names -------------------------------------------------------------------------------
+    def block_names(self, i: int) -> list[str]:
+        block = self.adapter.blocks[i]
+        return [f"{self.prefix}.{i}.{n}" for n in block.state_dict()]
+
+    def block_of(self, name: str) -> int | None:
+        head = self.prefix + "."
+        if not name.startswith(head):
+            return None
+        return int(name[len(head) :].split(".", 1)[0])
+
+    # ---- reading -----------------------------------------------------------------------------
+    def _read(self, name: str) -> torch.Tensor:
+        i = self.block_of(name)
+        file = self._changed.get(i) if i is not None else None
+        if file is None:
+            file = self.files.get(name)
+            if file is None:
+                raise LayerpruneError(
+                    f"{name} is not in the checkpoint of {self.folder} (its tensor names differ from the "
+                    "model's); load this model without --max-memory"
+                )
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Any tensor of the state dict, as it is now (a changed block's new values), on CPU."""
+        if self.block_of(name) is None:
+            return self.model.state_dict()[name].detach().cpu()
+        return self._read(name).to(self.dtype)
+
+    # ---- residency ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def resident(self, i: int, modifies: bool = False) -> Iterator[None]:
+        """Block i on the compute device inside the `with`; with `modifies`, its new values are
+        kept (written to the overlay) when it leaves. Nested calls for the same block share one load."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        first = self._depth.get(i, 0) == 0
+        if first:
+            for name in self.block_names(i):
+                set_module_tensor_to_device(
+                    self.model, name, self.device, value=self._read(name), dtype=self.dtype
+                )
+            self.loads += 1
+        self._depth[i] = self._depth.get(i, 0) + 1
+        try:
+            yield
+            if modifies:
+                self._keep(i)
+        finally:
+            self._depth[i] -= 1
+            if self._depth[i] == 0:
+                self.adapter.blocks[i].to("meta")
+
+    def _keep(self, i: int) -> None:
+        block = self.adapter.blocks[i]
+        state = {
+            f"{self.prefix}.{i}.{n}": t.detach().cpu().contiguous() for n, t in block.state_dict().items()
+        }
+        path = self._overlay / f"block-{i}-{len(self._changed)}.safetensors"
+        save_file(state, str(path))
+        old, self._changed[i] = self._changed.get(i), path
+        if old is not None:
+            old.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self._overlay, ignore_errors=True)
+
+    def __del__(self):
+        self.close()
+
+    # ---- export ------------------------------------------------------------------------------
+    def save(self, out: Path, dtype: torch.dtype) -> None:
+        """Config and weights into `out`: the input's shard files and index, tensor by tensor."""
+        out = Path(out)
+        self.model.config.dtype = dtype
+        self.model.config.save_pretrained(out)
+        if getattr(self.model, "generation_config", None) is not None:
+            with contextlib.suppress(Exception):
+                self.model.generation_config.save_pretrained(out)
+        shapes = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
+        per_file: dict[str, list[str]] = {}
+        for name, file in self.files.items():
+            per_file.setdefault(file.name, []).append(name)
+        total = 0
+        for file, names in per_file.items():
+            total += write_safetensors(out / file, names, shapes, dtype, self.tensor)
+        if (self.folder / "model.safetensors.index.json").is_file():
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {n: f.name for n, f in sorted(self.files.items())},
+            }
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_safetensors(path: Path, names: list[str], shapes: dict, dtype: torch.dtype, get) -> int:
+    """Write a safetensors file one tensor at a time (the format: an 8-byte little-endian header
+    length, a JSON header of dtypes, shapes and byte offsets, then the raw bytes in order). Only
+    one tensor is in memory at once; safetensors' own writer needs them all. Returns data bytes."""
+    width = torch.empty(0, dtype=dtype).element_size()
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        numel = 1
+        for d in shapes[name]:
+            numel *= d
+        header[name] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(shapes[name]),
+            "data_offsets": [offset, offset + numel * width],
+        }
+        offset += numel * width
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = get(name).to(dtype).contiguous()
+            if tuple(t.shape) != tuple(shapes[name]):
+                raise LayerpruneError(f"{name} has shape {tuple(t.shape)}, not {shapes[name]}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return offset
+
+
+def load_offloaded(source: Path, config, device: str, dtype: torch.dtype, max_memory: int):
+    """(model, OffloadedBlocks) with blocks on meta; what lies outside them loaded now."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    from .adapter import ModelAdapter
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    adapter = ModelAdapter(model)
+    blocks = OffloadedBlocks(model, adapter, source, device, dtype)
+    _, sizes = checkpoint_bytes(source, dtype)
+    outside = sum(s for n, s in sizes.items() if blocks.block_of(n) is None)
+    per_block = [sum(sizes.get(n, 0) for n in blocks.block_names(i)) for i in range(adapter.num_blocks)]
+    need = outside + max(per_block)
+    if need > max_memory:
+        blocks.close()
+        raise LayerpruneError(
+            f"--max-memory {human(max_memory)} cannot hold one block ({human(max(per_block))}) plus the "
+            f"embeddings and head ({human(outside)}); raise it to at least {human(need)}"
+        )
+    for name, file in blocks.files.items():
+        if blocks.block_of(name) is None:
+            with safe_open(str(file), framework="pt") as f:
+                set_module_tensor_to_device(model, name, device, value=f.get_tensor(name), dtype=dtype)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta" and blocks.block_of(n) is None]
+    if left:
+        blocks.close()
+        raise LayerpruneError(f"{source} lacks {left[0]}; load this model without --max-memory")
+    for name, buf in model.named_buffers():  # rotary tables and the like: built, not stored
+        if blocks.block_of(name) is None and buf.device.type != torch.device(device).type:
+            set_module_tensor_to_device(model, name, device, value=buf)
+    adapter.offload = blocks
+    return model, adapter, blocks
