@@ -37,7 +37,9 @@ class Group:
 
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
         self.rank, self.world, self.local_rank = rank, world, local_rank
-        self.scalars_sent = 0  # values this rank contributed to collectives (for the bench)
+        self.evaluations = 0  # evaluations this rank computed for a gather
+        self.collectives = 0  # collective calls made
+        self.scalars = 0  # numbers this rank received through them (padding included)
 
     @property
     def main(self) -> bool:
@@ -77,6 +79,8 @@ class Group:
             for i, v in known.items():
                 flags[i], values[i] = 1, v
         self._run("the store lookup", lambda: (dist.broadcast(flags, 0), dist.broadcast(values, 0)))
+        self.collectives += 2
+        self.scalars += 2 * n
         return {i: float(values[i]) for i in range(n) if flags[i]}
 
     def gather(self, local: Sequence[float], n: int) -> list[float]:
@@ -90,7 +94,9 @@ class Group:
         mine[: len(local)] = torch.tensor([float(v) for v in local], dtype=torch.float64)
         parts = [torch.empty(width, dtype=torch.float64) for _ in range(self.world)]
         self._run("the gather of results", lambda: dist.all_gather(parts, mine))
-        self.scalars_sent += len(local)
+        self.evaluations += len(local)
+        self.collectives += 1
+        self.scalars += width * self.world
         out: list[float] = []
         for r, part in enumerate(parts):
             start, stop = self.share(n, r)
@@ -110,6 +116,7 @@ class Group:
             except LayerpruneError as e:
                 box[0] = ("error", str(e))
         self._run("a broadcast from rank 0", lambda: dist.broadcast_object_list(box, 0))
+        self.collectives += 1
         kind, value = box[0]
         if kind == "error":
             raise LayerpruneError(value)
@@ -156,9 +163,21 @@ def is_main() -> bool:
 
 
 def close() -> None:
+    """End the job's group. With LAYERPRUNE_DIST_STATS=PATH each rank writes its counters to
+    PATH.rank<N>.json first (bench/scale.py reads them)."""
     global _GROUP
     if _GROUP is not None and _GROUP.active:
+        import json
+
         import torch.distributed as dist
+
+        stats = os.environ.get("LAYERPRUNE_DIST_STATS")
+        if stats:
+            g = _GROUP
+            doc = {"rank": g.rank, "world": g.world, "evaluations": g.evaluations,
+                   "collectives": g.collectives, "scalars_received": g.scalars}  # fmt: skip
+            with open(f"{stats}.rank{g.rank}.json", "w") as f:
+                json.dump(doc, f)
 
         if dist.is_initialized():
             dist.destroy_process_group()
