@@ -58,3 +58,18 @@ def test_fixture_loads_in_float32_on_cpu(fixture_lm):
     cfg = fixture_lm.model.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (256, 4, 2)
     assert cfg.tie_word_embeddings
+
+
+def test_fingerprint_of_a_tensor_past_float32_integer_precision():
+    """linspace in float32 rounds 65535999 up to 65536000: the index must stay inside the tensor."""
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny_model("llama", num_layers=1).config
+            self.w = torch.nn.Parameter(torch.zeros(65_536_000, dtype=torch.int8), requires_grad=False)
+
+    m = Big()
+    a = model_fingerprint(m)  # raised IndexError (index 65536000 out of bounds) before the clamp
+    m.w.data[-1] = 1
+    assert model_fingerprint(m) != a

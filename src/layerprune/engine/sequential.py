@@ -8,8 +8,8 @@
         run block i again (now pruned) and keep its outputs as the inputs of block i+1
 
 Only one block's statistics and one set of calibration activations are alive at a time: outputs
-replace inputs micro-batch by micro-batch. The activations live in memory (on CPU when the model is
-on a GPU) or, with `offload="disk"`, as safetensors files in a temporary folder, so that peak memory
+replace inputs micro-batch by micro-batch. The activations live in memory (on a GPU while they fit,
+else on CPU) or, with `offload="disk"`, as safetensors files in a temporary folder, so that peak memory
 is the model plus one micro-batch however many calibration tokens are used.
 """
 
@@ -29,6 +29,13 @@ from tqdm.auto import tqdm
 
 from ..models.adapter import ModelAdapter
 from .masked import BlockRunner
+
+
+def _fits_on_gpu(h: torch.Tensor) -> bool:
+    if not h.is_cuda:
+        return False
+    free, _ = torch.cuda.mem_get_info(h.device)
+    return h.numel() * h.element_size() * 4 < free
 
 
 class ActivationStore:
@@ -52,8 +59,10 @@ class ActivationStore:
 
     def put(self, b: int, h: torch.Tensor) -> None:
         if self._dir is None:
-            # On a GPU the activations wait on the CPU; on CPU this is the tensor itself.
-            self._mem[b] = h.detach().to("cpu")
+            # On a GPU the activations stay there while they fit (a quarter of what is free is
+            # left for the block's own work), otherwise they wait on the CPU; on CPU this is the
+            # tensor itself.
+            self._mem[b] = h.detach() if _fits_on_gpu(h) else h.detach().to("cpu")
             return
         path = self._dir / f"{b}-{self._writes}.safetensors"
         self._writes += 1

@@ -261,7 +261,10 @@ def model_fingerprint(model: torch.nn.Module, samples: int = 1024, tensor=None) 
         if p.device.type == "meta" and tensor is not None:
             p = tensor(name)
         flat = p.detach().reshape(-1)
+        # float32 positions, as always (fingerprints stay what they were); past 2^24 values the last
+        # one can round up beyond the end, hence the clamp
         idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        idx.clamp_(max=flat.numel() - 1)
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(flat[idx].float().cpu().numpy().tobytes())
