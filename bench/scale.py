@@ -98,9 +98,9 @@ def same_exports(a: Path, b: Path) -> dict:
 def memory(work: Path, layers: int) -> dict:
     model = work / f"llama-{layers}"
     make_model(model, layers)
-    from layerprune.models.offload import checkpoint_bytes
-
     import torch
+
+    from layerprune.models.offload import checkpoint_bytes
 
     param_bytes, _ = checkpoint_bytes(model, torch.float32)
     off = child(model, work / "out-offloaded", "1.5GB")
@@ -190,34 +190,45 @@ def trie_block_forwards(L: int, budget: int, ratio: float = 0.25) -> dict:
 
 
 def projection(block: dict) -> dict:
-    """GPU-hours of Shapley (budget 256) and a Self-Pruner search (430 evaluations) on Llama-2-70B."""
-    L, h, inter, heads, kv = 80, 8192, 28672, 64, 8
+    """GPU-hours of Shapley (budget 256) and a Self-Pruner search (430 evaluations) on Llama-2-70B,
+    for two calibration sizes and two placements: a bf16 replica on two 80 GB GPUs, or one GPU that
+    reads each block from host memory as the offloaded path does (once per block forward)."""
+    L, h, inter, heads, kv, vocab = 80, 8192, 28672, 64, 8, 32000
     head_dim = h // heads
     params_block = 2 * h * h + 2 * h * kv * head_dim + 3 * h * inter
-    tokens = 10 * 128  # the depth calibration of record: 10 x 128
-    flops_block = 2 * params_block * tokens + 4 * 10 * 128 * 128 * h  # matmuls + attention scores
+    block_bytes = 2 * params_block  # bf16
     trie = trie_block_forwards(L, 256)
-    peak, mfu = 989e12, 0.4  # H100 SXM dense bf16; an assumed utilisation, not measured here
-    gpu_s_per_block = flops_block / (peak * mfu)
+    peak, mfu, pcie = 989e12, 0.4, 50e9  # H100 SXM dense bf16, an assumed utilisation, PCIe 5 x16
     cpu_flops = 2 * block["params"] * block["tokens"] / block["forward_seconds"]
-    shapley_flops = trie["trie"] * flops_block
-    search_flops = 430 * L * flops_block  # a width candidate runs every block (masked, full size)
-    replica_gpus = 2  # 140 GB of bf16 weights: two 80 GB GPUs per replica, used one after the other
     out = {
-        "model": {"blocks": L, "params_per_block": params_block, "calibration_tokens": tokens},
-        "flops_per_block_forward": flops_block,
+        "model": {"name": "Llama-2-70B shapes", "blocks": L, "params_per_block": params_block},
         "shapley_trie_block_forwards": trie,
-        "assumed_gpu": {"peak_bf16_flops": peak, "mfu": mfu},
-        "gpu_seconds_per_block_forward": gpu_s_per_block,
+        "assumed_gpu": {"peak_bf16_flops": peak, "mfu": mfu, "host_to_gpu_bytes_per_second": pcie},
         "measured_cpu_flops_per_second": cpu_flops,
-        "shapley_256": {"pflop": shapley_flops / 1e15},
-        "search_430": {"pflop": search_flops / 1e15},
+        "calibrations": {},
     }
-    for name, flops in (("shapley_256", shapley_flops), ("search_430", search_flops)):
-        one_replica_h = flops / (peak * mfu) / 3600
-        out[name]["gpu_hours"] = one_replica_h * replica_gpus
-        out[name]["wall_hours_by_gpus"] = {n: one_replica_h * replica_gpus / n for n in (2, 8, 64)}
-        out[name]["this_cpu_hours"] = flops / cpu_flops / 3600
+    for windows, seqlen in ((10, 128), (128, 2048)):
+        tokens = windows * seqlen
+        flops_block = 2 * params_block * tokens + 4 * windows * seqlen * seqlen * h
+        flops_head = 2 * h * vocab * tokens
+        compute_s = flops_block / (peak * mfu)
+        runs = {
+            "shapley_256": (trie["trie"], 256),  # (block forwards, head evaluations)
+            "search_430": (430 * L, 430),  # a width candidate runs every block (masked, full size)
+        }
+        row = {"tokens": tokens, "gpu_seconds_per_block_forward": compute_s}
+        for name, (forwards, heads_) in runs.items():
+            flops = forwards * flops_block + heads_ * flops_head
+            replica_s = flops / (peak * mfu)  # two GPUs hold the replica, one works at a time
+            offload_s = forwards * max(compute_s, block_bytes / pcie) + heads_ * flops_head / (peak * mfu)
+            row[name] = {
+                "pflop": flops / 1e15,
+                "gpu_hours_replica_2_gpus": 2 * replica_s / 3600,
+                "gpu_hours_offloaded_1_gpu": offload_s / 3600,
+                "wall_hours_on_n_gpus_replicas": {n: 2 * replica_s / n / 3600 for n in (2, 8, 64)},
+                "this_cpu_hours": flops / cpu_flops / 3600,
+            }
+        out["calibrations"][f"{windows}x{seqlen}"] = row
     return out
 
 
