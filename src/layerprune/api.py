@@ -43,7 +43,7 @@ def score(
     from .scorers.run import run
 
     scorer(method)  # an unknown method fails before any data is read
-    if method in ("taylor", "wanda-sp", "magnitude-sp"):
+    if method in ("wanda-sp", "magnitude-sp"):
         lm.adapter.require_in_memory(f"scoring by {method}")
     calib = None if method in DATA_FREE else resolve_calibration(lm, calib, FEEDS[method])
     return run(lm, method, calib, unit=unit, progress=progress, **options)

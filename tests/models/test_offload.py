@@ -71,6 +71,22 @@ def test_block_walking_scores_equal_the_in_memory_ones(sharded, method):
     assert a.importance == b.importance
 
 
+@pytest.mark.parametrize(
+    "unit,removed", [("block", None), ("module", None), ("block", [2]), ("module", [1, 4])]
+)
+def test_taylor_block_by_block_backward_equals_one_backward_of_the_whole_model(sharded, unit, removed):
+    from layerprune.scorers.taylor import score
+
+    whole, off = both(sharded)
+    w = windows()
+    n = len(whole.adapter.units(unit))
+    mask = None if removed is None else [j in removed for j in range(n)]
+    a = score(whole.model, whole.adapter, w, unit=unit, removed=mask).importance
+    b = score(off.model, off.adapter, w, unit=unit, removed=mask).importance
+    assert [v is None for v in a] == [v is None for v in b] == [bool(mask and mask[j]) for j in range(n)]
+    assert [v for v in b if v is not None] == pytest.approx([v for v in a if v is not None], rel=1e-5)
+
+
 def test_esd_metrics_equal_the_in_memory_ones(sharded):
     whole, off = both(sharded)
     a = lp.score(whole, "alpha", progress=False)
@@ -167,10 +183,10 @@ def test_max_memory_errors_name_the_fix(sharded):
 def test_paths_that_need_the_whole_model_refuse_an_offloaded_one(sharded):
     _, off = both(sharded)
     w = windows()
-    with pytest.raises(
-        lp.LayerpruneError, match="taylor needs the whole model in memory; load it without --max-memory"
-    ):
-        lp.score(off, "taylor", w, progress=False)
+    with pytest.raises(lp.LayerpruneError, match="wanda-sp needs the whole model in memory; load it without"):
+        lp.score(off, "wanda-sp", w, progress=False)
+    with pytest.raises(lp.LayerpruneError, match="Taylor scores all calibration samples as one batch"):
+        lp.score(off, "taylor", w, batch_size=2, progress=False)
     with pytest.raises(lp.LayerpruneError, match="recovery training needs the whole model"):
         lp.recover(off, "fixture:train", steps=1)
 

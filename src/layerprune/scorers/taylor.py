@@ -25,6 +25,8 @@ def score(
 ):
     units = adapter.units(unit)
     keep = keep_mask(len(units), removed)
+    if adapter.offload is not None:
+        return _offloaded(model, adapter, windows, units, keep, batch_size, norm_power)
     owner: dict[torch.nn.Parameter, int] = {}
     for k, u in enumerate(units):
         if keep[k]:
@@ -71,3 +73,70 @@ def score(
             p.grad = None
     importance = [float(totals[k]) if keep[k] else None for k in range(len(units))]
     return MethodScores(importance, {"batches": len(batches), "norm_power": norm_power})
+
+
+def _offloaded(model, adapter, windows, units, keep, batch_size, norm_power) -> MethodScores:
+    """Taylor+ with the blocks on disk: a forward block by block keeps each block's input (on CPU),
+    the loss's gradient with respect to the last hidden states comes from the head, then the blocks
+    are walked backwards, each one resident once: its forward recomputed from the kept input with
+    its weights requiring grad, the output gradient pushed through it, |W * grad| summed per unit,
+    the input gradient handed to the block before. Same gradients as one backward of the whole
+    model (activation checkpointing at block boundaries); one calibration batch, as the default."""
+    from ..engine.masked import BlockRunner, SkippedBlock, _Inject, _replaced_blocks
+    from ..errors import LayerpruneError
+
+    ids = windows.input_ids
+    if batch_size and batch_size < ids.shape[0]:
+        raise LayerpruneError(
+            "with --max-memory Taylor scores all calibration samples as one batch; drop --batch-size"
+        )
+    L = adapter.num_blocks
+    per_block: dict[int, list[int]] = {}
+    for k, u in enumerate(units):
+        per_block.setdefault(u.block, []).append(k)
+
+    def parts_off(i: int) -> list[str]:
+        off = [units[k].part for k in per_block[i] if not keep[k]]
+        return ["attn", "mlp"] if "block" in off else off
+
+    runner = BlockRunner(model, adapter, ids, batch_size=ids.shape[0])
+    inputs = []
+    with torch.no_grad():
+        h = runner.embed_batch(0)
+        for i in range(L):
+            inputs.append(h.cpu())
+            off = parts_off(i)
+            if len(off) < 2:
+                h = runner.block(i, [h], off)[0]
+    h = h.detach().requires_grad_(True)
+    stand_ins = [SkippedBlock() for _ in range(L - 1)] + [_Inject(h)]
+    batch = runner.batches[0]
+    with _replaced_blocks(adapter, stand_ins):
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    (grad,) = torch.autograd.grad(loss, [h])
+    totals = torch.zeros(len(units), dtype=torch.float64)
+    for i in reversed(range(L)):
+        off = parts_off(i)
+        if len(off) == 2:
+            continue  # a removed block passes the gradient through unchanged
+        with adapter.resident(i), adapter.zero_parts(i, off) if off else contextlib.nullcontext():
+            owned = {
+                k: [p for n, p in adapter.unit_parameters(units[k]) if n.endswith("weight")]
+                for k in per_block[i]
+                if keep[k]
+            }
+            weights = [p for ps in owned.values() for p in ps]
+            for p in weights:
+                p.requires_grad_(True)
+            x = inputs[i].to(grad.device).requires_grad_(True)
+            args, kwargs = runner._capture(batch)[i]
+            with torch.enable_grad():
+                out = adapter.blocks[i](x, *args, **kwargs)
+            grads = torch.autograd.grad(out, [x, *weights], grad_outputs=grad)
+            grad, by_param = grads[0], dict(zip(map(id, weights), grads[1:]))
+            for k, ps in owned.items():
+                for p in ps:
+                    s = p.detach().float() * by_param[id(p)].float()
+                    totals[k] += float(s.abs().pow(norm_power).sum())
+    importance = [float(totals[k]) if keep[k] else None for k in range(len(units))]
+    return MethodScores(importance, {"batches": 1, "norm_power": norm_power, "offloaded": True})
