@@ -92,6 +92,9 @@ CASES = [
     (["info", "{d}/a_file"], "pass the folder that holds config.json"),
     (["eval", "fixture", "--ppl", "fixture:test", "--device", "cuda"], "use --device cpu"),
     (["eval", "fixture", "--ppl", "fixture:test", "--device", "toaster"], "use cpu, cuda or cuda:N"),
+    (["eval", "fixture", "--ppl", "fixture:test", "--max-memory", "lots"], "write it like 8GB"),
+    (["eval", "fixture", "--ppl", "fixture:test", "--max-memory", "1MB"], "raise it to at least"),
+    (["eval", "fixture", "--tasks", "fixture", "--max-memory", "40MB"], "needs the whole model in memory"),
     # evaluation
     (["eval", "fixture"], "pass --ppl"),
     (["eval", "fixture", "--ppl", "fixture:test", "--seqlen", "4096"], "use --seqlen 256 or less"),

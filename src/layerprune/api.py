@@ -43,8 +43,6 @@ def score(
     from .scorers.run import run
 
     scorer(method)  # an unknown method fails before any data is read
-    if method in ("wanda-sp", "magnitude-sp"):
-        lm.adapter.require_in_memory(f"scoring by {method}")
     calib = None if method in DATA_FREE else resolve_calibration(lm, calib, FEEDS[method])
     return run(lm, method, calib, unit=unit, progress=progress, **options)
 
@@ -156,7 +154,6 @@ def apply(
 
         if calib is not None:
             raise LayerpruneError("a depth plan needs no calibration; drop --calib")
-        lm.adapter.require_in_memory("applying a depth plan")
         return apply_depth(lm, plan)
     if isinstance(plan, SparsityPlan):
         from .pruners.unstructured import apply as apply_sparsity
@@ -166,7 +163,6 @@ def apply(
     if isinstance(plan, WidthPlan):
         from .pruners.width import apply_plan
 
-        lm.adapter.require_in_memory("applying a width plan")
         windows = None if plan.pruner == "magnitude-sp" else _plan_windows(lm, plan, calib)
         return apply_plan(lm, plan, windows, batch_size=batch_size, progress=progress)
     raise LayerpruneError(f"cannot apply a {type(plan).__name__}")

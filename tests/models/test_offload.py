@@ -140,6 +140,45 @@ def test_pruning_offloaded_gives_the_same_weights_and_shards_like_the_input(shar
     assert any(not torch.equal(before[k], y[k]) for k in y)
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "owl"])
+def test_width_pruning_offloaded_writes_the_same_smaller_checkpoint(sharded, tmp_path, allocation):
+    whole, off = both(sharded)
+    w = windows()
+    scores = lp.score(whole, "wanda-sp", w, progress=False)
+    assert lp.score(off, "wanda-sp", w, progress=False).extra == scores.extra
+    plan = lp.plan(whole, scores, width=0.4, allocation=allocation, calib=w, progress=False)
+    a = lp.apply(whole, plan, w, progress=False)
+    b = lp.apply(off, plan, w, progress=False)
+    assert a == b and b["parameters_after"] < b["parameters_before"]
+    assert all(p.device.type == "meta" for p in off.adapter.blocks.parameters())
+    x = tensors(lp.export(whole, tmp_path / "whole", plan))
+    y = tensors(lp.export(off, tmp_path / "off", plan))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    cw, co = (json.loads((tmp_path / f / "config.json").read_text()) for f in ("whole", "off"))
+    assert {k: v for k, v in cw.items() if k != "transformers_version"} == {
+        k: v for k, v in co.items() if k != "transformers_version"
+    }
+    reloaded = lp.load(str(tmp_path / "off"), device="cpu", quiet=True)  # per-block shapes included
+    assert reloaded.fingerprint == whole.fingerprint
+
+
+@pytest.mark.parametrize("unit,remove", [("block", 2), ("module", 3)])
+def test_depth_pruning_offloaded_writes_the_same_renumbered_checkpoint(sharded, tmp_path, unit, remove):
+    whole, off = both(sharded)
+    w = windows()
+    scores = lp.score(whole, "ppl", w, unit=unit, progress=False)
+    plan = lp.plan(whole, scores, remove=remove)
+    assert lp.apply(whole, plan) == lp.apply(off, plan)
+    assert off.adapter.num_blocks == whole.adapter.num_blocks and off.fingerprint == whole.fingerprint
+    x = tensors(lp.export(whole, tmp_path / "whole", plan))
+    y = tensors(lp.export(off, tmp_path / "off", plan))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    # reloaded offloaded again (removed parts silenced), it computes what the model pruned in memory does
+    again = lp.load(str(tmp_path / "off"), device="cpu", quiet=True, max_memory=int(sharded[1] * 0.5))
+    reference = lp.load(str(tmp_path / "whole"), device="cpu", quiet=True)
+    assert again.offloaded and again.fingerprint == reference.fingerprint
+
+
 def test_perplexity_of_an_offloaded_model_matches_a_full_forward(sharded):
     from layerprune.evaluation.perplexity import perplexity_of_windows
 
@@ -183,8 +222,12 @@ def test_max_memory_errors_name_the_fix(sharded):
 def test_paths_that_need_the_whole_model_refuse_an_offloaded_one(sharded):
     _, off = both(sharded)
     w = windows()
-    with pytest.raises(lp.LayerpruneError, match="wanda-sp needs the whole model in memory; load it without"):
-        lp.score(off, "wanda-sp", w, progress=False)
+    from layerprune.evaluation.zeroshot import zeroshot
+
+    with pytest.raises(
+        lp.LayerpruneError, match="zero-shot evaluation .* needs the whole model in memory; load"
+    ):
+        zeroshot(off, "fixture", limit=2)
     with pytest.raises(lp.LayerpruneError, match="Taylor scores all calibration samples as one batch"):
         lp.score(off, "taylor", w, batch_size=2, progress=False)
     with pytest.raises(lp.LayerpruneError, match="recovery training needs the whole model"):

@@ -105,7 +105,7 @@ class ModelAdapter:
         if self.offload is not None:
             raise LayerpruneError(
                 f"{what} needs the whole model in memory; load it without --max-memory "
-                "(offloaded models support wanda, sparsegpt, magnitude, ppl, sleb, shapley, bi, angular, alpha, owl)"
+                "(offloaded models support scoring, planning, every pruner, perplexity and export)"
             )
 
     # ---- structure -------------------------------------------------------------------------
@@ -333,6 +333,8 @@ class ModelAdapter:
                 "depth pruning is not supported for it"
             )
         keep = [i for i in range(L) if i not in set(drop)]
+        if self.offload is not None:  # the blocks left read their weights from their old places
+            self.offload.remove(drop)
         blocks = self.blocks
         new_blocks = nn.ModuleList([blocks[i] for i in keep])
         for j, block in enumerate(new_blocks):

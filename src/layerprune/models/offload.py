@@ -10,10 +10,11 @@ to a temporary safetensors file that later reads prefer; the export streams ever
 time, into shards laid out like the input's.
 
 Every sequential path asks for residency through the adapter (`adapter.resident(i)`): the
-calibration walk of Wanda / SparseGPT / magnitude / OWL, the mask engine (leave-one-out, SLEB,
-Shapley, angular, block influence), ESD metrics and perplexity. Paths that need the whole model at
-once (Taylor gradients, width pruning, depth apply, recovery, zero-shot) refuse an offloaded model
-with a one-line error.
+calibration walk of Wanda / SparseGPT / magnitude / OWL / Wanda-sp, the mask engine (leave-one-out,
+SLEB, Shapley, angular, block influence), ESD metrics, Taylor+ (a block-by-block backward), width
+and depth pruning (removed blocks keep reading from their old places; the export renumbers them),
+and perplexity. Recovery training and lm-eval's zero-shot run whole forwards and refuse an
+offloaded model with a one-line error.
 """
 
 from __future__ import annotations
@@ -113,9 +114,11 @@ class OffloadedBlocks:
         self.files = checkpoint_files(self.folder)
         self.prefix = next(n for n, m in model.named_modules() if m is adapter.blocks)
         self._overlay = Path(tempfile.mkdtemp(prefix="layerprune-blocks-"))
-        self._changed: dict[int, Path] = {}
+        self.origin = list(range(adapter.num_blocks))  # checkpoint index of each block (depth pruning)
+        self._changed: dict[int, Path] = {}  # by checkpoint index: the overlay file of a changed block
         self._depth: dict[int, int] = {}
         self.loads = 0  # blocks brought in (for benchmarks)
+        self._writes = 0
 
     # ---- names -------------------------------------------------------------------------------
     def block_names(self, i: int) -> list[str]:
@@ -128,10 +131,24 @@ class OffloadedBlocks:
             return None
         return int(name[len(head) :].split(".", 1)[0])
 
+    def source(self, name: str) -> str:
+        """The checkpoint's name of a tensor of the model as it is now (blocks may have been removed)."""
+        i = self.block_of(name)
+        if i is None:
+            return name
+        rest = name[len(self.prefix) + 1 :].split(".", 1)[1]
+        return f"{self.prefix}.{self.origin[i]}.{rest}"
+
+    def remove(self, indices) -> None:
+        """Blocks deleted from the model (ModelAdapter.remove_blocks): forget their place."""
+        drop = set(indices)
+        self.origin = [o for j, o in enumerate(self.origin) if j not in drop]
+
     # ---- reading -----------------------------------------------------------------------------
     def _read(self, name: str) -> torch.Tensor:
         i = self.block_of(name)
-        file = self._changed.get(i) if i is not None else None
+        name = self.source(name)
+        file = self._changed.get(self.origin[i]) if i is not None else None
         if file is None:
             file = self.files.get(name)
             if file is None:
@@ -173,13 +190,14 @@ class OffloadedBlocks:
                 self.adapter.blocks[i].to("meta")
 
     def _keep(self, i: int) -> None:
-        block = self.adapter.blocks[i]
+        block, o = self.adapter.blocks[i], self.origin[i]
         state = {
-            f"{self.prefix}.{i}.{n}": t.detach().cpu().contiguous() for n, t in block.state_dict().items()
+            f"{self.prefix}.{o}.{n}": t.detach().cpu().contiguous() for n, t in block.state_dict().items()
         }
-        path = self._overlay / f"block-{i}-{len(self._changed)}.safetensors"
+        path = self._overlay / f"block-{o}-{self._writes}.safetensors"
+        self._writes += 1
         save_file(state, str(path))
-        old, self._changed[i] = self._changed.get(i), path
+        old, self._changed[o] = self._changed.get(o), path
         if old is not None:
             old.unlink(missing_ok=True)
 
@@ -199,16 +217,23 @@ class OffloadedBlocks:
             with contextlib.suppress(Exception):
                 self.model.generation_config.save_pretrained(out)
         shapes = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
+        # each tensor goes to the shard file that held it in the input, under its name now (a block
+        # after removed ones is renumbered); removed blocks and parts are gone, tied copies not stored
+        order = {n: k for k, n in enumerate(self.files)}
         per_file: dict[str, list[str]] = {}
-        for name, file in self.files.items():
-            per_file.setdefault(file.name, []).append(name)
+        for name in sorted(shapes, key=lambda n: order.get(self.source(n), len(order))):
+            src = self.source(name)
+            if src in self.files:
+                per_file.setdefault(self.files[src].name, []).append(name)
+            elif self.block_of(name) is not None:
+                raise LayerpruneError(f"{name} has no tensor in the checkpoint of {self.folder}")
         total = 0
         for file, names in per_file.items():
             total += write_safetensors(out / file, names, shapes, dtype, self.tensor)
         if (self.folder / "model.safetensors.index.json").is_file():
             index = {
                 "metadata": {"total_size": total},
-                "weight_map": {n: f.name for n, f in sorted(self.files.items())},
+                "weight_map": {n: f for f, names in per_file.items() for n in sorted(names)},
             }
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 

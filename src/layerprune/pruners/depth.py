@@ -43,10 +43,11 @@ def apply(lm, plan: DepthPlan) -> dict:
     before = sum(p.numel() for p in lm.model.parameters())
     blocks, parts = split_units(plan.units())
     for u in parts:
-        layer = adapter.output_linear(u.block, u.part)
-        layer.weight.zero_()
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.zero_()
+        with adapter.resident(u.block, modifies=True):
+            layer = adapter.output_linear(u.block, u.part)
+            layer.weight.zero_()
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.zero_()
     if blocks:
         adapter.remove_blocks(blocks)
     renumbered = [str(Unit(u.block - sum(b < u.block for b in blocks), u.part)) for u in parts]

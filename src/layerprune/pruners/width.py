@@ -225,45 +225,49 @@ def shrink(target, masks: Sequence[WidthMask]) -> list[dict]:
     `target`: a LoadedModel (its fingerprint is then reset), a ModelAdapter, or a model."""
     adapter = _adapter(target)
     masks = check_masks(adapter, masks)
-    spec = adapter.spec
     d = adapter.head_dim
     counts = []
     for i, m in enumerate(masks):
-        heads, kv = adapter.attn_heads(i)
-        channels = adapter.mlp_channels(i)
-        before = _block_params(adapter, i)
-        linears = adapter.linears(i)
-        for part, keep in zip(PARTS, (m.groups, m.channels)):
-            lay = layout(adapter, i, part)
-            n_units = next(iter(lay.values()))[1].shape[0]
-            if keep is None or len(keep) == n_units:
-                continue
-            for role, (axis, idx) in lay.items():
-                rows = idx[keep].reshape(-1).sort().values  # kept rows in their original order
-                _slice(adapter, linears[role], axis, rows)
-        new_heads, new_kv = adapter.attn_heads(i)
-        if (new_heads, new_kv) != (heads, kv):
-            attn = adapter.part(i, "attn")
-            values = {"heads": new_heads, "kv_heads": new_kv, "q_width": new_heads * d}
-            for attr, what in spec.attn_module_attrs.items():
-                setattr(attn, attr, values[what])
-        counts.append(
-            {
-                "block": i,
-                "heads_before": heads,
-                "heads_after": new_heads,
-                "kv_heads_before": kv,
-                "kv_heads_after": new_kv,
-                "channels_before": channels,
-                "channels_after": adapter.mlp_channels(i),
-                "parameters_before": before,
-                "parameters_after": _block_params(adapter, i),
-            }
-        )
+        with adapter.resident(i, modifies=True):  # offloaded blocks: one at a time, kept as changed
+            counts.append(_shrink_block(adapter, i, m, d))
     sync_config(adapter)
     if hasattr(target, "modified"):
         target.modified()
     return counts
+
+
+def _shrink_block(adapter: ModelAdapter, i: int, m: WidthMask, d: int) -> dict:
+    """Remove block i's units that `m` does not keep; its counts."""
+    spec = adapter.spec
+    heads, kv = adapter.attn_heads(i)
+    channels = adapter.mlp_channels(i)
+    before = _block_params(adapter, i)
+    linears = adapter.linears(i)
+    for part, keep in zip(PARTS, (m.groups, m.channels)):
+        lay = layout(adapter, i, part)
+        n_units = next(iter(lay.values()))[1].shape[0]
+        if keep is None or len(keep) == n_units:
+            continue
+        for role, (axis, idx) in lay.items():
+            rows = idx[keep].reshape(-1).sort().values  # kept rows in their original order
+            _slice(adapter, linears[role], axis, rows)
+    new_heads, new_kv = adapter.attn_heads(i)
+    if (new_heads, new_kv) != (heads, kv):
+        attn = adapter.part(i, "attn")
+        values = {"heads": new_heads, "kv_heads": new_kv, "q_width": new_heads * d}
+        for attr, what in spec.attn_module_attrs.items():
+            setattr(attn, attr, values[what])
+    return {
+        "block": i,
+        "heads_before": heads,
+        "heads_after": new_heads,
+        "kv_heads_before": kv,
+        "kv_heads_after": new_kv,
+        "channels_before": channels,
+        "channels_after": adapter.mlp_channels(i),
+        "parameters_before": before,
+        "parameters_after": _block_params(adapter, i),
+    }
 
 
 # ---- config and checkpoints ---------------------------------------------------------------------------

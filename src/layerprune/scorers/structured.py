@@ -66,7 +66,8 @@ def structured_scores(model, adapter, windows, *, data: bool, owned: str, batch_
 
     if not data:
         for i in range(adapter.num_blocks):
-            block_scores(i, None)
+            with adapter.resident(i):
+                block_scores(i, None)
         return out
 
     def on_block(i, calibrate):
@@ -75,7 +76,14 @@ def structured_scores(model, adapter, windows, *, data: bool, owned: str, batch_
         block_scores(i, stats)
 
     run_sequential(
-        model, adapter, windows.input_ids, on_block, batch_size=batch_size, progress=progress, desc="wanda-sp"
+        model,
+        adapter,
+        windows.input_ids,
+        on_block,
+        batch_size=batch_size,
+        progress=progress,
+        desc="wanda-sp",
+        modifies=False,
     )
     return out
 
