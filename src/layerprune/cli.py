@@ -419,6 +419,10 @@ def cmd_apply(args) -> int:
     counts = lp.apply(
         lm, plan, args.calib, batch_size=args.batch_size, offload=args.offload, progress=not args.quiet
     )
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun every rank pruned the same weights; rank 0 evaluates and writes
+        return 0
     evaluation = []
     for source in args.eval or []:
         r = lp.perplexity(
@@ -913,11 +917,22 @@ def _torchrun(args) -> None:
     rank, world, _ = world_from_env()
     if world <= 1:
         return
-    if args.command not in SPREAD_COMMANDS or (args.command == "score" and args.method not in SPREAD_METHODS):
+    if args.command == "apply":
+        from .plans import Plan
+
+        plan = Plan.load(args.plan)
+        if plan.kind != "sparsity" or plan.pruner == "magnitude":
+            raise LayerpruneError(
+                "under torchrun apply splits the calibration of wanda / sparsegpt plans over the ranks; "
+                f"this {plan.kind} plan has none to split: run it as one process"
+            )
+    elif args.command not in SPREAD_COMMANDS or (
+        args.command == "score" and args.method not in SPREAD_METHODS
+    ):
         what = f"score --method {args.method}" if args.command == "score" else args.command
         raise LayerpruneError(
-            f"torchrun spreads the mask evaluations of score ({', '.join(SPREAD_METHODS)}) and plan; "
-            f"{what} has none: run it as one process"
+            f"torchrun spreads the mask evaluations of score ({', '.join(SPREAD_METHODS)}) and plan, and the "
+            f"calibration of apply (wanda, sparsegpt); {what} has none: run it as one process"
         )
     group()  # the rendezvous, before any model is loaded
 

@@ -123,6 +123,19 @@ class Group:
         return value
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over the ranks, in place (calibration statistics split by data)."""
+    g = group()
+    if not g.active:
+        return t
+    import torch.distributed as dist
+
+    g._run("the reduction of calibration statistics", lambda: dist.all_reduce(t))
+    g.collectives += 1
+    g.scalars += t.numel()
+    return t
+
+
 _GROUP: Group | None = None
 
 

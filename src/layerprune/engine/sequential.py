@@ -16,6 +16,7 @@ is the model plus one micro-batch however many calibration tokens are used.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,8 +28,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import LayerpruneError
 from ..models.adapter import ModelAdapter
 from .masked import BlockRunner
+
+# True while run_sequential walks this rank's share of the calibration windows under torchrun: the
+# statistics below are then summed over the ranks when they are read.
+_SPLIT = contextvars.ContextVar("layerprune_split_calibration", default=False)
 
 
 def _fits_on_gpu(h: torch.Tensor) -> bool:
@@ -120,12 +126,34 @@ def run_sequential(
     progress: bool = True,
     desc: str = "blocks",
     modifies: bool = True,
+    split_data: bool = False,
 ) -> None:
     """Walk the blocks in order. `on_block(i, calibrate)` may call `calibrate(callback)` any number of
     times: each call runs block i on every micro-batch with `callback(role, inputs)` hooked on its
     linear layers. Whatever it did to the block, the block's outputs are then recomputed.
     With offloaded blocks, block i is resident while it is calibrated, changed and recomputed, and
-    (`modifies`) its new weights are kept as it leaves."""
+    (`modifies`) its new weights are kept as it leaves.
+    `split_data` under torchrun: each rank walks its contiguous share of the windows, and the
+    statistics (ColumnNorms, Hessian) are all-reduced at each block boundary, when read."""
+    from ..distributed import group
+
+    g = group()
+    if split_data and g.active:
+        if input_ids.shape[0] < g.world:
+            raise LayerpruneError(
+                f"{input_ids.shape[0]} calibration windows cannot be split over {g.world} ranks; "
+                "use more --samples or fewer processes"
+            )
+        lo, hi = g.share(input_ids.shape[0])
+        input_ids = input_ids[lo:hi]
+    token = _SPLIT.set(split_data and g.active)
+    try:
+        _walk(model, adapter, input_ids, on_block, batch_size, offload, progress, desc, modifies)
+    finally:
+        _SPLIT.reset(token)
+
+
+def _walk(model, adapter, input_ids, on_block, batch_size, offload, progress, desc, modifies) -> None:
     runner = BlockRunner(model, adapter, input_ids, batch_size)
     device = runner.device
     with ActivationStore(offload) as store:
@@ -158,6 +186,9 @@ class ColumnNorms:
         self.tokens += x.shape[0]
 
     def norms(self) -> torch.Tensor:
+        if _SPLIT.get() and not getattr(self, "_reduced", False):
+            self.sq, self.tokens = _over_ranks(self.sq, self.tokens)
+            self._reduced = True
         return self.sq.sqrt()
 
 
@@ -175,4 +206,15 @@ class Hessian:
         self.tokens += x.shape[0]
 
     def value(self) -> torch.Tensor:
+        if _SPLIT.get() and not getattr(self, "_reduced", False):
+            self.H, self.tokens = _over_ranks(self.H, self.tokens)
+            self._reduced = True
         return self.H * (2.0 / self.tokens)
+
+
+def _over_ranks(total: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
+    """A statistic and its token count summed over the ranks that split the calibration windows."""
+    from ..distributed import all_reduce_sum
+
+    count = torch.tensor([tokens], dtype=torch.float64, device=total.device)
+    return all_reduce_sum(total.contiguous()), int(all_reduce_sum(count)[0])

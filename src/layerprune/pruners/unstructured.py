@@ -187,6 +187,7 @@ def prune(
         offload=offload,
         progress=progress,
         desc=pruner,
+        split_data=True,  # under torchrun: windows split over ranks, statistics all-reduced
     )
     return achieved
 
