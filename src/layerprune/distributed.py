@@ -35,8 +35,9 @@ TIMEOUT_S = float(os.environ.get("LAYERPRUNE_DIST_TIMEOUT", "1800"))
 class Group:
     """The ranks of this job (a group of one outside torchrun)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, device: str = "cpu"):
         self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.device = torch.device(device)  # where collective tensors live: cuda for NCCL
         self.evaluations = 0  # evaluations this rank computed for a gather
         self.collectives = 0  # collective calls made
         self.scalars = 0  # numbers this rank received through them (padding included)
@@ -78,7 +79,9 @@ class Group:
         if self.main:
             for i, v in known.items():
                 flags[i], values[i] = 1, v
+        flags, values = flags.to(self.device), values.to(self.device)
         self._run("the store lookup", lambda: (dist.broadcast(flags, 0), dist.broadcast(values, 0)))
+        flags, values = flags.cpu(), values.cpu()
         self.collectives += 2
         self.scalars += 2 * n
         return {i: float(values[i]) for i in range(n) if flags[i]}
@@ -92,8 +95,10 @@ class Group:
         width = -(-n // self.world)
         mine = torch.full((width,), float("nan"), dtype=torch.float64)
         mine[: len(local)] = torch.tensor([float(v) for v in local], dtype=torch.float64)
-        parts = [torch.empty(width, dtype=torch.float64) for _ in range(self.world)]
+        mine = mine.to(self.device)
+        parts = [torch.empty(width, dtype=torch.float64, device=self.device) for _ in range(self.world)]
         self._run("the gather of results", lambda: dist.all_gather(parts, mine))
+        parts = [p.cpu() for p in parts]
         self.evaluations += len(local)
         self.collectives += 1
         self.scalars += width * self.world
@@ -130,7 +135,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         return t
     import torch.distributed as dist
 
-    g._run("the reduction of calibration statistics", lambda: dist.all_reduce(t))
+    moved = t.to(g.device)
+    g._run("the reduction of calibration statistics", lambda: dist.all_reduce(moved))
+    if moved is not t:
+        t.copy_(moved)
     g.collectives += 1
     g.scalars += t.numel()
     return t
@@ -153,6 +161,7 @@ def group() -> Group:
     global _GROUP
     rank, world, local = world_from_env()
     if _GROUP is None or (_GROUP.rank, _GROUP.world) != (rank, world):
+        device = "cpu"
         if world > 1:
             import torch.distributed as dist
 
@@ -167,7 +176,9 @@ def group() -> Group:
                 if backend == "nccl":
                     torch.cuda.set_device(local % torch.cuda.device_count())
                 dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        _GROUP = Group(rank, world, local)
+            if dist.get_backend() == "nccl":
+                device = f"cuda:{torch.cuda.current_device()}"
+        _GROUP = Group(rank, world, local, device)
     return _GROUP
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import LayerpruneError
 
@@ -191,12 +190,13 @@ class OffloadedBlocks:
 
     def _keep(self, i: int) -> None:
         block, o = self.adapter.blocks[i], self.origin[i]
-        state = {
-            f"{self.prefix}.{o}.{n}": t.detach().cpu().contiguous() for n, t in block.state_dict().items()
-        }
+        state = {f"{self.prefix}.{o}.{n}": t for n, t in block.state_dict().items()}
         path = self._overlay / f"block-{o}-{self._writes}.safetensors"
         self._writes += 1
-        save_file(state, str(path))
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
+        write_safetensors(
+            path, list(state), shapes, {n: t.dtype for n, t in state.items()}, state.__getitem__
+        )
         old, self._changed[o] = self._changed.get(o), path
         if old is not None:
             old.unlink(missing_ok=True)
@@ -238,33 +238,36 @@ class OffloadedBlocks:
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_safetensors(path: Path, names: list[str], shapes: dict, dtype: torch.dtype, get) -> int:
+def write_safetensors(path: Path, names: list[str], shapes: dict, dtype, get) -> int:
     """Write a safetensors file one tensor at a time (the format: an 8-byte little-endian header
     length, a JSON header of dtypes, shapes and byte offsets, then the raw bytes in order). Only
-    one tensor is in memory at once; safetensors' own writer needs them all. Returns data bytes."""
-    width = torch.empty(0, dtype=dtype).element_size()
+    one tensor is in memory at once, and its bytes go to the file without a copy; safetensors' own
+    writer holds a bytes copy of every tensor. `dtype`: one torch dtype, or {name: dtype}.
+    Returns the data bytes."""
+    dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(names, dtype)
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:
         numel = 1
         for d in shapes[name]:
             numel *= d
+        size = numel * torch.empty(0, dtype=dtypes[name]).element_size()
         header[name] = {
-            "dtype": _ST_DTYPES[dtype],
+            "dtype": _ST_DTYPES[dtypes[name]],
             "shape": list(shapes[name]),
-            "data_offsets": [offset, offset + numel * width],
+            "data_offsets": [offset, offset + size],
         }
-        offset += numel * width
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in names:
-            t = get(name).to(dtype).contiguous()
+            t = get(name).detach().to("cpu", dtypes[name]).contiguous()
             if tuple(t.shape) != tuple(shapes[name]):
                 raise LayerpruneError(f"{name} has shape {tuple(t.shape)}, not {shapes[name]}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
     return offset
 
 
