@@ -32,8 +32,6 @@ def export(
     check_output_outside(out, lm.path)
     model = lm.model
     dtype = lm.source_dtype or model.get_input_embeddings().weight.dtype
-    if lm.offloaded:
-        dtype = lm.source_dtype or lm.adapter.offload.dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if lm.offloaded:  # tensor by tensor into shards laid out like the input's
             lm.adapter.offload.save(tmp, dtype)
