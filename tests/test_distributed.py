@@ -118,6 +118,24 @@ def test_a_killed_rank_stops_the_job_and_one_process_resumes_from_the_store(tmp_
     assert json.loads((tmp_path / "ref.json").read_text())["importance"] == resumed["importance"]
 
 
+def test_torchrun_ranks_with_offloaded_blocks_equal_one_process_in_memory(tmp_path, cli, fixture_lm):
+    """Each rank reads its blocks from the shards (--max-memory) instead of holding a replica."""
+    import shutil
+
+    sharded = tmp_path / "sharded"
+    fixture_lm.model.save_pretrained(sharded, max_shard_size="12MB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(fixture_lm.path / f, sharded / f)
+    args = ["score", sharded, "--method", "ppl", "--calib", "fixture:val", *SMALL]
+    r = cli(*args, "-o", tmp_path / "one.json")
+    assert r.returncode == 0, r.stderr
+    p = torchrun(*args, "-o", tmp_path / "two.json", "--max-memory", "20MB")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a["importance"] == b["importance"] and a["model"]["fingerprint"] == b["model"]["fingerprint"]
+
+
 def test_torchrun_width_search_equals_one_process(tmp_path, cli):
     r = cli("score", "fixture", "--method", "wanda-sp", "-o", tmp_path / "wsp.json", *SMALL)
     assert r.returncode == 0, r.stderr
