@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,18 @@ def _checked(text: Text) -> Text:
     return text
 
 
+def json_lines(path: Path, lines: list[str], shape: str) -> Iterator[tuple[int, object]]:
+    """(line number, object) of each non-blank line; a line that is not JSON is an error naming
+    `path:line` and the `shape` each line must have."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError:
+            raise LayerpruneError(f"{path}:{n} is not valid JSON; each line must be {shape}") from None
+
+
 def _read_local(path: Path) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     if path.is_dir() and not files:
@@ -125,15 +138,7 @@ def _read_local(path: Path) -> list[str]:
         if f.suffix != ".jsonl":
             docs.append(content)
             continue
-        for n, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise LayerpruneError(
-                    f'{f}:{n} is not valid JSON; each line must be {{"text": ...}}'
-                ) from None
+        for n, obj in json_lines(f, content.splitlines(), '{"text": ...}'):
             text = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise LayerpruneError(f'{f}:{n} has no "text" field')

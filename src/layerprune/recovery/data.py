@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import default_bos, encode, eval_windows, load_text
+from ..data import default_bos, encode, eval_windows, json_lines, load_text
 from ..errors import LayerpruneError
 
 IGNORE = -100  # label of a token the loss skips (the prompt of an instruction)
@@ -89,15 +89,7 @@ def _instruction_records(source: str) -> list[dict] | None:
     if not (isinstance(head, dict) and ("instruction" in head or "output" in head)):
         return None  # {"text": ...} lines: plain text
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise LayerpruneError(
-                f"{path}:{n} is not valid JSON; each line must be an object with instruction, input, output"
-            ) from None
+    for n, obj in json_lines(path, lines, "an object with instruction, input, output"):
         missing = [k for k in ("instruction", "output") if not isinstance(obj, dict) or k not in obj]
         if missing:
             raise LayerpruneError(
