@@ -214,3 +214,25 @@ def test_sparsegpt_equals_plain_sequential_obs(sparsity, nm, blocksize, dead):
         assert (mask.reshape(12, -1, 4).sum(-1) == 2).all()
     # the updates matter: pruning without them is not what either computes
     assert (W.masked_fill(mask, 0).double() - ref).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_wanda_on_more_rows_than_one_slice_equals_a_row_by_row_reference(nm):
+    """The mask is built ROWS rows at a time; every row must be what that row alone gives."""
+    from layerprune.pruners import unstructured
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(2 * unstructured.ROWS + 37, 96, generator=g)
+    norms = torch.rand(96, generator=g)
+    mask = wanda(W, norms, 0.5, nm)
+    for r in range(W.shape[0]):
+        s = W[r].abs() * norms
+        if nm is None:
+            expect = torch.zeros(96, dtype=torch.bool)
+            expect[torch.sort(s, stable=True).indices[:48]] = True
+        else:
+            groups = s.view(-1, 4)
+            expect = torch.zeros_like(groups, dtype=torch.bool)
+            expect.scatter_(1, torch.sort(groups, dim=1, stable=True).indices[:, :2], True)
+            expect = expect.view(-1)
+        assert torch.equal(mask[r], expect), r

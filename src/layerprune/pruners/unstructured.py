@@ -64,9 +64,16 @@ def magnitude(weight: torch.Tensor, sparsity: float, nm=None) -> torch.Tensor:
     return nm_mask(scores, *nm) if nm else lowest_mask(scores, int(weight.numel() * sparsity), per_row=False)
 
 
+ROWS = 256  # Wanda's mask is per row: built a slice of rows at a time, its scores and sort stay small
+
+
 def wanda(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float, nm=None) -> torch.Tensor:
-    scores = weight.abs().float() * column_norms[None, :]
-    return nm_mask(scores, *nm) if nm else lowest_mask(scores, int(weight.shape[1] * sparsity), per_row=True)
+    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    k = int(weight.shape[1] * sparsity)
+    for r in range(0, weight.shape[0], ROWS):
+        scores = weight[r : r + ROWS].abs().float() * column_norms[None, :]
+        mask[r : r + ROWS] = nm_mask(scores, *nm) if nm else lowest_mask(scores, k, per_row=True)
+    return mask
 
 
 def sparsegpt(
