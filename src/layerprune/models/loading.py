@@ -225,10 +225,10 @@ def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> Lo
             snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
         )
     compute = dtype if isinstance(dtype, torch.dtype) else (_dtype_of(config) or torch.float32)
-    total, _ = checkpoint_bytes(path, compute)
+    total, sizes = checkpoint_bytes(path, compute)
     if total <= max_memory:
         return None
-    model, adapter, _ = load_offloaded(path, config, device, compute, max_memory)
+    model, adapter, _ = load_offloaded(path, config, device, compute, max_memory, sizes)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except OSError as e:

@@ -271,8 +271,9 @@ def write_safetensors(path: Path, names: list[str], shapes: dict, dtype, get) ->
     return offset
 
 
-def load_offloaded(source: Path, config, device: str, dtype: torch.dtype, max_memory: int):
-    """(model, OffloadedBlocks) with blocks on meta; what lies outside them loaded now."""
+def load_offloaded(source: Path, config, device: str, dtype: torch.dtype, max_memory: int, sizes: dict):
+    """(model, adapter, OffloadedBlocks) with blocks on meta; what lies outside them loaded now.
+    `sizes`: bytes of each checkpoint tensor in `dtype` (checkpoint_bytes)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
@@ -284,7 +285,6 @@ def load_offloaded(source: Path, config, device: str, dtype: torch.dtype, max_me
     model.eval()
     adapter = ModelAdapter(model)
     blocks = OffloadedBlocks(model, adapter, source, device, dtype)
-    _, sizes = checkpoint_bytes(source, dtype)
     outside = sum(s for n, s in sizes.items() if blocks.block_of(n) is None)
     per_block = [sum(sizes.get(n, 0) for n in blocks.block_names(i)) for i in range(adapter.num_blocks)]
     need = outside + max(per_block)
