@@ -224,8 +224,8 @@ def spread(
     g = group()
     unique = list(dict.fromkeys(keys))
     index = {k: i for i, k in enumerate(unique)}
-    flags = g.broadcast_known(len(unique), {index[k]: v for k, v in known.items() if k in index})
-    values = {unique[i]: v for i, v in flags.items()}
+    stored = g.broadcast_known(len(unique), {index[k]: v for k, v in known.items() if k in index})
+    values = {unique[i]: v for i, v in stored.items()}
     missing = [k for k in unique if k not in values]
     if not g.active:
         if missing:

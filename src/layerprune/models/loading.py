@@ -202,12 +202,17 @@ def load(
         raise LayerpruneError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
     adapter = ModelAdapter(model)
-    removed_parts = getattr(model.config, "layerprune_removed_parts", None)
-    if removed_parts:  # parts zeroed by a depth plan: run them as no-ops (same function, no compute)
+    _silence_removed_parts(adapter)
+    return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
+
+
+def _silence_removed_parts(adapter: ModelAdapter) -> None:
+    """Parts zeroed by a depth plan run as no-ops (same function, no compute)."""
+    removed_parts = getattr(adapter.config, "layerprune_removed_parts", None)
+    if removed_parts:
         from .adapter import Unit
 
         adapter.silence_parts([Unit.parse(u) for u in removed_parts])
-    return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
 
 
 def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> LoadedModel | None:
@@ -233,10 +238,7 @@ def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> Lo
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except OSError as e:
         raise LayerpruneError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}") from None
-    if getattr(model.config, "layerprune_removed_parts", None):
-        from .adapter import Unit
-
-        adapter.silence_parts([Unit.parse(u) for u in model.config.layerprune_removed_parts])
+    _silence_removed_parts(adapter)
     return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
 
 

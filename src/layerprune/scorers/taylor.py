@@ -120,23 +120,22 @@ def _offloaded(model, adapter, windows, units, keep, batch_size, norm_power) -> 
         if len(off) == 2:
             continue  # a removed block passes the gradient through unchanged
         with adapter.resident(i), adapter.zero_parts(i, off) if off else contextlib.nullcontext():
-            owned = {
-                k: [p for n, p in adapter.unit_parameters(units[k]) if n.endswith("weight")]
+            owned = [
+                (k, p)
                 for k in per_block[i]
                 if keep[k]
-            }
-            weights = [p for ps in owned.values() for p in ps]
-            for p in weights:
-                p.requires_grad_(True)
+                for n, p in adapter.unit_parameters(units[k])
+                if n.endswith("weight")
+            ]
+            weights = [p.requires_grad_(True) for _, p in owned]
             x = inputs[i].to(grad.device).requires_grad_(True)
             args, kwargs = runner._capture(batch)[i]
             with torch.enable_grad():
                 out = adapter.blocks[i](x, *args, **kwargs)
             grads = torch.autograd.grad(out, [x, *weights], grad_outputs=grad)
-            grad, by_param = grads[0], dict(zip(map(id, weights), grads[1:]))
-            for k, ps in owned.items():
-                for p in ps:
-                    s = p.detach().float() * by_param[id(p)].float()
-                    totals[k] += float(s.abs().pow(norm_power).sum())
+            grad = grads[0]
+            for (k, p), g in zip(owned, grads[1:]):
+                s = p.detach().float() * g.float()
+                totals[k] += float(s.abs().pow(norm_power).sum())
     importance = [float(totals[k]) if keep[k] else None for k in range(len(units))]
     return MethodScores(importance, {"batches": 1, "norm_power": norm_power, "offloaded": True})
