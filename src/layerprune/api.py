@@ -123,7 +123,9 @@ def _plan_width(lm, width, scores, calib, progress, options) -> WidthPlan:
     from .scorers import DATA_FREE
 
     options = accepted(make_plan, options, "a width plan", generic=("batch_size",))
-    search_keys = ("allocation", "p_min", "p_max", "operators", "llm", "log", "store")
+    search_keys = (
+        "allocation", "p_min", "p_max", "operators", "llm", "log", "store", "fitness_samples", "fitness_seqlen",
+    )  # fmt: skip
     check_request(width, **{k: options[k] for k in search_keys if k in options})
     if not isinstance(lm, LoadedModel):
         lm = load(lm, quiet=not progress)

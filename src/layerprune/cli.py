@@ -325,7 +325,7 @@ def _print_importance(scores) -> None:
 PLAN_OPTIONS = (
     "protect", "iterative", "recheck", "allocation", "pruner", "nm", "epsilon", "lam", "clip", "metric",
     "lower_bound", "filter_zeros", "hyper_m", "batch_size", "store", "operators", "population", "crossovers",
-    "mutations", "iterations", "p_min", "p_max", "log",
+    "mutations", "iterations", "p_min", "p_max", "log", "fitness_samples", "fitness_seqlen",
 )  # fmt: skip
 
 
@@ -780,6 +780,18 @@ def _parser_plan(sub) -> None:
         "--store", default=None, help="SQLite store of fitness evaluations: a killed search resumes"
     )
     g.add_argument("--log", default=None, help="JSONL log of the search, one line per generation (+ PNG)")
+    g.add_argument(
+        "--fitness-samples",
+        type=positive_int,
+        default=None,
+        help="search fitness: calibration samples drawn from --calib (default 10)",
+    )
+    g.add_argument(
+        "--fitness-seqlen",
+        type=positive_int,
+        default=None,
+        help="search fitness: tokens per sample (default 128)",
+    )
     _spectral(p)
     _calibration(p)
     _batch(p)

@@ -163,3 +163,46 @@ def test_width_plan_errors():
         lp.apply(other, lp.plan(lm, scores, width=0.2), w)
     with pytest.raises(lp.LayerpruneError, match="feed width plans"):
         lp.plan(lm, scores, remove=1)
+
+
+def test_width_search_with_calib_runs_offline_on_a_non_fixture_model(tmp_path, cli):
+    """`plan MODEL --width --allocation search --calib my.txt` on a model that is not the fixture
+    calibrates its fitness on my.txt (10 x 128 unless given), never on a default online corpus, and
+    the plan records the fitness windows: equal to an independent draw from the same text."""
+    import json
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from layerprune.data import calibration_windows, load_text
+    from layerprune.models.loading import FIXTURE_DIR
+    from layerprune.models.tiny import tiny_config
+
+    folder = tmp_path / "tiny"
+    config = tiny_config("llama")
+    config.vocab_size, config.max_position_embeddings = (
+        8192,
+        256,
+    )  # the fixture's tokenizer, 128-token windows
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok = PreTrainedTokenizerFast.from_pretrained(FIXTURE_DIR)
+    tok.save_pretrained(folder)
+    text = tmp_path / "my.txt"
+    text.write_text((FIXTURE_DIR / "data" / "val.txt").read_text()[:60_000])
+    out = tmp_path / "w.json"
+    r = cli("plan", folder, "--width", "0.2", "--allocation", "search", "--calib", text, "--samples", "4",
+            "--seqlen", "32", "--population", "4", "--iterations", "1", "--crossovers", "1", "--mutations", "1",
+            "--fitness-samples", "3", "--fitness-seqlen", "24", "--quiet", "--no-plot", "-o", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    fit = json.loads(out.read_text())["extra"]["fitness_calibration"]
+    assert (fit["dataset"], fit["samples"], fit["seqlen"]) == (str(text), 3, 24)
+    expected = calibration_windows(tok, load_text(str(text)), 3, 24, seed=0, bos=fit["bos"])
+    assert fit["fingerprint"] == expected.fingerprint
+    # defaults: the depth papers' 10 x 128
+    r = cli("plan", folder, "--width", "0.2", "--allocation", "search", "--calib", text, "--samples", "4",
+            "--seqlen", "32", "--population", "4", "--iterations", "1", "--crossovers", "1", "--mutations", "1",
+            "--quiet", "--no-plot", "-o", out)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    fit = json.loads(out.read_text())["extra"]["fitness_calibration"]
+    assert (fit["dataset"], fit["samples"], fit["seqlen"]) == (str(text), 10, 128)
+    r = cli("plan", folder, "--width", "0.2", "--calib", text, "--fitness-samples", "3", "-o", out)
+    assert r.returncode == 2 and "add --allocation search" in r.stderr

@@ -111,6 +111,8 @@ def check_request(
     llm=None,
     log=None,
     store=None,
+    fitness_samples=None,
+    fitness_seqlen=None,
 ):
     """What can be refused before any data is read: the target, the allocation, the search bounds."""
     check_target(width)
@@ -130,6 +132,8 @@ def check_request(
         raise LayerpruneError(
             "--p-min, --p-max, --store, --log and the operators shape a search; add --allocation search"
         )
+    elif fitness_samples is not None or fitness_seqlen is not None:
+        raise LayerpruneError("--fitness-samples and --fitness-seqlen size a search; add --allocation search")
 
 
 def allocation_rates(
@@ -226,6 +230,8 @@ def make_plan(
     *,
     scores=None,
     fitness_windows=None,
+    fitness_samples: int | None = None,
+    fitness_seqlen: int | None = None,
     pruner: str = "wanda-sp",
     store=None,
     operators: str = "classic",
@@ -246,15 +252,18 @@ def make_plan(
     """A width plan for `width` of the blocks' prunable parameters removed.
 
     `windows`: calibration of the structured scores (and OWL); `fitness_windows`: the search's
-    calibration (10 x 128 tokens by default, as the issue of record); `store`: an EvalStore path or
+    calibration; by default `fitness_samples` x `fitness_seqlen` tokens (the depth papers' 10 x 128
+    unless given) drawn from the same text source, seed and BOS policy as `windows`, so that a
+    search on the user's own text never reaches for a default corpus; `store`: an EvalStore path or
     object for the search's fitness evaluations."""
     from ..plans import WidthPlan
     from ..provenance import stamp
     from ..scorers.run import model_info, run
 
     check_request(
-        width, allocation, p_min=p_min, p_max=p_max, operators=operators, llm=llm, log=log, store=store
-    )
+        width, allocation, p_min=p_min, p_max=p_max, operators=operators, llm=llm, log=log, store=store,
+        fitness_samples=fitness_samples, fitness_seqlen=fitness_seqlen,
+    )  # fmt: skip
     if scores is None:
         scores = run(lm, pruner, windows, progress=progress)
     else:
@@ -265,6 +274,8 @@ def make_plan(
     params: dict = {"target": width, "allocation": allocation, "pruner": pruner}
     extra: dict = {}
     if allocation == "search":
+        if fitness_windows is None:
+            fitness_windows = fitness_calibration(lm, windows, fitness_samples, fitness_seqlen)
         rates, extra = _search(
             lm, width, table, blocks, windows, fitness_windows, store=store, operators=operators, llm=llm,
             population=population, crossovers=crossovers, mutations=mutations, iterations=iterations, seed=seed,
@@ -307,17 +318,28 @@ def decision_of(plan, blocks: list[BlockBudget]) -> list[tuple[int, int]]:
     return [(round(a * b.groups), round(m * b.channels)) for a, m, b in zip(plan.attn, plan.mlp, blocks)]
 
 
+def fitness_calibration(lm, windows, samples: int | None = None, seqlen: int | None = None):
+    """The search's fitness windows: the depth papers' sizes (10 x 128) unless given, drawn from
+    the text, seed and BOS policy that `windows` (the structured scores' calibration) came from."""
+    from ..data import calibration
+
+    source = seed = bos = None
+    if windows is not None:
+        p = windows.protocol
+        source, seed, bos = p.get("dataset"), p.get("seed", 0), p.get("bos")
+    return calibration(lm, source, samples=samples, seqlen=seqlen, seed=seed or 0, bos=bos, kind="depth")
+
+
 def _search(lm, width, table, blocks, windows, fitness_windows, *, store, operators, llm, population,
             crossovers, mutations, iterations, seed, p_min, p_max, log, epsilon, lam, batch_size, progress):  # fmt: skip
     import contextlib
     from pathlib import Path
 
-    from ..data import calibration
     from ..distributed import is_main
     from ..engine.store import EvalStore
     from .search import DEFAULT_P_MAX, DEFAULT_P_MIN, plot_history, search
 
-    fw = fitness_windows if fitness_windows is not None else calibration(lm, kind="depth")
+    fw = fitness_windows
     seeds = {"uniform": [width] * len(blocks)}
     for name in ("owl", "alpha"):
         try:
