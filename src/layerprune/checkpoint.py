@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json, check_output_outside
+from .models.gguf import SOURCE_FILE
 from .plans import Plan
 from .provenance import stamp
 
@@ -49,6 +50,10 @@ def export(
         if plan is not None:
             plan.save(tmp / "plan.json")
         base = plan.model if plan is not None else {"name": lm.name, "fingerprint": lm.fingerprint}
+        origin = getattr(lm, "origin", None)
+        if origin:  # weights dequantized from a GGUF: the record travels with every export
+            base = {**base, "weights": origin}
+            atomic_write_json(tmp / SOURCE_FILE, origin)
         full = {"base_model": base, "plan": plan.to_dict() if plan else None, **report, **stamp()}
         atomic_write_json(tmp / "report.json", full)
         (tmp / "README.md").write_text(model_card(plan, full), encoding="utf-8")
@@ -90,6 +95,12 @@ def model_card(plan: Plan | None, report: dict) -> str:
         f"- Base model: `{base}` (fingerprint `{report['base_model']['fingerprint']}`"
         + (f", {plan.model['num_blocks']} blocks)" if plan else ")"),
     ]
+    weights = report["base_model"].get("weights")
+    if weights:
+        lines.append(
+            f"- Weights: dequantized to float32 from the {weights['quantization']} GGUF `{weights['file']}` "
+            f"(sha256 {weights['sha256'][:16]}...): quantization noise of the source is in the weights"
+        )
     if plan is not None:
         lines.append(f"- Method: {plan.method}; parameters: `{json.dumps(plan.params, default=str)}`")
     if plan is not None and plan.kind == "depth":

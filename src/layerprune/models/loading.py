@@ -13,6 +13,7 @@ import torch
 
 from ..errors import LayerpruneError
 from .adapter import ModelAdapter, spec_for
+from .gguf import source_of
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture"
 # Config fields that say nothing about the function a model computes.
@@ -38,16 +39,28 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def resolve(name: str) -> tuple[str, Path | None]:
-    """Return (what from_pretrained takes, the local folder or None for a hub id)."""
+def resolve(name: str, quiet: bool = False) -> tuple[str, Path | None]:
+    """Return (what from_pretrained takes, the local folder or None for a hub id).
+
+    A `.gguf` file or a named model (`smollm2`) resolves to its cached safetensors conversion."""
+    from .gguf import NAMED_MODELS, converted, named_model_file
+
     if name == "fixture":
         if not (FIXTURE_DIR / "config.json").exists():
             raise LayerpruneError(f"the bundled fixture is missing from {FIXTURE_DIR}; reinstall layerprune")
         return str(FIXTURE_DIR), FIXTURE_DIR
+    if name in NAMED_MODELS and not Path(name).exists():
+        folder = converted(named_model_file(name), quiet=quiet)
+        return str(folder), folder
     path = Path(name).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            folder = converted(path, quiet=quiet)
+            return str(folder), folder
         if not path.is_dir():
-            raise LayerpruneError(f"model path {name} is a file; pass the folder that holds config.json")
+            raise LayerpruneError(
+                f"model path {name} is a file; pass the folder that holds config.json, or a .gguf file"
+            )
         if not os.access(path, os.R_OK | os.X_OK):
             raise LayerpruneError(f"model folder {name} is not readable; check its permissions")
         if not (path / "config.json").is_file():
@@ -57,7 +70,7 @@ def resolve(name: str) -> tuple[str, Path | None]:
         return str(path), path
     if _looks_like_path(name):
         raise LayerpruneError(
-            f"model path {name} does not exist; pass a model folder, a hub id, or 'fixture'"
+            f"model path {name} does not exist; pass a model folder, a .gguf file, a hub id, 'fixture' or 'smollm2'"
         )
     if hub_offline():
         raise LayerpruneError(
@@ -67,14 +80,32 @@ def resolve(name: str) -> tuple[str, Path | None]:
     return name, None
 
 
-def load_config(name: str):
+def check_weights(folder: Path | None) -> None:
+    """Every safetensors file of a local model opens (its header covers the file): a truncated or
+    corrupt download is one line naming the file, not a traceback from deep inside a load."""
+    if folder is None:
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise LayerpruneError(
+                f"{file} is corrupt or truncated ({str(e).splitlines()[0]}); "
+                "download or export the model again"
+            ) from None
+
+
+def load_config(name: str, quiet: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    source, _ = resolve(name)
+    source, _ = resolve(name, quiet=quiet)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -137,6 +168,7 @@ class LoadedModel:
     adapter: ModelAdapter
     path: Path | None  # the local folder, None for a hub id
     source_dtype: torch.dtype | None = None  # the checkpoint's dtype: exports are written in it
+    origin: dict | None = None  # what the weights were converted from (a GGUF: file, quantization, sha256)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -183,8 +215,9 @@ def load(
     device = check_device(device) if device else default_device()
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
         device = default_device()
-    config = load_config(name)
-    source, path = resolve(name)
+    config = load_config(name, quiet=quiet)
+    source, path = resolve(name, quiet=quiet)
+    check_weights(path)
     dtype = dtype if dtype is not None else default_dtype(device)
     if max_memory is not None:
         offloaded = _load_offloaded(name, source, path, config, device, dtype, max_memory)
@@ -203,7 +236,9 @@ def load(
     model.to(device).eval()
     adapter = ModelAdapter(model)
     _silence_removed_parts(adapter)
-    return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
+    return LoadedModel(
+        name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config), origin=source_of(path)
+    )
 
 
 def _silence_removed_parts(adapter: ModelAdapter) -> None:
@@ -239,7 +274,9 @@ def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> Lo
     except OSError as e:
         raise LayerpruneError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}") from None
     _silence_removed_parts(adapter)
-    return LoadedModel(name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config))
+    return LoadedModel(
+        name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config), origin=source_of(path)
+    )
 
 
 def _dtype_of(config) -> torch.dtype | None:
