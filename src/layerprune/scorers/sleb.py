@@ -66,6 +66,7 @@ def score(
             "order": order,
             "ppl_after_step": ppl_after,
             "evaluations": evaluator.evaluations,
+            "block_calls": evaluator.runner.block_calls,
             "protected": sorted(protected),
         },
     )

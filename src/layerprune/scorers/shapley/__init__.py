@@ -139,6 +139,7 @@ def score(
                 )
     extra["evaluations"] = evaluator.distinct_masks
     extra["evaluations_this_run"] = evaluator.evaluations
+    extra["block_calls"] = evaluator.runner.block_calls  # (block, micro-batch) forwards run
     return MethodScores([float(v) for v in phi], extra)
 
 
