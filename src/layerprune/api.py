@@ -66,9 +66,10 @@ def plan(
     - sparsity: `plan(lm, sparsity=S, allocation="uniform|alpha|owl", pruner="magnitude|wanda|sparsegpt",
       nm="2:4", scores=alpha_or_owl_scores, epsilon=, clip=, ...)`; `calib` is what the pruner will
       calibrate on (default: the papers' 128 samples of C4, or the fixture's own text);
-    - width: `plan(lm, width=B, allocation="uniform|owl|alpha|search", scores=wanda_sp_scores,
+    - width: `plan(lm, width=B, allocation="uniform|owl|alpha|search|flap", scores=wanda_sp_scores,
       store=, operators="classic|llm", llm=LLMConfig(...), population=, iterations=, seed=, ...)`:
-      one structured rate per block, mean B of the blocks' prunable parameters."""
+      one structured rate per block, mean B of the blocks' prunable parameters; `flap` is FLAP's
+      global ranking of standardized FLAP scores (computed on `calib` when `scores` is None)."""
     if isinstance(scores, (str, Path)):
         scores = Scores.load(scores)
     kinds = [
@@ -129,8 +130,9 @@ def _plan_width(lm, width, scores, calib, progress, options) -> WidthPlan:
     check_request(width, **{k: options[k] for k in search_keys if k in options})
     if not isinstance(lm, LoadedModel):
         lm = load(lm, quiet=not progress)
-    pruner = scores.method if scores is not None else options.get("pruner", "wanda-sp")
     allocation = options.get("allocation", "uniform")
+    default = "flap" if allocation == "flap" else "wanda-sp"
+    pruner = scores.method if scores is not None else options.get("pruner", default)
     needs_data = (scores is None and pruner not in DATA_FREE) or allocation in ("owl", "search")
     windows = resolve_calibration(lm, calib, "width") if needs_data else None
     return make_plan(lm, width, windows=windows, scores=scores, progress=progress, **options)

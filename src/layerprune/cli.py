@@ -713,14 +713,14 @@ def _parser_plan(sub) -> None:
     g.add_argument(
         "--allocation",
         default=None,
-        choices=ALLOCATIONS + ("search",),
-        help="per-layer allocation (default uniform; search: width plans only)",
+        choices=ALLOCATIONS + ("search", "flap"),
+        help="per-layer allocation (default uniform; search, flap: width plans only)",
     )
     g.add_argument(
         "--pruner",
         default=None,
         choices=PRUNERS + WIDTH_METHODS,
-        help="the pruner that applies it (default wanda; wanda-sp for --width)",
+        help="the pruner that applies it (default wanda; wanda-sp for --width, flap for --allocation flap)",
     )
     g.add_argument("--nm", default=None, help="N:M pattern, N zeros in every M (2:4, 4:8)")
     g.add_argument(

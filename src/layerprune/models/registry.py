@@ -41,6 +41,10 @@ class ArchSpec:
     attn_module_attrs: dict[str, str] = field(default_factory=dict)
     # Config entries the attention forward reads from its own `config` (attr -> "heads" | "kv_heads").
     attn_config_keys: dict[str, str] = field(default_factory=dict)
+    # part -> config flag that gives every projection of the part a bias (Llama: attention_bias for
+    # q, k, v, o; mlp_bias for gate, up, down); a bias added to o / down (FLAP's compensation) is then
+    # stated by the config, otherwise by the per-block shapes (pruners/width.py).
+    bias_config_keys: dict[str, str] = field(default_factory=dict)
 
 
 _LLAMA_LINEARS = {
@@ -62,7 +66,16 @@ _GEMMA_NORMS = {
 }
 
 SPECS: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama",), "model.layers", _LLAMA_LINEARS, "self_attn", "mlp", _LLAMA_NORMS),
+    ArchSpec(
+        "llama",
+        ("llama",),
+        "model.layers",
+        _LLAMA_LINEARS,
+        "self_attn",
+        "mlp",
+        _LLAMA_NORMS,
+        bias_config_keys={"attn": "attention_bias", "mlp": "mlp_bias"},
+    ),
     ArchSpec("mistral", ("mistral",), "model.layers", _LLAMA_LINEARS, "self_attn", "mlp", _LLAMA_NORMS),
     ArchSpec("qwen2", ("qwen2",), "model.layers", _LLAMA_LINEARS, "self_attn", "mlp", _LLAMA_NORMS),
     ArchSpec(

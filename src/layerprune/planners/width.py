@@ -8,8 +8,11 @@ has only a few KV groups. Which groups and channels go is decided by structured 
 once on the dense model (`wanda-sp` by default), so any rate vector becomes a mask with no more data.
 
 Allocations: `uniform` (every r_i = beta), `owl` and `alpha` (the sparsity allocators of OWL and
-AlphaPruning applied per block, read as structured rates), and `search` (Self-Pruner's
-evolutionary search, classic or LLM operators, fitness = calibration perplexity under the mask).
+AlphaPruning applied per block, read as structured rates), `search` (Self-Pruner's
+evolutionary search, classic or LLM operators, fitness = calibration perplexity under the mask),
+and `flap` (FLAP's AL-AM structure: every group and channel of every block in one global ranking
+of standardized FLAP scores, see `flap_decision`). Any allocation may take FLAP scores; the pruner
+is then `flap` and the removed features' mean contribution is added to the o / down biases.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 from ..errors import LayerpruneError
 
-ALLOCATIONS = ("uniform", "owl", "alpha", "search")
+ALLOCATIONS = ("uniform", "owl", "alpha", "search", "flap")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,66 @@ def counts(rates: list[float], blocks: list[BlockBudget]) -> list[tuple[int, int
 
 def achieved(decision: list[tuple[int, int]], blocks: list[BlockBudget]) -> list[float]:
     return [(g * b.group_params + c * b.channel_params) / b.params for (g, c), b in zip(decision, blocks)]
+
+
+def _standardize(x: list[float]) -> list[float]:
+    """(x - mean) / std over the values, std with N - 1 (torch.std's default, as FLAP's code)."""
+    n = len(x)
+    mean = sum(x) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1)) if n > 1 else 0.0
+    return [(v - mean) / std if std > 0 else 0.0 for v in x]
+
+
+def flap_unit_scores(adapter, table: dict) -> tuple[list[list[float]], list[list[float]]]:
+    """FLAP's AL-AM scores of every KV group and MLP channel, comparable across blocks and parts.
+
+    As FLAP's code: per block, the attention metric is WIFV^2 per o input feature, standardized over
+    the block's features, and a head scores the mean of its features (here a KV group: the mean
+    over its query heads' features); the MLP metric is WIFV per channel, standardized over the
+    block's channels."""
+    from ..pruners.width import layout
+
+    role = adapter.spec.output_roles["attn"]
+    groups, channels = [], []
+    for i, (feats, chans) in enumerate(zip(table["attn_features"], table["channels"])):
+        z = _standardize([v * v for v in feats])
+        _, idx = layout(adapter, i, "attn")[role]
+        groups.append([sum(z[j] for j in row) / len(row) for row in idx.tolist()])
+        channels.append(_standardize(list(chans)))
+    return groups, channels
+
+
+def flap_decision(adapter, table: dict, width: float, blocks: list[BlockBudget]) -> list[tuple[int, int]]:
+    """(groups removed, channels removed) per block by FLAP's adaptive structure (AL-AM).
+
+    Every KV group and channel of the model is ranked by its standardized score
+    (`flap_unit_scores`), lowest first, each weighing the parameters it owns (FLAP's code weighs a
+    head 512/3 channels: 4 * head_dim * hidden against 3 * hidden, for Llama's MHA; here the real
+    counts of the layout, so GQA groups and biases count as they are). Units go in that order,
+    except one that would remove a block's last group or channel, and the number removed is the one
+    whose removed parameters come closest to `width` of the blocks' prunable parameters."""
+    gs, cs = flap_unit_scores(adapter, table)
+    order = sorted(
+        [(v, i, 0, j) for i, row in enumerate(gs) for j, v in enumerate(row)]
+        + [(v, i, 1, j) for i, row in enumerate(cs) for j, v in enumerate(row)]
+    )
+    total = sum(b.params for b in blocks)
+    target = width * total
+    left = [[b.groups, b.channels] for b in blocks]
+    removed = [[0, 0] for _ in blocks]
+    done = 0
+    for _, i, kind, _ in order:
+        if left[i][kind] <= 1:
+            continue  # never a block's last KV group or channel
+        cost = blocks[i].group_params if kind == 0 else blocks[i].channel_params
+        if done + cost > target and abs(done + cost - target) >= abs(done - target):
+            break  # removing it would move away from the target
+        left[i][kind] -= 1
+        removed[i][kind] += 1
+        done += cost
+        if done >= target:
+            break
+    return [(g, c) for g, c in removed]
 
 
 def decision_key(decision: list[tuple[int, int]]) -> str:
@@ -214,7 +277,8 @@ class Fitness:
         decision = counts(rates, self.blocks)
         masks = masks_for(decision, self.table)
         t0 = time.perf_counter()
-        with masked(self.lm.adapter, masks):
+        # FLAP scores: removed features read their calibration mean (the bias compensation)
+        with masked(self.lm.adapter, masks, self.table.get("means")):
             r = perplexity_of_windows(
                 self.lm.model, self.lm.adapter, self.windows, self.batch_size, progress=False
             )
@@ -232,7 +296,7 @@ def make_plan(
     fitness_windows=None,
     fitness_samples: int | None = None,
     fitness_seqlen: int | None = None,
-    pruner: str = "wanda-sp",
+    pruner: str | None = None,
     store=None,
     operators: str = "classic",
     llm=None,
@@ -255,7 +319,8 @@ def make_plan(
     calibration; by default `fitness_samples` x `fitness_seqlen` tokens (the depth papers' 10 x 128
     unless given) drawn from the same text source, seed and BOS policy as `windows`, so that a
     search on the user's own text never reaches for a default corpus; `store`: an EvalStore path or
-    object for the search's fitness evaluations."""
+    object for the search's fitness evaluations. `pruner` (the scores' method when `scores` are
+    given): `flap` for the flap allocation, `wanda-sp` for the others, by default."""
     from ..plans import WidthPlan
     from ..provenance import stamp
     from ..scorers.run import model_info, run
@@ -265,10 +330,17 @@ def make_plan(
         fitness_samples=fitness_samples, fitness_seqlen=fitness_seqlen,
     )  # fmt: skip
     if scores is None:
+        pruner = pruner or ("flap" if allocation == "flap" else "wanda-sp")
+        if allocation == "flap" and pruner != "flap":
+            raise LayerpruneError(f"the flap allocation ranks FLAP scores; drop --pruner {pruner}")
         scores = run(lm, pruner, windows, progress=progress)
     else:
         scores.require("width", lm)
         pruner = scores.method
+    if allocation == "flap" and pruner != "flap":
+        raise LayerpruneError(
+            f"the flap allocation ranks FLAP scores, not {pruner}; score with --method flap or drop --scores"
+        )
     table = scores.extra
     blocks = budgets(lm.adapter)
     params: dict = {"target": width, "allocation": allocation, "pruner": pruner}
@@ -283,13 +355,18 @@ def make_plan(
         )  # fmt: skip
         params.update(operators=operators, population=population, crossovers=crossovers, mutations=mutations,
                       iterations=iterations, seed=seed, p_min=extra["p_min"], p_max=extra["p_max"])  # fmt: skip
+    elif allocation == "flap":
+        decision = flap_decision(lm.adapter, table, width, blocks)
+        rates = achieved(decision, blocks)
+        params["structure"] = "AL-AM"
     else:
         rates = allocation_rates(lm, width, allocation, windows, epsilon=epsilon, lam=lam, progress=progress)
         if allocation == "alpha":
             params["epsilon"] = epsilon
         if allocation == "owl":
             params["owl_lambda"] = lam
-    decision = counts(rates, blocks)
+    if allocation != "flap":
+        decision = counts(rates, blocks)
     got = achieved(decision, blocks)
     total = sum(b.params for b in blocks)
     params.update(

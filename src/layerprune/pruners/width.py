@@ -22,6 +22,12 @@ the config, it is shrunk to the block shapes right after construction, and from_
 safetensors into it (its key renamings, shards, dtype), strictly: any missing, unexpected or
 mismatched weight is an error.
 
+FLAP's bias compensation adds a bias to o / down. Where the config has flags for it (Llama's
+`attention_bias` and `mlp_bias`), they are set and every projection of the part gets a bias (zero
+on q, k, v, gate, up), so a uniform result is still a standard checkpoint; elsewhere the block's
+shape lists the parts whose output projection gained a bias (`"output_bias": ["attn", "mlp"]`),
+which makes the checkpoint a per-block one, rebuilt by `load_shrunk`.
+
 Why not DeciLM / Nemotron-NAS `block_configs`: there a block is `attention: {no_op,
 replace_with_linear, n_heads_in_group}` and `ffn: {no_op, replace_with_linear, ffn_mult}`. Every
 attention block keeps the config's `num_attention_heads` query heads; only the group size (so the
@@ -46,6 +52,9 @@ from ..models.adapter import ModelAdapter
 
 BLOCK_CONFIGS_KEY = "layerprune_block_configs"
 PARTS = ("attn", "mlp")
+# Set on an o / down projection whose bias layerprune created (FLAP's compensation) where the config
+# cannot state it; the block's shape then lists the part under "output_bias".
+ADDED_BIAS = "layerprune_added_bias"
 
 
 @dataclass(frozen=True)
@@ -163,8 +172,11 @@ def _removed(keep: list[int] | None, n: int) -> list[int]:
     return [] if keep is None else sorted(set(range(n)) - set(keep))
 
 
-def _zero_inputs(idx: torch.Tensor):
+def _zero_inputs(idx: torch.Tensor, fill: torch.Tensor | None = None):
+    """Zero the input features `idx`, or (fill: a vector over all features, zero elsewhere) set them
+    to fill's values."""
     cache: dict[torch.device, torch.Tensor] = {}
+    fills: dict[tuple, torch.Tensor] = {}
 
     def hook(module, args, kwargs):
         if args:
@@ -174,6 +186,8 @@ def _zero_inputs(idx: torch.Tensor):
             x = kwargs[key]
         where = cache.setdefault(x.device, idx.to(x.device))
         x = x.index_fill(-1, where, 0)
+        if fill is not None:
+            x = x + fills.setdefault((x.device, x.dtype), fill.to(x.device, x.dtype))
         if args:
             return (x, *args[1:]), kwargs
         return args, {**kwargs, key: x}
@@ -182,8 +196,12 @@ def _zero_inputs(idx: torch.Tensor):
 
 
 @contextlib.contextmanager
-def masked(adapter: ModelAdapter, masks: Sequence[WidthMask]) -> Iterator[None]:
-    """Within the context, removed groups and channels contribute nothing. No weight is copied."""
+def masked(adapter: ModelAdapter, masks: Sequence[WidthMask], means: dict | None = None) -> Iterator[None]:
+    """Within the context, removed groups and channels contribute nothing. No weight is copied.
+
+    `means` ({"attn": [...], "mlp": [...]}: per block, the calibration mean of every input feature
+    of the o / down projection, as FLAP scores record them): removed features read their mean
+    instead of zero, which is exactly FLAP's bias compensation (W[:, removed] @ mean[removed])."""
     adapter = _adapter(adapter)
     masks = check_masks(adapter, masks)
     handles = []
@@ -198,7 +216,11 @@ def masked(adapter: ModelAdapter, masks: Sequence[WidthMask]) -> Iterator[None]:
                     continue
                 cols = idx[gone].reshape(-1)
                 layer = adapter.linears(i)[role]
-                handles.append(layer.register_forward_pre_hook(_zero_inputs(cols), with_kwargs=True))
+                fill = None
+                if means is not None:
+                    mean = torch.as_tensor(means[part][i], dtype=torch.float64)
+                    fill = torch.zeros_like(mean).index_copy(0, cols, mean[cols])
+                handles.append(layer.register_forward_pre_hook(_zero_inputs(cols, fill), with_kwargs=True))
         yield
     finally:
         for h in handles:
@@ -277,13 +299,16 @@ def block_configs(adapter: ModelAdapter) -> list[dict]:
     out = []
     for i in range(adapter.num_blocks):
         heads, kv = adapter.attn_heads(i)
-        out.append(
-            {
-                "num_attention_heads": heads,
-                "num_key_value_heads": kv,
-                "intermediate_size": adapter.mlp_channels(i),
-            }
-        )
+        shape = {
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            "intermediate_size": adapter.mlp_channels(i),
+        }
+        linears = adapter.linears(i)
+        added = [p for p in PARTS if getattr(linears[adapter.spec.output_roles[p]], ADDED_BIAS, False)]
+        if added:
+            shape["output_bias"] = added
+        out.append(shape)
     return out
 
 
@@ -297,7 +322,11 @@ def sync_config(adapter: ModelAdapter) -> bool:
     d = adapter.head_dim
     first = shapes[0]
     same_heads = first["num_attention_heads"] == adapter.num_heads
-    standard = all(s == first for s in shapes) and (same_heads or spec.head_dim_key is not None)
+    standard = (
+        all(s == first for s in shapes)
+        and (same_heads or spec.head_dim_key is not None)
+        and not any("output_bias" in s for s in shapes)
+    )
     if standard:
         if not same_heads:
             setattr(config, spec.head_dim_key, d)
@@ -349,6 +378,13 @@ def shrink_to_block_configs(model: nn.Module, where: str = "the config") -> None
                 f"{where}: block {i} shape {s} does not fit the base config "
                 f"({heads} heads, {kv} KV heads, {channels} channels)"
             )
+        biased = s.get("output_bias", [])
+        if not isinstance(biased, list) or not set(biased) <= set(PARTS):
+            raise LayerpruneError(
+                f"{where}: {BLOCK_CONFIGS_KEY}[{i}] output_bias {biased!r} must list attn / mlp"
+            )
+        for part in biased:
+            _ensure_bias(adapter, adapter.linears(i)[adapter.spec.output_roles[part]], mark=True)
         masks.append(WidthMask(list(range(k)), list(range(n))))
     shrink(adapter, masks)
 
@@ -391,10 +427,79 @@ def load_shrunk(source: str, config, dtype: torch.dtype | str | None = None, **k
     return model.eval()
 
 
+# ---- FLAP's bias compensation -------------------------------------------------------------------------
+def _ensure_bias(adapter: ModelAdapter, layer: nn.Module, mark: bool) -> None:
+    """Give a linear layer a zero bias if it has none; `mark`: note that layerprune added it."""
+    if getattr(layer, "bias", None) is not None:
+        return
+    w = adapter.weight(layer)
+    layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+    if mark:
+        setattr(layer, ADDED_BIAS, True)
+
+
+def compensation(adapter: ModelAdapter, masks: Sequence[WidthMask], means: dict) -> list[dict]:
+    """Per block, {part: W[:, removed] @ mean[removed]} for the o / down projection (float64): what
+    the removed input features contributed on average over the calibration tokens. `means`: per
+    part and block, the mean of every input feature of the projection (FLAP scores' extra)."""
+    masks = check_masks(adapter, masks)
+    out = []
+    for i, m in enumerate(masks):
+        deltas = {}
+        with adapter.resident(i):
+            for part, keep in zip(PARTS, (m.groups, m.channels)):
+                role = adapter.spec.output_roles[part]
+                _, idx = layout(adapter, i, part)[role]
+                gone = _removed(keep, idx.shape[0])
+                if not gone:
+                    continue
+                cols = idx[gone].reshape(-1)
+                w = adapter.weight(adapter.linears(i)[role]).detach()
+                mean = torch.as_tensor(means[part][i], dtype=torch.float64, device=w.device)
+                if mean.shape[0] != w.shape[1]:
+                    raise LayerpruneError(
+                        f"block {i}: {mean.shape[0]} {part} feature means for {w.shape[1]} features; "
+                        "re-score the model with --method flap"
+                    )
+                deltas[part] = w[:, cols].double() @ mean[cols.to(w.device)]
+        out.append(deltas)
+    return out
+
+
+@torch.no_grad()
+def add_output_biases(adapter: ModelAdapter, deltas: Sequence[dict]) -> None:
+    """Add `deltas` (per block, {part: vector}) to the biases of the o / down projections, creating
+    them where missing. Where the config has a flag for the part's biases (Llama's attention_bias,
+    mlp_bias) it is set and every projection of the part in every block gets a (zero) bias, so a
+    standard checkpoint still loads with plain transformers; elsewhere the new bias is marked and
+    the block's shape lists it (`output_bias`), for `load_shrunk`."""
+    adapter.require_in_memory("FLAP's bias compensation")
+    keys = adapter.spec.bias_config_keys
+    L = adapter.num_blocks
+    for part in PARTS:
+        if not any(part in d for d in deltas):
+            continue
+        role = adapter.spec.output_roles[part]
+        missing = any(getattr(adapter.linears(i)[role], "bias", None) is None for i in range(L))
+        if missing and part in keys:
+            setattr(adapter.config, keys[part], True)
+            for i in range(L):
+                linears = adapter.linears(i)
+                for r in layout(adapter, i, part):
+                    _ensure_bias(adapter, linears[r], mark=False)
+        for i, d in enumerate(deltas):
+            if part not in d:
+                continue
+            layer = adapter.linears(i)[role]
+            _ensure_bias(adapter, layer, mark=True)
+            layer.bias.add_(d[part].to(layer.bias.device, layer.bias.dtype))
+
+
 @torch.no_grad()
 def apply_plan(lm, plan, windows, *, batch_size: int = 8, progress: bool = True) -> dict:
     """Apply a width plan to the loaded model: score groups and channels with the plan's pruner on
-    `windows` (none for magnitude-sp), remove the lowest ones physically. Returns the report."""
+    `windows` (none for magnitude-sp), remove the lowest ones physically; with FLAP scores, add the
+    removed features' mean contribution to the o / down biases first. Returns the report."""
     from ..planners.width import budgets, decision_of, masks_for
     from ..plans import WidthPlan
     from ..scorers.run import run
@@ -405,10 +510,16 @@ def apply_plan(lm, plan, windows, *, batch_size: int = 8, progress: bool = True)
     before = sum(p.numel() for p in lm.model.parameters())
     scores = run(lm, plan.pruner, windows, batch_size=batch_size, progress=progress)
     decision = decision_of(plan, budgets(lm.adapter))
-    blocks = shrink(lm, masks_for(decision, scores.extra))
+    masks = masks_for(decision, scores.extra)
+    compensate = plan.pruner == "flap"
+    if compensate:
+        lm.adapter.require_in_memory("FLAP's bias compensation")
+        add_output_biases(lm.adapter, compensation(lm.adapter, masks, scores.extra["means"]))
+    blocks = shrink(lm, masks)
     after = sum(p.numel() for p in lm.model.parameters())
     return {
         "pruner": plan.pruner,
+        "bias_compensation": compensate,
         "parameters_before": before,
         "parameters_after": after,
         "removed_fraction_of_model": 1 - after / before,

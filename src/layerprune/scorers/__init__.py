@@ -6,7 +6,7 @@ import importlib
 
 DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb", "shapley")
 SPARSITY_METHODS = ("alpha", "owl")
-WIDTH_METHODS = ("wanda-sp", "magnitude-sp")
+WIDTH_METHODS = ("wanda-sp", "magnitude-sp", "flap")
 DATA_FREE = ("alpha", "magnitude-sp")
 # The kind of plan each method's scores can feed: depth scores rank units to remove; sparsity scores
 # (per-layer heavy-tail metrics, per-block outlier ratios) feed a per-layer sparsity allocation.
@@ -31,6 +31,7 @@ def scorer(method: str):
         "owl": "outliers",
         "wanda-sp": "structured:score_wanda_sp",
         "magnitude-sp": "structured:score_magnitude_sp",
+        "flap": "flap",
     }
     if method not in modules:
         raise LayerpruneError(f"unknown scoring method '{method}'; use one of {', '.join(modules)}")
