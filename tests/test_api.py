@@ -116,6 +116,7 @@ def test_demo_writes_what_it_reports(tmp_path):
 
     results = demo(
         tmp_path / "demo",
+        model="fixture",
         remove=2,
         eval_windows=8,
         zeroshot_limit=10,

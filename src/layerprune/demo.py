@@ -1,12 +1,15 @@
-"""The main job on the bundled model, top to bottom: the pipeline a user runs, as library calls.
+"""The main job, top to bottom: the pipeline a user runs, as library calls.
 
-    layerprune demo -o runs/demo
+    layerprune demo -o runs/demo                   # the real model, SmolLM2-135M (`smollm2`)
+    layerprune demo --model fixture -o runs/demo   # the bundled 11.5M model: the quick path
 
 Two pruned models and a recovered one, measured and compared:
-score (leave-one-out perplexity) -> plan (remove 3 of 12 blocks) -> apply -> export `model/`;
-Wanda at 50% sparsity -> export `wanda50/`; LoRA on fixture:train for the depth-pruned model ->
-`model+lora/`; held-out perplexity and zero-shot accuracy (the bundled lm-eval tasks) of the dense
-and every pruned model -> `evals/`; one side-by-side report -> `report/report.md` and `.html`.
+score (leave-one-out perplexity) -> plan (remove 20% of the blocks; 3 of 12 on the fixture) ->
+apply -> export `model/`; Wanda at 50% sparsity -> export `wanda50/`; LoRA on fixture:train for the
+depth-pruned model -> `model+lora/`; held-out perplexity and zero-shot accuracy (the bundled lm-eval
+tasks) of the dense and every pruned model -> `evals/`; one side-by-side report -> `report/`.
+Calibration is fixture:val, training fixture:train and evaluation fixture:test: the bundled text's
+documents go to one split each by a hash of their text, so nothing evaluated was seen before.
 """
 
 from __future__ import annotations
@@ -22,6 +25,35 @@ from .provenance import stamp
 from .reports.plots import importance_chart, loss_chart
 
 PROMPT = "And God said,"
+# Per model: sizes that keep the real model's demo within 10 minutes on 2 CPU cores.
+SETTINGS = {
+    "fixture": {"seqlen": 128, "eval_windows": None, "zeroshot_limit": None, "sparsity_samples": 128,
+                "sparsity_seqlen": None, "recover_steps": 100, "recover_batch": 8},
+    "real": {"seqlen": 512, "eval_windows": 8, "zeroshot_limit": 40, "sparsity_samples": 16,
+             "sparsity_seqlen": 512, "recover_steps": 25, "recover_batch": 4},
+}  # fmt: skip
+
+
+def _estimate(lm, s: dict) -> float:
+    """Seconds the demo should take here, from one timed forward and each stage's forward count."""
+    from .data import Windows
+    from .evaluation.perplexity import perplexity_of_windows
+
+    ids = calibration(lm, "fixture:val", samples=2, seqlen=128).input_ids
+    perplexity_of_windows(lm.model, lm.adapter, Windows(ids[:1, :8], {}), 8, progress=False)  # warm-up
+    t0 = time.perf_counter()
+    perplexity_of_windows(lm.model, lm.adapter, Windows(ids, {}), 8, progress=False)
+    per_token = (time.perf_counter() - t0) / ids.numel()
+    L = lm.adapter.num_blocks
+    eval_tokens = (s["eval_windows"] or 64) * s["seqlen"]
+    zs_tokens = 3 * (s["zeroshot_limit"] or 300) * 4 * 48  # 3 tasks, ~4 choices of ~48 tokens
+    tokens = (  # tokens through a full forward, stage by stage
+        4 * (eval_tokens + zs_tokens)  # dense, depth-pruned, sparse, recovered
+        + (L / 2 + 1) * 10 * 128  # leave-one-out ppl with prefix reuse
+        + 2.2 * s["sparsity_samples"] * (s["sparsity_seqlen"] or 256)  # sequential Wanda
+        + 3 * s["recover_steps"] * s["recover_batch"] * 128  # forward + backward
+    )
+    return tokens * per_token
 
 
 def _generate(lm, prompt: str, tokens: int = 24) -> str:
@@ -39,43 +71,66 @@ def _evaluate(lm, label: str, folder: Path, seqlen, eval_windows, zeroshot_limit
 
     ppl = perplexity(lm, "fixture:test", seqlen=seqlen, max_windows=eval_windows, progress=progress)
     zs = zeroshot(lm, "fixture", limit=zeroshot_limit, progress=progress)
-    name = str(lm.path) if label != "dense" else "fixture"
+    name = str(lm.path) if label != "dense" else lm.name
     atomic_write_json(folder / f"{label}.json", results_document(lm, name, [ppl.to_dict()], zs))
     tasks = ", ".join(f"{t} {v[v['metric']]:.3f}" for t, v in zs["tasks"].items())
     print(f"      {label:<10} perplexity {ppl.ppl:8.3f}   zero-shot {tasks} (mean {zs['mean']:.3f})")
     return {"ppl": ppl.ppl, "zeroshot_mean": zs["mean"], "zeroshot": zs["tasks"]}
 
 
+_UNSET = object()
+
+
 def demo(
     out: str | Path,
+    model: str = "smollm2",
     method: str = "ppl",
-    remove: int = 3,
-    seqlen: int = 128,
-    eval_windows: int | None = None,
-    zeroshot_limit: int | None = None,
+    remove: int | None = None,
+    seqlen: int | None = None,
+    eval_windows=_UNSET,
+    zeroshot_limit=_UNSET,
     sparsity: float = 0.5,
-    sparsity_samples: int = 128,
-    recover_steps: int = 100,
+    sparsity_samples: int | None = None,
+    recover_steps: int | None = None,
     quiet: bool = False,
 ) -> dict:
-    """`eval_windows`: evaluate on the first N windows of fixture:test only (default: all of it);
-    `zeroshot_limit`: the first N examples of each zero-shot task (default: all)."""
+    """`model`: smollm2 (the real model, default), fixture, or any model folder; unset sizes take
+    SETTINGS ("fixture" for the fixture, "real" otherwise). `eval_windows`: evaluate on the first N
+    windows of fixture:test only (None: all of it); `zeroshot_limit`: the first N examples of each
+    zero-shot task (None: all); `remove`: blocks to remove (default 20% of them, 3 on the fixture)."""
     from .recovery import recover
 
     out = Path(out)
     progress = not quiet
     t0 = time.perf_counter()
     evals = out / "evals"
+    s = dict(SETTINGS["fixture" if model == "fixture" else "real"])
+    given = {"seqlen": seqlen, "sparsity_samples": sparsity_samples, "recover_steps": recover_steps}
+    s.update({k: v for k, v in given.items() if v is not None})
+    s.update(
+        {
+            k: v
+            for k, v in (("eval_windows", eval_windows), ("zeroshot_limit", zeroshot_limit))
+            if v is not _UNSET
+        }
+    )
+    seqlen, eval_windows, zeroshot_limit = s["seqlen"], s["eval_windows"], s["zeroshot_limit"]
     measure = {"seqlen": seqlen, "eval_windows": eval_windows, "zeroshot_limit": zeroshot_limit}
-    lm = load("fixture", device="cpu", quiet=quiet)
+    lm = load(model, device="cpu", quiet=quiet)
+    L = lm.adapter.num_blocks
+    if remove is None:
+        remove = 3 if model == "fixture" else max(1, round(0.2 * L))
+    estimate = _estimate(lm, s)
     print(
-        f"[1/7] loaded fixture: {lm.adapter.spec.name}, {lm.adapter.num_blocks} blocks, "
-        f"{sum(p.numel() for p in lm.model.parameters()):,} parameters; dense model:"
+        f"[1/7] loaded {model}: {lm.adapter.spec.name}, {L} blocks, "
+        f"{sum(p.numel() for p in lm.model.parameters()):,} parameters; estimated {estimate / 60:.1f} min "
+        "on this machine; dense model:",
+        flush=True,
     )
     measured = {"dense": _evaluate(lm, "dense", evals, progress=progress, **measure)}
     dense_text = _generate(lm, PROMPT)
 
-    windows = calibration(lm)  # 10 samples x 128 tokens of fixture:val, seed 0
+    windows = calibration(lm, "fixture:val", samples=10, seqlen=128)  # the depth papers' size, seed 0
     scores = score(lm, method, windows, progress=progress)
     scores.save(out / "scores.json")
     importance_chart(scores, out / "scores.png")
@@ -95,23 +150,34 @@ def demo(
     )
     print(
         f"[3/7] depth plan: removed blocks {', '.join(depth_plan.remove)} -> {out}/model "
-        f"({counts['parameters_after']:,} parameters)"
+        f"({counts['parameters_after']:,} parameters)",
+        flush=True,
     )
 
-    lm = load("fixture", device="cpu", quiet=True)
+    lm = load(model, device="cpu", quiet=True)
     sparse_name = f"wanda{round(sparsity * 100)}"
-    calib = calibration(lm, samples=sparsity_samples, kind="sparsity")
+    calib = calibration(
+        lm, "fixture:val", samples=s["sparsity_samples"], seqlen=s["sparsity_seqlen"], kind="sparsity"
+    )
     sparse_plan = plan(lm, sparsity=sparsity, pruner="wanda", calib=calib, progress=progress)
     sparse_counts = apply(lm, sparse_plan, calib, progress=progress)
     export(lm, out / sparse_name, sparse_plan, {"pruning": sparse_counts}, overwrite=True)
     print(
-        f"[4/7] Wanda at {sparsity:.0%} sparsity (uniform, {sparsity_samples} calibration samples) -> "
+        f"[4/7] Wanda at {sparsity:.0%} sparsity (uniform, {s['sparsity_samples']} x {calib.input_ids.shape[1]} "
+        "calibration tokens of fixture:val) -> "
         f"{out}/{sparse_name} (zeros stored densely: same size and speed without sparse kernels)"
     )
 
     lm = load(str(out / "model"), device="cpu", quiet=True)
     before = perplexity(lm, "fixture:test", seqlen=seqlen, max_windows=eval_windows, progress=False)
-    record = recover(lm, "fixture:train", seqlen=128, steps=recover_steps, progress=progress)
+    record = recover(
+        lm,
+        "fixture:train",
+        seqlen=128,
+        steps=s["recover_steps"],
+        batch_size=s["recover_batch"],
+        progress=progress,
+    )
     after = perplexity(lm, "fixture:test", seqlen=seqlen, max_windows=eval_windows, progress=False)
     history = record.pop("history")
     record.update(perplexity_before=[before.to_dict()], perplexity_after=[after.to_dict()])
@@ -124,7 +190,7 @@ def demo(
         extras=lambda folder: (
             atomic_write_json(folder / "loss.json", history),
             loss_chart(
-                history, folder / "loss.png", title="fixture, 3 blocks removed: LoRA on fixture:train"
+                history, folder / "loss.png", title=f"{model}, {remove} blocks removed: LoRA on fixture:train"
             ),
         ),
     )
@@ -141,7 +207,11 @@ def demo(
     from .reports.compare import report
 
     page = report(
-        [out / "model", out / sparse_name, out / "model+lora", evals], out / "report", overwrite=True
+        [out / "model", out / sparse_name, out / "model+lora", evals],
+        out / "report",
+        overwrite=True,
+        title=f"layerprune demo on {model}: calibration fixture:val, LoRA on fixture:train, "
+        "held-out fixture:test (disjoint documents)",
     )
     results = {
         "dense": measured["dense"],
@@ -153,10 +223,16 @@ def demo(
         "scores_seconds": scores.seconds,
         "generation": {"prompt": PROMPT, "dense": dense_text, "pruned": pruned_text},
         "seconds": time.perf_counter() - t0,
+        "estimated_seconds": estimate,
+        "model": model,
+        "texts": {"calibration": "fixture:val", "training": "fixture:train", "heldout": "fixture:test"},
         **stamp(),
     }
     atomic_write_json(out / "results.json", results)
-    print(f"[7/7] wrote {page}/report.md and report.html: the models side by side; results.json")
+    print(
+        f"[7/7] wrote {page}/report.md and report.html: the models side by side; results.json "
+        f"({results['seconds'] / 60:.1f} min, estimated {estimate / 60:.1f})"
+    )
     print(f"      '{PROMPT}' dense : {dense_text!r}")
     print(f"      '{PROMPT}' pruned: {pruned_text!r}")
     return results
