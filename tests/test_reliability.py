@@ -57,6 +57,13 @@ def files(tmp_path_factory):
     with open(corrupt / "model.safetensors", "r+b") as f:
         f.truncate(f.seek(0, 2) // 2)
     (d / "not_a_model.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    # a model saved with another model's tokenizer: the fixture's 8192-token BPE on a 128-token vocabulary
+    from transformers import PreTrainedTokenizerFast
+
+    from layerprune.models.tiny import tiny_model
+
+    tiny_model("llama").save_pretrained(d / "wrong_tokenizer")
+    PreTrainedTokenizerFast.from_pretrained(FIXTURE_DIR).save_pretrained(d / "wrong_tokenizer")
 
     depth = lp.plan(lm, bi, remove=2)
     depth.save(d / "depth.json")
@@ -404,6 +411,29 @@ CASES = [
     (["score", "{d}/corrupt_model", "--method", "bi", "-o", "{out}"], "is corrupt or truncated"),
     (["info", "{d}/not_a_model.gguf"], "is not a readable GGUF file"),
     (["eval", "{d}/not_a_model.gguf", "--ppl", "fixture:test"], "re-download it"),
+    (
+        ["eval", "{d}/wrong_tokenizer", "--ppl", "fixture:test", "--seqlen", "32"],
+        "does not belong to this model",
+    ),
+    (
+        [
+            "score",
+            "{d}/wrong_tokenizer",
+            "--method",
+            "bi",
+            "--calib",
+            "fixture:val",
+            "--seqlen",
+            "32",
+            "-o",
+            "{out}",
+        ],
+        "does not belong to this model",
+    ),
+    (
+        ["recover", "{d}/wrong_tokenizer", "--data", "fixture:train", "--seqlen", "32", "-o", "{out}"],
+        "does not belong to this model",
+    ),
 ]
 
 

@@ -212,6 +212,18 @@ def _finish(ids: torch.Tensor, protocol: dict) -> Windows:
     return Windows(ids, protocol)
 
 
+def check_vocab(lm, ids: torch.Tensor, source: str) -> None:
+    """Token ids the model has embeddings for: a tokenizer from another model (or one with added
+    tokens the embeddings never got) is one line, not an IndexError deep inside the forward."""
+    rows = lm.model.get_input_embeddings().num_embeddings
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= rows:
+        raise LayerpruneError(
+            f"the tokenizer of {lm.name} gives token id {top} on {source}, but the model has {rows} embeddings: "
+            "the folder's tokenizer does not belong to this model; save the model's own tokenizer with it"
+        )
+
+
 def check_seqlen(seqlen: int, context: int | None) -> None:
     if seqlen < 2:
         raise LayerpruneError(f"seqlen {seqlen} is too short; use at least 2 tokens")
@@ -343,9 +355,11 @@ def calibration(
         seqlen = d["seqlen"] if context is None else min(d["seqlen"], context)
     check_seqlen(seqlen, context)
     text = load_text(source or default_calibration_source(lm, kind), default_split="train")
-    return calibration_windows(
+    windows = calibration_windows(
         lm.tokenizer, text, samples, seqlen, seed, bos or default_bos(lm.tokenizer, lm.adapter)
     )
+    check_vocab(lm, windows.input_ids, text.name)
+    return windows
 
 
 def windows_from_protocol(lm, protocol: dict, source: str | None = None, what: str = "the plan") -> Windows:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Windows, check_seqlen, default_bos, eval_windows, load_text
+from ..data import Windows, check_seqlen, check_vocab, default_bos, eval_windows, load_text
 from ..engine.masked import token_nll
 from ..models.adapter import ModelAdapter
 
@@ -98,4 +98,5 @@ def perplexity(
         lm.adapter.check_mask(mask, granularity)
     bos = bos or default_bos(lm.tokenizer, lm.adapter)
     windows = eval_windows(lm.tokenizer, load_text(source, "test"), seqlen, bos, max_windows)
+    check_vocab(lm, windows.input_ids, source)
     return perplexity_of_windows(lm.model, lm.adapter, windows, batch_size, mask, granularity, progress)

@@ -44,9 +44,15 @@ def recover(
 
 def load_training_data(lm, source: str, seqlen: int | None = None) -> TrainingData:
     """`source` as training examples for this model: `seqlen` defaults to min(256, context)."""
-    from ..data import check_seqlen
+    import torch
+
+    from ..data import check_seqlen, check_vocab
 
     context = lm.adapter.context_length
     seqlen = seqlen or min(256, context or 256)
     check_seqlen(seqlen, context)
-    return training_data(lm.tokenizer, source, seqlen)
+    data = training_data(lm.tokenizer, source, seqlen)
+    check_vocab(
+        lm, torch.cat([x.reshape(-1) for x in data.input_ids]) if len(data) else torch.empty(0), source
+    )
+    return data
