@@ -118,6 +118,7 @@ def score(
             "hidden": hidden or 2 * L,
             "schedule": schedule,
             "epochs": epochs or (3000 if schedule == "steps" else 300),
+            "lr": fit.lr,
         }
         if estimator == "stratified":
             fresh = stratified_masks(
