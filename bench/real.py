@@ -42,7 +42,7 @@ from layerprune.evaluation.perplexity import perplexity_of_windows  # noqa: E402
 
 MODEL = "smollm2"
 CALIB, TRAIN, HELDOUT = "fixture:val", "fixture:train", "fixture:test"
-SECTIONS = ("depth", "sparsity", "width", "recovery", "zeroshot", "speed", "cost")
+SECTIONS = ("depth", "sparsity", "width", "recovery", "zeroshot", "speed", "cost", "figures")
 DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb", "shapley")
 REMOVE = (3, 6, 9)
 TARGETS = (0.5, 0.6, 0.7, 0.8)
@@ -126,12 +126,16 @@ def depth(res: Results, args) -> None:
     L = lm.adapter.num_blocks
     batches = math.ceil(calib.input_ids.shape[0] / 16)
     options = {"sleb": {"steps": max(REMOVE)}, "shapley": {"budget": SHAPLEY_BUDGET, "ratio": 0.2}}
+    stores = {
+        "shapley": str(WORK / "shapley.sqlite")
+    }  # a rerun (e.g. after a surrogate change) re-evaluates nothing
     for method in DEPTH_METHODS:
         if all(res.has("depth", f"{method}-{k}") for k in REMOVE):
             continue
         lm = load()
         t0 = time.perf_counter()
-        scores = lp.score(lm, method, calib, progress=not args.quiet, **options.get(method, {}))
+        store = {"store": stores[method]} if method in stores else {}
+        scores = lp.score(lm, method, calib, progress=not args.quiet, **options.get(method, {}), **store)
         seconds = time.perf_counter() - t0
         scores.save(WORK / f"depth-{method}.json")
         calls = scores.extra.get("block_calls") if scores.extra else None
@@ -168,7 +172,9 @@ def sparsity(res: Results, args) -> None:
         alpha_seconds=alpha_seconds, owl_seconds=owl_seconds, owl_forwards=owl_seconds / unit,
         alpha_block_values=alpha.extra["block_values"], owl_outlier_ratio=owl.importance,
     )  # fmt: skip
-    configs = [(t, a, p, None, None) for t in TARGETS for a in ("uniform", "owl", "alpha") for p in ("magnitude", "wanda", "sparsegpt")]  # fmt: skip
+    # SparseGPT (about 4x Wanda's time here) at 50 % and 70 % only, to fit the CPU budget
+    configs = [(t, a, p, None, None) for t in TARGETS for a in ("uniform", "owl", "alpha") for p in ("magnitude", "wanda", "sparsegpt")
+               if p != "sparsegpt" or t in (0.5, 0.7)]  # fmt: skip
     configs += [(0.5, "uniform", p, "2:4", None) for p in ("magnitude", "wanda", "sparsegpt")]
     configs += [(0.7, "alpha", "wanda", None, e) for e in EPSILONS if e != 0.2]  # 0.2: alpha-wanda-0.7
     for target, allocation, pruner, nm, eps in configs:
@@ -221,9 +227,9 @@ def width(res: Results, args) -> None:
         res.doc.setdefault("width_scores", {})[pruner] = {"seconds": time.perf_counter() - t0}
     dense_params = sum(p.numel() for p in lm.model.parameters())
     runs = [(w, a, p, None) for w in WIDTHS for p in scored for a in ("uniform", "owl", "alpha")]
-    runs += [(w, "search", "wanda-sp", s) for w in WIDTHS for s in (0, 1, 2)]
-    runs += [(w, "search", "magnitude-sp", 0) for w in WIDTHS]
-    runs += [(w, "flap", "flap", None) for w in WIDTHS]
+    # searches: 3 seeds at 30 %, one at 20 %, with wanda-sp (the Self-Pruner base pruner)
+    runs += [(0.3, "search", "wanda-sp", s) for s in (0, 1, 2)] + [(0.2, "search", "wanda-sp", 0)]
+    runs = [(w, "flap", "flap", None) for w in WIDTHS] + runs
     for target, allocation, pruner, seed in runs:
         key = f"{allocation}-{pruner}-{target}" + (f"-seed{seed}" if seed is not None else "")
         if res.has("width", key):
@@ -259,7 +265,7 @@ def width(res: Results, args) -> None:
         if allocation == "search":
             ev = plan.extra["evaluations_this_run"]
             row.update(best_fitness=plan.extra["best_fitness"], evaluations=ev, fitness_unit_seconds=fit_unit,
-                       forwards=plan_seconds / fit_unit, estimate_forwards=ev * (1 - target / 2))  # fmt: skip
+                       forwards=plan_seconds / fit_unit, estimate_forwards=float(ev))  # fmt: skip
         res.put("width", key, row)
         print(f"width {key:32s} held-out {ppl:9.2f} ({seconds:.0f}s)", flush=True)
         if key in ("search-wanda-sp-0.3-seed0", "uniform-wanda-sp-0.3"):
@@ -345,16 +351,95 @@ def speed(res: Results, args) -> None:
         print(f"speed {k:28s} prefill x{dense['prefill'] / med['prefill']:.2f} decode x{dense['decode'] / med['decode']:.2f}", flush=True)  # fmt: skip
 
 
-# ---- cost and figures -----------------------------------------------------------------------------
+# ---- cost ------------------------------------------------------------------------------------------
+class Units:
+    """The cost unit of a group of stages: one dense forward over the group's windows, timed before the
+    group and again after it (their mean), so that load on the machine affects unit and stages alike."""
+
+    def __init__(self, lm, windows):
+        self.lm, self.windows, self.before = lm, windows, forward_seconds(lm, windows)
+        self.rows: list[tuple[str, float, float, dict]] = []
+
+    def time(self, stage: str, run, estimate: float, **extra):
+        t0 = time.perf_counter()
+        out = run()
+        self.rows.append((stage, time.perf_counter() - t0, estimate, extra))
+        return out
+
+    def close(self, res: Results) -> None:
+        unit = (self.before + forward_seconds(self.lm, self.windows)) / 2
+        for stage, seconds, estimate, extra in self.rows:
+            seconds = seconds / extra.pop("per", 1)
+            row = {"seconds": seconds, "unit_seconds": unit, "forwards": seconds / unit, "estimate": estimate,
+                   "ratio": seconds / unit / estimate if estimate else None, **extra}  # fmt: skip
+            res.put("cost", stage, row)
+            print(f"cost {stage:28s} {seconds:7.1f}s = {row['forwards']:6.2f} forwards (estimate {estimate:.2f})", flush=True)  # fmt: skip
+
+
 def cost(res: Results, args) -> None:
-    rows = []
-    for section in ("depth", "sparsity", "width"):
-        for key, r in res.doc.get(section, {}).items():
-            if "forwards" in r and "estimate_forwards" in r:
-                est = r["estimate_forwards"]
-                rows.append({"stage": f"{section}:{key}", "forwards": r["forwards"], "estimate": est,
-                             "ratio": r["forwards"] / est if est else None})  # fmt: skip
-    res.doc["cost"] = {r["stage"]: r for r in rows}
+    """Each stage's wall time in dense forwards over its own data, against the forwards it needs.
+
+    Estimates: ppl = the mask engine's block forwards / (blocks x micro-batches) (sleb and shapley run
+    the same engine; their counts are in the depth rows); taylor 3 (forward + backward); bi, angular,
+    owl, wanda-sp, flap 1 (one pass collecting statistics); wanda, sparsegpt 2 (each block's statistics,
+    then its pruned outputs: the sequential procedure); magnitude 0 (weights only: reported in
+    seconds); width search = evaluations x one forward over its fitness windows (candidates are
+    evaluated as masks on the full-size model, no copies); LoRA 2 (forward, and a backward through
+    frozen weights) and full training 3 per token; held-out perplexity 1."""
+    lm = load()
+    L = lm.adapter.num_blocks
+    depth_w = lp.calibration(lm, CALIB, samples=SIZES["depth"][0], seqlen=SIZES["depth"][1])
+    sparse_w = lp.calibration(
+        lm, CALIB, samples=SIZES["sparsity"][0], seqlen=SIZES["sparsity"][1], kind="sparsity"
+    )
+    fit_w = lp.calibration(lm, CALIB, samples=SIZES["fitness"][0], seqlen=SIZES["fitness"][1])
+    batches = math.ceil(depth_w.input_ids.shape[0] / 16)
+
+    u = Units(lm, depth_w)
+    for method in ("ppl", "taylor", "bi", "angular"):
+        s = u.time(f"score-{method}", lambda m=method: lp.score(lm, m, depth_w, progress=False), 0.0)
+        calls = (s.extra or {}).get("block_calls")
+        est = calls / (L * batches) if calls else {"taylor": 3.0, "bi": 1.0, "angular": 1.0}[method]
+        u.rows[-1] = (*u.rows[-1][:2], est, u.rows[-1][3])
+    u.close(res)
+
+    u = Units(lm, sparse_w)
+    for method in ("owl", "wanda-sp", "flap"):
+        kw = {"unit": "module"} if method != "owl" else {}
+        u.time(f"score-{method}", lambda m=method, k=kw: lp.score(lm, m, sparse_w, progress=False, **k), 1.0)
+    for pruner in ("magnitude", "wanda", "sparsegpt"):
+        m = load()
+        calib = None if pruner == "magnitude" else sparse_w
+        plan = lp.plan(m, sparsity=0.5, pruner=pruner, calib=calib, progress=False)
+        u.time(f"apply-{pruner}-0.5", lambda m=m, p=plan, c=calib: lp.apply(m, p, c, progress=False),
+               0.0 if pruner == "magnitude" else 2.0)  # fmt: skip
+    wsp = lp.score(lm, "wanda-sp", sparse_w, unit="module", progress=False)
+    u.close(res)
+
+    u = Units(lm, fit_w)
+    plan = u.time("plan-search-wanda-sp-0.3", lambda: lp.plan(
+        lm, width=0.3, scores=wsp, calib=sparse_w, allocation="search", population=6, iterations=2, crossovers=2,
+        mutations=2, fitness_samples=SIZES["fitness"][0], fitness_seqlen=SIZES["fitness"][1], progress=False), 0.0)  # fmt: skip
+    ev = plan.extra["evaluations_this_run"]
+    u.rows[-1] = (*u.rows[-1][:2], float(ev), {"evaluations": ev})
+    u.close(res)
+
+    steps, batch = 4, 4
+    u = Units(lm, lp.Windows(lp.calibration(lm, TRAIN, samples=batch, seqlen=128).input_ids, {}))
+    for method in ("lora", "full"):
+        m = load()
+        u.time(f"recover-{method}", lambda m=m, mm=method: lp.recover(m, TRAIN, method=mm, seqlen=128, steps=steps,
+               batch_size=batch, warmup=0, progress=False), 2.0 if method == "lora" else 3.0,
+               per=steps, note="per step of 4 x 128 tokens")  # fmt: skip
+    u.close(res)
+
+    ev_w = lp.eval_windows(lm.tokenizer, lp.load_text(HELDOUT), HELDOUT_SEQLEN, "none", args.heldout_windows)
+    u = Units(lm, ev_w)
+    u.time("eval-heldout", lambda: heldout(lm, args.heldout_windows), 1.0)
+    u.close(res)
+
+
+def figures(res: Results, args) -> None:
     d, s, w = res.doc.get("depth", {}), res.doc.get("sparsity", {}), res.doc.get("width", {})
     fig: dict = {}
     if all(k in s for k in ("alpha-wanda-0.7", "uniform-wanda-0.7")):
@@ -364,10 +449,11 @@ def cost(res: Results, args) -> None:
         fig["a_best_eps_over_uniform"] = min(
             r["heldout_ppl"] for r in s.values() if r["pruner"] == "wanda" and r["allocation"] == "alpha" and r["target"] == 0.7
         ) / s["uniform-wanda-0.7"]["heldout_ppl"]  # fmt: skip
-    good = [d[f"{m}-6"]["heldout_ppl"] for m in ("ppl", "sleb", "shapley") if f"{m}-6" in d]
-    bad = [d[f"{m}-6"]["heldout_ppl"] for m in ("bi", "angular") if f"{m}-6" in d]
+    good = {m: d[f"{m}-6"]["heldout_ppl"] for m in ("ppl", "sleb", "shapley") if f"{m}-6" in d}
+    bad = {m: d[f"{m}-6"]["heldout_ppl"] for m in ("bi", "angular") if f"{m}-6" in d}
     if good and bad:
-        fig["b_best_ppl_sleb_shapley_over_worse_bi_angular_6"] = min(good) / max(bad)
+        fig["b_best_ppl_sleb_shapley_over_worse_bi_angular_6"] = min(good.values()) / max(bad.values())
+        fig["b_best_ppl_sleb_shapley_over_better_bi_angular_6"] = min(good.values()) / min(bad.values())
     for pruner in ("wanda-sp", "magnitude-sp"):
         searched = [
             r["heldout_ppl"]
@@ -376,12 +462,13 @@ def cost(res: Results, args) -> None:
         ]
         base = {a: w.get(f"{a}-{pruner}-0.3", {}).get("heldout_ppl") for a in ("uniform", "owl")}
         if searched and all(base.values()):
-            fig[f"c_{pruner}_30_searched_median_over_uniform"] = statistics.median(searched) / base["uniform"]
-            fig[f"c_{pruner}_30_searched_median_over_owl"] = statistics.median(searched) / base["owl"]
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    if ratios:
-        fig["d_worst_forwards_over_estimate"] = max(ratios)
-        fig["d_worst_stage"] = max(rows, key=lambda r: r["ratio"] or 0)["stage"]
+            fig[f"c_{pruner}_30_searched_worst_over_uniform"] = max(searched) / base["uniform"]
+            fig[f"c_{pruner}_30_searched_worst_over_owl"] = max(searched) / base["owl"]
+    rows = {k: r for k, r in res.doc.get("cost", {}).items() if r.get("ratio") is not None}
+    if rows:
+        worst = max(rows, key=lambda k: rows[k]["ratio"])
+        fig["d_worst_forwards_over_estimate"] = rows[worst]["ratio"]
+        fig["d_worst_stage"] = worst
     res.doc["figures"] = fig
     write(res.doc, res.path)
     print(json.dumps(fig, indent=2))
@@ -401,11 +488,95 @@ def report(res: Results, args) -> None:
         )
         label = "dense" if f is None else f.name
         zs = res.doc.get("zeroshot", {}).get(label)
-        doc = results_document(lm, MODEL if f is None else str(f), [ppl.to_dict()], None)
-        if zs:
-            doc["zeroshot_summary"] = zs
+        if zs:  # the zero-shot section's accuracies, in the shape `layerprune eval -o` writes
+            zs = {"tasks": {t: {"metric": "acc", "acc": v, "samples": zs["limit"]} for t, v in zs["tasks"].items()},
+                  "mean": zs["mean"], "limit": zs["limit"]}  # fmt: skip
+        doc = results_document(lm, MODEL if f is None else str(f), [ppl.to_dict()], zs)
         (evals / f"{label}.json").write_text(json.dumps(doc, indent=2, default=str))
-    lp.report([*folders, evals], HERE / "results" / "real_report", overwrite=True)
+    lp.report([*folders, evals], HERE / "results" / "real_report", overwrite=True,
+              title="SmolLM2-135M-Instruct pruned by layerprune (bench/real.py): calibration fixture:val, "
+              "training fixture:train, held-out fixture:test")  # fmt: skip
+
+
+def markdown(res: Results) -> str:
+    """The README's tables, from real.json."""
+    d = res.doc
+    out = [f"Dense held-out perplexity {d['dense']['heldout_ppl']:.2f} ({d['protocol']['heldout']['tokens']:,} tokens of "
+           f"{HELDOUT} at seqlen {d['protocol']['heldout']['seqlen']}).", ""]  # fmt: skip
+
+    def fmt(v):
+        return "–" if v is None else (f"{v:.1f}" if v >= 100 else f"{v:.2f}")
+
+    if "depth" in d:
+        out += ["| depth: blocks removed of 30 | " + " | ".join(DEPTH_METHODS) + " |",
+                "|---|" + "---|" * len(DEPTH_METHODS)]  # fmt: skip
+        for k in REMOVE:
+            out.append(f"| {k} | " + " | ".join(fmt(d["depth"].get(f"{m}-{k}", {}).get("heldout_ppl")) for m in DEPTH_METHODS) + " |")  # fmt: skip
+        out.append("| scorer seconds | " + " | ".join(f"{d['depth'][f'{m}-3']['scorer_seconds']:.0f}" if f"{m}-3" in d["depth"] else "–" for m in DEPTH_METHODS) + " |")  # fmt: skip
+        out.append("")
+    if "sparsity" in d:
+        sp = d["sparsity"]
+        out += ["| sparsity | " + " | ".join(f"{p} {a}" for p in ("magnitude", "wanda", "sparsegpt") for a in ("uniform", "owl", "alpha")) + " |",
+                "|---|" + "---|" * 9]  # fmt: skip
+        for t in (*TARGETS, "2:4"):
+            cells = []
+            for p in ("magnitude", "wanda", "sparsegpt"):
+                for a in ("uniform", "owl", "alpha"):
+                    cells.append(fmt(sp.get(f"{a}-{p}-{t}", {}).get("heldout_ppl")))
+            out.append(f"| {t if t == '2:4' else f'{t:.0%}'} | " + " | ".join(cells) + " |")
+        eps = {0.2: sp.get("alpha-wanda-0.7", {}).get("heldout_ppl")}
+        eps.update(
+            {e: sp.get(f"alpha-wanda-0.7-eps{e}", {}).get("heldout_ppl") for e in EPSILONS if e != 0.2}
+        )
+        out += [
+            "",
+            "AlphaPruning ε at 70 % Wanda: " + ", ".join(f"ε {e} → {fmt(eps[e])}" for e in sorted(eps)),
+            "",
+        ]
+    if "width" in d:
+        w = d["width"]
+        out += [
+            "| width | uniform | owl | alpha | search (3 seeds) | FLAP (AL-AM, bias compensation) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in WIDTHS:
+            for p in ("wanda-sp", "magnitude-sp"):
+                seeds = [
+                    w[k]["heldout_ppl"]
+                    for k in sorted(w)
+                    if k.startswith(f"search-{p}-{t}-") and "heldout_ppl" in w[k]
+                ]
+                flap = fmt(w.get(f"flap-flap-{t}", {}).get("heldout_ppl")) if p == "wanda-sp" else ""
+                out.append(f"| {t:.0%} {p} | " + " | ".join(fmt(w.get(f"{a}-{p}-{t}", {}).get("heldout_ppl")) for a in ("uniform", "owl", "alpha"))
+                           + f" | {', '.join(fmt(v) for v in seeds) or '–'} | {flap} |")  # fmt: skip
+        out.append("")
+    if "recovery" in d:
+        out += ["| recovery (same tokens) | before | LoRA | CPT (full) |", "|---|---|---|---|"]
+        for name in ("depth-ppl-6", "alpha-wanda-70"):
+            lo, fu = d["recovery"].get(f"{name}-lora", {}), d["recovery"].get(f"{name}-full", {})
+            out.append(f"| {name} ({lo.get('tokens', 0):,} tokens) | {fmt(lo.get('heldout_before'))} | {fmt(lo.get('heldout_after'))} | {fmt(fu.get('heldout_after'))} |")  # fmt: skip
+        out.append("")
+    if "zeroshot" in d:
+        out += [
+            "| zero-shot (bundled tasks) | "
+            + " | ".join(next(iter(d["zeroshot"].values()))["tasks"])
+            + " | mean |",
+            "|---|---|---|---|---|",
+        ]
+        for k, r in d["zeroshot"].items():
+            out.append(
+                f"| {k} | " + " | ".join(f"{v:.3f}" for v in r["tasks"].values()) + f" | {r['mean']:.3f} |"
+            )
+        out.append("")
+    if "speed" in d:
+        out += [
+            "| speed (median of interleaved runs) | parameters | prefill 1×512 s | decode 128 s | prefill speed-up | decode speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, r in d["speed"].items():
+            out.append(f"| {k} | {r['parameters'] / 1e6:.1f}M | {r['prefill_1x512_seconds']:.2f} | {r['decode_128_seconds']:.2f} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |")  # fmt: skip
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv=None) -> None:
@@ -415,9 +586,13 @@ def main(argv=None) -> None:
     ap.add_argument("--fresh", action="store_true", help="recompute the sections named")
     ap.add_argument("--heldout-windows", type=int, default=8, help="windows of 512 tokens of fixture:test")
     ap.add_argument("--recover-steps", type=int, default=20)
-    ap.add_argument("--zeroshot-limit", type=int, default=50)
+    ap.add_argument("--zeroshot-limit", type=int, default=30)
     ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="print the README tables from the results")
+    ap.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="fold the sections of other result files in"
+    )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--smoke", action="store_true", help="every section on the fixture at toy sizes (-o elsewhere)"
@@ -436,10 +611,20 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     WORK.mkdir(parents=True, exist_ok=True)
     res = Results(args.output, sections if args.fresh else ())
+    for other in args.merge:  # sections measured by another process (e.g. width on the second core)
+        for section, rows in json.loads(other.read_text()).items():
+            if section in SECTIONS and isinstance(rows, dict):
+                res.doc.setdefault(section, {}).update(rows)
+        write(res.doc, res.path)
     if args.report:
         return report(res, args)
+    if args.markdown:
+        return print(markdown(res))
     if "protocol" not in res.doc:
         protocol(res, args)
+    res.doc["protocol"].setdefault("threads_by_section", {}).update(
+        {s: torch.get_num_threads() for s in sections}
+    )
     for s in sections:
         t0 = time.perf_counter()
         globals()[s](res, args)

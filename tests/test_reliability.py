@@ -541,6 +541,7 @@ def _comparable(path: Path) -> dict:
     doc.pop("seconds")
     doc["provenance"].pop("created")
     doc["extra"].pop("evaluations_this_run")
+    doc["extra"].pop("block_calls", None)  # the block forwards this run needed (fewer after a resume)
     doc["params"].pop("store", None)
     return doc
 
