@@ -872,7 +872,7 @@ def _parser_demo(sub) -> None:
     p.add_argument(
         "--model",
         default="smollm2",
-        help="smollm2 (the real model, default; ~8 min on 2 cores) or fixture (~1 min)",
+        help="smollm2 (the real model, default; ~7 min on 2 cores) or fixture (~1 min)",
     )
     p.add_argument("--method", default="ppl", help="depth scoring method")
     p.add_argument(
