@@ -16,6 +16,16 @@ def fixture_lm():
     return load("fixture", device="cpu", quiet=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is ~50x faster than two contending ones on a busy small machine.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -28,12 +28,7 @@ D, HEADS_PER_GROUP = 8, 2  # tiny llama: hidden 32, 4 heads, 2 KV heads, MLP 64
 GROUP_PARAMS, CHANNEL_PARAMS = 1536, 96  # by hand: see tests/pruners/test_width.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(arch="llama", seed=0):

@@ -32,13 +32,7 @@ SPLIT = [a for a in ARCHS if a != "mamba"]
 FIXED_HEAD_SIZE = ("opt", "gpt2", "gpt_neox")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is ~50x faster than two contending ones on a busy small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LayerpruneError
 from .adapter import ModelAdapter, spec_for
-from .gguf import source_of
+from .gguf import NAMED_MODELS, converted, named_model_file, source_of
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture"
 # Config fields that say nothing about the function a model computes.
@@ -43,8 +43,6 @@ def resolve(name: str, quiet: bool = False) -> tuple[str, Path | None]:
     """Return (what from_pretrained takes, the local folder or None for a hub id).
 
     A `.gguf` file or a named model (`smollm2`) resolves to its cached safetensors conversion."""
-    from .gguf import NAMED_MODELS, converted, named_model_file
-
     if name == "fixture":
         if not (FIXTURE_DIR / "config.json").exists():
             raise LayerpruneError(f"the bundled fixture is missing from {FIXTURE_DIR}; reinstall layerprune")

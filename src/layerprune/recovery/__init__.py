@@ -52,7 +52,5 @@ def load_training_data(lm, source: str, seqlen: int | None = None) -> TrainingDa
     seqlen = seqlen or min(256, context or 256)
     check_seqlen(seqlen, context)
     data = training_data(lm.tokenizer, source, seqlen)
-    check_vocab(
-        lm, torch.cat([x.reshape(-1) for x in data.input_ids]) if len(data) else torch.empty(0), source
-    )
+    check_vocab(lm, torch.cat(data.input_ids) if len(data) else torch.empty(0), source)
     return data
