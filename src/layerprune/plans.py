@@ -17,12 +17,13 @@ files (one flat `Plan` with a nested `sparsity` dict) are still read.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 from .errors import LayerpruneError
 from .io import atomic_write_json, read_json
+from .registry import SPARSITY_PRUNERS, Unit
 
 PLAN_FORMAT = "layerprune.plan/2"
 READABLE_FORMATS = ("layerprune.plan/1", PLAN_FORMAT)
@@ -124,8 +125,6 @@ class Plan:
 
 
 def _required(f) -> bool:
-    from dataclasses import MISSING
-
     return f.default is MISSING and f.default_factory is MISSING
 
 
@@ -136,8 +135,6 @@ class DepthPlan(Plan):
     unit: str = "block"  # the granularity the scores were computed at: block | module
 
     def units(self):
-        from .models.adapter import Unit
-
         return [Unit.parse(u) for u in self.remove]
 
     def validate(self, where: str = "plan") -> None:
@@ -187,11 +184,11 @@ class SparsityPlan(Plan):
     nm: list[int] | None = None  # [N, M]: N zeros in every M consecutive inputs
 
     def validate(self, where: str = "plan") -> None:
-        from .pruners.unstructured import PRUNERS
-
         super().validate(where)
-        if self.pruner not in PRUNERS:
-            raise LayerpruneError(f"{where}: unknown pruner '{self.pruner}'; one of {', '.join(PRUNERS)}")
+        if self.pruner not in SPARSITY_PRUNERS:
+            raise LayerpruneError(
+                f"{where}: unknown pruner '{self.pruner}'; one of {', '.join(SPARSITY_PRUNERS)}"
+            )
         if self.nm is not None and (
             not isinstance(self.nm, (list, tuple)) or len(self.nm) != 2 or not 0 < self.nm[0] < self.nm[1]
         ):
@@ -262,10 +259,8 @@ class WidthPlan(Plan):
 
     def check(self, lm, where: str = "plan") -> None:
         super().check(lm, where)
-        from .pruners.width import units
-
         for i, (a, m) in enumerate(zip(self.attn, self.mlp)):
-            groups, channels = units(lm.adapter, i)
+            groups, channels = lm.adapter.width_units(i)
             if round(a * groups) >= groups:
                 raise LayerpruneError(
                     f"{where}: an attention rate of {a} removes all {groups} KV groups of block {i}; keep at "

@@ -9,8 +9,8 @@ import torch
 import layerprune as lp
 from layerprune.data import Windows
 from layerprune.models.tiny import tiny_model
-from layerprune.planners.width import budgets, counts, make_plan, masks_for
-from layerprune.pruners.width import masked
+from layerprune.models.width import budgets, counts, masked, masks_for
+from layerprune.planners.width import make_plan
 
 
 def tiny_lm(seed=0):

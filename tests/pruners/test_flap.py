@@ -14,15 +14,9 @@ from layerprune.data import Windows
 from layerprune.evaluation.perplexity import perplexity_of_windows
 from layerprune.models.loading import FIXTURE_DIR, load
 from layerprune.models.tiny import VOCAB, tiny_model
-from layerprune.planners.width import budgets, decision_of, masks_for
-from layerprune.pruners.width import (
-    BLOCK_CONFIGS_KEY,
-    WidthMask,
-    add_output_biases,
-    compensation,
-    masked,
-    shrink,
-)
+from layerprune.models.shrink import BLOCK_CONFIGS_KEY, shrink
+from layerprune.models.width import WidthMask, budgets, decision_of, masked, masks_for
+from layerprune.pruners.width import add_output_biases, compensation
 
 D, HEADS_PER_GROUP = 8, 2  # tiny llama: hidden 32, 4 heads, 2 KV heads, MLP 64
 GROUP_PARAMS, CHANNEL_PARAMS = 1536, 96  # by hand: see tests/pruners/test_width.py
@@ -327,7 +321,8 @@ def test_flap_cli(tmp_path, cli):
 def test_search_fitness_with_flap_scores_is_the_compensated_model():
     """A searched allocation over FLAP scores evaluates each candidate with the compensation."""
     from layerprune.evaluation.perplexity import perplexity_of_windows as ppl
-    from layerprune.planners.width import Fitness, counts
+    from layerprune.models.width import counts
+    from layerprune.planners.width_search import Fitness
 
     lm, w = tiny_lm(), windows()
     s = lp.score(lm, "flap", w, progress=False)

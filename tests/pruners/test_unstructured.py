@@ -9,7 +9,8 @@ from layerprune.data import calibration_windows, load_text
 from layerprune.errors import LayerpruneError
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.tiny import tiny_model
-from layerprune.pruners.unstructured import magnitude, nm_mask, parse_nm, prune, sparsegpt, wanda
+from layerprune.pruners.unstructured import magnitude, nm_mask, prune, sparsegpt, wanda
+from layerprune.registry import parse_nm
 
 
 def capture_inputs(model, adapter, block, x):

@@ -17,15 +17,8 @@ from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import FIXTURE_DIR, LoadedModel
 from layerprune.models.tiny import ARCHS, VOCAB, tiny_model
 from layerprune.plans import WidthPlan
-from layerprune.pruners.width import (
-    BLOCK_CONFIGS_KEY,
-    WidthMask,
-    layout,
-    load_shrunk,
-    masked,
-    shrink,
-    units,
-)
+from layerprune.models.shrink import BLOCK_CONFIGS_KEY, load_shrunk, shrink
+from layerprune.models.width import WidthMask, layout, masked, units
 
 SPLIT = [a for a in ARCHS if a != "mamba"]
 # The config of these cannot state a head size other than hidden // heads.

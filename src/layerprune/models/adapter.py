@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import LayerpruneError
+from ..registry import Unit
 from .registry import BY_MODEL_TYPE, SUPPORTED, ArchSpec
 
 # Config attributes that are lists but not one entry per layer.
@@ -44,24 +44,6 @@ def spec_for(config) -> ArchSpec:
             f"architecture '{getattr(config, 'model_type', '?')}' is not supported; supported: {SUPPORTED}"
         )
     return spec
-
-
-@dataclass(frozen=True, order=True)
-class Unit:
-    """A prunable unit of depth: a whole block, or its attention or MLP part."""
-
-    block: int
-    part: str = "block"  # "block" | "attn" | "mlp"
-
-    def __str__(self) -> str:
-        return str(self.block) if self.part == "block" else f"{self.block}.{self.part}"
-
-    @classmethod
-    def parse(cls, text: str) -> Unit:
-        block, _, part = str(text).partition(".")
-        if not block.isdigit() or part not in ("", "attn", "mlp"):
-            raise LayerpruneError(f"unit '{text}' is not a block index ('3') or a part ('3.attn', '3.mlp')")
-        return cls(int(block), part or "block")
 
 
 class SkippedBlock(nn.Module):
@@ -265,6 +247,19 @@ class ModelAdapter:
         set_module(self.blocks[i], self._part_path(part), stand_in)
 
     # ---- widths (structured pruning) -----------------------------------------------------------
+    def require_split(self) -> None:
+        """Refuse width pruning of blocks without an attention / MLP split (Mamba)."""
+        if not self.has_parts():
+            raise LayerpruneError(
+                f"{self.spec.name} blocks have no attention / MLP split: width pruning needs one; "
+                "use depth pruning (--unit block) or sparsity instead"
+            )
+
+    def width_units(self, i: int) -> tuple[int, int]:
+        """(KV groups, MLP channels) of block i: the units width pruning removes (models/width.py)."""
+        self.require_split()
+        return self.attn_heads(i)[1], self.mlp_channels(i)
+
     def _width_config(self, key: str | None):
         if not self.has_parts():
             raise LayerpruneError(

@@ -223,7 +223,7 @@ def load(
             return offloaded
     try:
         if getattr(config, "layerprune_block_configs", None):  # width-pruned, shapes differ per block
-            from ..pruners.width import load_shrunk
+            from .shrink import load_shrunk
 
             model = load_shrunk(source, config, dtype)
         else:

@@ -43,7 +43,7 @@ class ArchSpec:
     attn_config_keys: dict[str, str] = field(default_factory=dict)
     # part -> config flag that gives every projection of the part a bias (Llama: attention_bias for
     # q, k, v, o; mlp_bias for gate, up, down); a bias added to o / down (FLAP's compensation) is then
-    # stated by the config, otherwise by the per-block shapes (pruners/width.py).
+    # stated by the config, otherwise by the per-block shapes (models/shrink.py).
     bias_config_keys: dict[str, str] = field(default_factory=dict)
 
 

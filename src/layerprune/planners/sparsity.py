@@ -148,14 +148,14 @@ def make_plan(
     computes its metrics here (alpha from the weights, OWL from `windows`)."""
     from ..plans import SparsityPlan
     from ..provenance import stamp
-    from ..pruners.unstructured import PRUNERS, nm_for, parse_nm
+    from ..registry import SPARSITY_PRUNERS, nm_for, parse_nm
     from ..scorers.run import model_info, run
 
     check_target(sparsity)
     if allocation not in ALLOCATIONS:
         raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
-    if pruner not in PRUNERS:
-        raise LayerpruneError(f"unknown pruner '{pruner}'; use one of {', '.join(PRUNERS)}")
+    if pruner not in SPARSITY_PRUNERS:
+        raise LayerpruneError(f"unknown pruner '{pruner}'; use one of {', '.join(SPARSITY_PRUNERS)}")
     nm = parse_nm(nm) if isinstance(nm, str) or nm is None else tuple(nm)
     names = lm.adapter.layer_names()
     numel = [lm.adapter.layer(n).weight.numel() for n in names]

@@ -17,67 +17,13 @@ is then `flap` and the removed features' mean contribution is added to the o / d
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
-import time
-from dataclasses import dataclass
 
 from ..errors import LayerpruneError
+from ..models.width import BlockBudget, achieved, budgets, counts, layout
+from .width_search import fitness_calibration, search_rates
 
 ALLOCATIONS = ("uniform", "owl", "alpha", "search", "flap")
-
-
-@dataclass(frozen=True)
-class BlockBudget:
-    groups: int  # KV groups
-    group_params: int  # parameters one group owns (weights and biases of q, k, v, o slices)
-    channels: int  # MLP channels
-    channel_params: int
-
-    @property
-    def params(self) -> int:
-        return self.groups * self.group_params + self.channels * self.channel_params
-
-
-def budgets(adapter) -> list[BlockBudget]:
-    """Per block, how many groups and channels it has and what each owns, from the layout."""
-    from ..pruners.width import layout
-
-    out = []
-    for i in range(adapter.num_blocks):
-        sizes = []
-        linears = adapter.linears(i)
-        for part in ("attn", "mlp"):
-            lay = layout(adapter, i, part)
-            units = next(iter(lay.values()))[1].shape[0]
-            per_unit = 0
-            for role, (axis, idx) in lay.items():
-                w = adapter.weight(linears[role])
-                per_unit += idx.shape[1] * w.shape[1 - axis]
-                bias = getattr(linears[role], "bias", None)
-                if bias is not None and axis == 0:
-                    per_unit += idx.shape[1]
-            sizes += [units, per_unit]
-        out.append(BlockBudget(*sizes))
-    return out
-
-
-def counts(rates: list[float], blocks: list[BlockBudget]) -> list[tuple[int, int]]:
-    """(groups removed, channels removed) per block for the given rates."""
-    if len(rates) != len(blocks):
-        raise LayerpruneError(f"{len(rates)} rates for {len(blocks)} blocks; give one rate per block")
-    out = []
-    for r, b in zip(rates, blocks):
-        g = min(max(round(r * b.groups), 0), b.groups - 1)
-        rest = r * b.params - g * b.group_params
-        c = min(max(round(rest / b.channel_params), 0), b.channels - 1)
-        out.append((g, c))
-    return out
-
-
-def achieved(decision: list[tuple[int, int]], blocks: list[BlockBudget]) -> list[float]:
-    return [(g * b.group_params + c * b.channel_params) / b.params for (g, c), b in zip(decision, blocks)]
 
 
 def _standardize(x: list[float]) -> list[float]:
@@ -95,8 +41,6 @@ def flap_unit_scores(adapter, table: dict) -> tuple[list[list[float]], list[list
     the block's features, and a head scores the mean of its features (here a KV group: the mean
     over its query heads' features); the MLP metric is WIFV per channel, standardized over the
     block's channels."""
-    from ..pruners.width import layout
-
     role = adapter.spec.output_roles["attn"]
     groups, channels = [], []
     for i, (feats, chans) in enumerate(zip(table["attn_features"], table["channels"])):
@@ -138,25 +82,6 @@ def flap_decision(adapter, table: dict, width: float, blocks: list[BlockBudget])
         if done >= target:
             break
     return [(g, c) for g, c in removed]
-
-
-def decision_key(decision: list[tuple[int, int]]) -> str:
-    """The store key of a structured mask: what is removed, block by block."""
-    return "w:" + json.dumps(decision, separators=(",", ":"))
-
-
-def masks_for(decision: list[tuple[int, int]], table: dict):
-    """Keep all but the g lowest-scoring groups and the c lowest-scoring channels of each block.
-
-    `table`: {"groups": [...], "channels": [...]} per block, e.g. the `extra` of structured scores."""
-    from ..pruners.width import WidthMask
-
-    masks = []
-    for (g, c), gs, cs in zip(decision, table["groups"], table["channels"]):
-        keep_g = sorted(sorted(range(len(gs)), key=lambda j: (gs[j], j))[g:])
-        keep_c = sorted(sorted(range(len(cs)), key=lambda j: (cs[j], j))[c:])
-        masks.append(WidthMask(groups=keep_g, channels=keep_c))
-    return masks
 
 
 def check_target(width: float) -> None:
@@ -224,68 +149,6 @@ def allocation_rates(
     raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
 
 
-class Fitness:
-    """Calibration perplexity of the model under the structured mask of a rate vector, in place,
-    through an evaluation store when one is given (a killed search resumes without re-evaluating)."""
-
-    def __init__(self, lm, table: dict, windows, *, store=None, batch_size: int = 16):
-        self.lm, self.table, self.windows = lm, table, windows
-        self.blocks = budgets(lm.adapter)
-        self.store, self.batch_size = store, batch_size
-        self.tokens = int(windows.input_ids.shape[0] * (windows.input_ids.shape[1] - 1))
-        self.evaluations = 0  # real evaluations in this run (all ranks' under torchrun)
-        self.forward_seconds: list[float] = []  # each real evaluation's masked forward, for overhead figures
-
-    def key(self, rates: list[float]) -> str:
-        return decision_key(counts(rates, self.blocks))
-
-    def __call__(self, batch: list[list[float]]) -> list[float]:
-        """Perplexity of each candidate; under torchrun the candidates that rank 0's store lacks are
-        spread over the ranks (see layerprune.distributed), and only rank 0 has a store."""
-        from ..distributed import spread
-
-        keys = [self.key(r) for r in batch]
-        rates = dict(zip(keys, batch))
-        known: dict[str, float] = {}  # summed NLL: the one scalar per candidate that crosses ranks
-        if self.store is not None:
-            known = {k: nll for k, (nll, _) in self.store.get_many(keys).items()}
-
-        def evaluate(share: list[str], on_value) -> list[float]:
-            out = []
-            for k in share:
-                out.append(self.nll(rates[k]))
-                on_value(k, out[-1])
-            return out
-
-        def record(k: str, nll: float) -> None:
-            self.evaluations += 1  # every rank counts the job's evaluations
-            if self.store is not None:
-                self.store.put(k, nll, self.tokens)
-
-        values = spread(keys, known, evaluate, record)
-        return [math.exp(values[k] / self.tokens) for k in keys]
-
-    def one(self, rates: list[float]) -> float:
-        """Perplexity of one candidate, evaluated for real (no store)."""
-        return math.exp(self.nll(rates) / self.tokens)
-
-    def nll(self, rates: list[float]) -> float:
-        """Summed calibration NLL of one candidate, evaluated for real (no store)."""
-        from ..evaluation.perplexity import perplexity_of_windows
-        from ..pruners.width import masked
-
-        decision = counts(rates, self.blocks)
-        masks = masks_for(decision, self.table)
-        t0 = time.perf_counter()
-        # FLAP scores: removed features read their calibration mean (the bias compensation)
-        with masked(self.lm.adapter, masks, self.table.get("means")):
-            r = perplexity_of_windows(
-                self.lm.model, self.lm.adapter, self.windows, self.batch_size, progress=False
-            )
-        self.forward_seconds.append(time.perf_counter() - t0)
-        return r.nll
-
-
 def make_plan(
     lm,
     width: float,
@@ -348,10 +211,18 @@ def make_plan(
     if allocation == "search":
         if fitness_windows is None:
             fitness_windows = fitness_calibration(lm, windows, fitness_samples, fitness_seqlen)
-        rates, extra = _search(
-            lm, width, table, blocks, windows, fitness_windows, store=store, operators=operators, llm=llm,
+        seeds = {"uniform": [width] * len(blocks)}
+        for name in ("owl", "alpha"):
+            try:
+                seeds[name] = allocation_rates(
+                    lm, width, name, windows, epsilon=epsilon, lam=lam, progress=progress
+                )
+            except LayerpruneError:
+                continue  # an allocation that is infeasible at this width does not seed the population
+        rates, extra = search_rates(
+            lm, width, table, blocks, fitness_windows, seeds=seeds, store=store, operators=operators, llm=llm,
             population=population, crossovers=crossovers, mutations=mutations, iterations=iterations, seed=seed,
-            p_min=p_min, p_max=p_max, log=log, epsilon=epsilon, lam=lam, batch_size=batch_size, progress=progress,
+            p_min=p_min, p_max=p_max, log=log, batch_size=batch_size, progress=progress,
         )  # fmt: skip
         params.update(operators=operators, population=population, crossovers=crossovers, mutations=mutations,
                       iterations=iterations, seed=seed, p_min=extra["p_min"], p_max=extra["p_max"])  # fmt: skip
@@ -388,75 +259,3 @@ def make_plan(
         provenance=stamp(),
         extra=extra,
     )
-
-
-def decision_of(plan, blocks: list[BlockBudget]) -> list[tuple[int, int]]:
-    """The groups and channels a width plan removes, block by block (its rates times the sizes)."""
-    return [(round(a * b.groups), round(m * b.channels)) for a, m, b in zip(plan.attn, plan.mlp, blocks)]
-
-
-def fitness_calibration(lm, windows, samples: int | None = None, seqlen: int | None = None):
-    """The search's fitness windows: the depth papers' sizes (10 x 128) unless given, drawn from
-    the text, seed and BOS policy that `windows` (the structured scores' calibration) came from."""
-    from ..data import calibration
-
-    source = seed = bos = None
-    if windows is not None:
-        p = windows.protocol
-        source, seed, bos = p.get("dataset"), p.get("seed", 0), p.get("bos")
-    return calibration(lm, source, samples=samples, seqlen=seqlen, seed=seed or 0, bos=bos, kind="depth")
-
-
-def _search(lm, width, table, blocks, windows, fitness_windows, *, store, operators, llm, population,
-            crossovers, mutations, iterations, seed, p_min, p_max, log, epsilon, lam, batch_size, progress):  # fmt: skip
-    import contextlib
-    from pathlib import Path
-
-    from ..distributed import is_main
-    from ..engine.store import EvalStore
-    from .search import DEFAULT_P_MAX, DEFAULT_P_MIN, plot_history, search
-
-    fw = fitness_windows
-    seeds = {"uniform": [width] * len(blocks)}
-    for name in ("owl", "alpha"):
-        try:
-            seeds[name] = allocation_rates(
-                lm, width, name, windows, epsilon=epsilon, lam=lam, progress=progress
-            )
-        except LayerpruneError:
-            continue  # an allocation that is infeasible at this width does not seed the population
-    with contextlib.ExitStack() as stack:
-        if isinstance(store, (str, Path)):  # under torchrun rank 0 owns the store
-            store = (
-                stack.enter_context(EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol))
-                if is_main()
-                else None
-            )
-        fitness = Fitness(lm, table, fw, store=store, batch_size=batch_size)
-        p_min = DEFAULT_P_MIN if p_min is None else p_min
-        p_max = DEFAULT_P_MAX if p_max is None else p_max
-        t0 = time.perf_counter()
-        result = search(
-            len(blocks), width, [b.params for b in blocks], fitness, fitness.key,
-            population=population, crossovers=crossovers, mutations=mutations, iterations=iterations,
-            seed=seed, seeds=seeds, operators=operators, llm=llm, log_path=log, progress=progress,
-            p_min=p_min, p_max=p_max,
-        )  # fmt: skip
-        seconds = time.perf_counter() - t0
-    if log is not None and is_main():
-        plot_history(result.history, Path(log).with_suffix(".png"))
-    extra = {
-        "best_fitness": result.best_fitness,
-        "fitness_calibration": fw.protocol,
-        "evaluations_this_run": fitness.evaluations,
-        "search_seconds": seconds,
-        "forward_seconds_total": sum(fitness.forward_seconds),
-        "forward_seconds_median": statistics.median(fitness.forward_seconds)
-        if fitness.forward_seconds
-        else None,
-        "history": result.history,
-        "operator_stats": result.stats,
-        "p_min": p_min,
-        "p_max": p_max,
-    }
-    return list(result.best_rates), extra

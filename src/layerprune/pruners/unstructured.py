@@ -20,20 +20,9 @@ import torch
 
 from ..engine.sequential import ColumnNorms, Hessian, run_sequential
 from ..errors import LayerpruneError
+from ..registry import SPARSITY_PRUNERS, nm_for
 
-PRUNERS = ("magnitude", "wanda", "sparsegpt")
-
-
-def parse_nm(text: str | None) -> tuple[int, int] | None:
-    if text in (None, "", "none"):
-        return None
-    try:
-        n, m = (int(v) for v in str(text).split(":"))
-    except ValueError:
-        raise LayerpruneError(f"--nm '{text}' must look like 2:4 (N zeros in every M weights)") from None
-    if not 0 < n < m:
-        raise LayerpruneError(f"--nm {n}:{m}: N must be at least 1 and smaller than M (e.g. 2:4)")
-    return n, m
+PRUNERS = SPARSITY_PRUNERS  # the names plans and the CLI use (registry.py); implemented in prune()
 
 
 def lowest_mask(scores: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
@@ -123,12 +112,6 @@ def sparsegpt(
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
         mask[:, i1:i2] = M1
     return W, mask
-
-
-def nm_for(sparsity: float, nm: tuple[int, int]) -> tuple[int, int]:
-    """The N:M pattern of a layer whose target is `sparsity` (N = round(s * M), 0 < N < M)."""
-    n = min(max(round(sparsity * nm[1]), 1), nm[1] - 1)
-    return n, nm[1]
 
 
 @torch.no_grad()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 
+from ..registry import WIDTH_PRUNERS
+
 DEPTH_METHODS = ("ppl", "taylor", "bi", "angular", "sleb", "shapley")
 SPARSITY_METHODS = ("alpha", "owl")
-WIDTH_METHODS = ("wanda-sp", "magnitude-sp", "flap")
+WIDTH_METHODS = WIDTH_PRUNERS  # scores of KV groups and channels, named as the width pruners
 DATA_FREE = ("alpha", "magnitude-sp")
 # The kind of plan each method's scores can feed: depth scores rank units to remove; sparsity scores
 # (per-layer heavy-tail metrics, per-block outlier ratios) feed a per-layer sparsity allocation.

@@ -33,6 +33,7 @@ import torch
 
 from ..engine.sequential import run_sequential
 from ..errors import LayerpruneError
+from ..models.width import layout
 from .base import MethodScores
 
 FLUCTUATIONS = ("sample", "reference")
@@ -96,8 +97,6 @@ class ReferenceFluctuation:
 
 
 def flap_table(model, adapter, windows, *, fluctuation: str, batch_size: int, progress: bool) -> dict:
-    from ..pruners.width import layout
-
     if fluctuation not in FLUCTUATIONS:
         raise LayerpruneError(f"unknown fluctuation '{fluctuation}'; use one of {', '.join(FLUCTUATIONS)}")
     if not adapter.has_parts():

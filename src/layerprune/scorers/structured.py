@@ -22,6 +22,7 @@ import torch
 
 from ..engine.sequential import ColumnNorms, run_sequential
 from ..errors import LayerpruneError
+from ..models.width import layout
 from .base import MethodScores
 
 PARTS = ("attn", "mlp")
@@ -42,8 +43,6 @@ def unit_scores(
 
 def structured_scores(model, adapter, windows, *, data: bool, owned: str, batch_size: int, progress: bool):
     """{"groups": [[...] per block], "channels": [[...] per block]}."""
-    from ..pruners.width import layout
-
     if owned not in ("all", "output"):
         raise LayerpruneError(f"unknown owned '{owned}'; use all or output")
     if not adapter.has_parts():
