@@ -13,8 +13,8 @@ import layerprune as lp
 from layerprune.data import Windows
 from layerprune.evaluation.perplexity import perplexity_of_windows
 from layerprune.models.loading import FIXTURE_DIR, load
-from layerprune.models.tiny import VOCAB, tiny_model
 from layerprune.models.shrink import BLOCK_CONFIGS_KEY, shrink
+from layerprune.models.tiny import VOCAB, tiny_model
 from layerprune.models.width import WidthMask, budgets, decision_of, masked, masks_for
 from layerprune.pruners.width import add_output_biases, compensation
 

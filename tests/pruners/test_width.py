@@ -15,10 +15,10 @@ from layerprune.checkpoint import export
 from layerprune.errors import LayerpruneError
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import FIXTURE_DIR, LoadedModel
-from layerprune.models.tiny import ARCHS, VOCAB, tiny_model
-from layerprune.plans import WidthPlan
 from layerprune.models.shrink import BLOCK_CONFIGS_KEY, load_shrunk, shrink
+from layerprune.models.tiny import ARCHS, VOCAB, tiny_model
 from layerprune.models.width import WidthMask, layout, masked, units
+from layerprune.plans import WidthPlan
 
 SPLIT = [a for a in ARCHS if a != "mamba"]
 # The config of these cannot state a head size other than hidden // heads.

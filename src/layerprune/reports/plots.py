@@ -4,31 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def pyplot():
-    """matplotlib.pyplot with the Agg backend (no display needed), or None where it is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a figure as PNG atomically (a temporary file renamed into place) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+from ..plotting import pyplot, save_figure
 
 
 def importance_chart(scores, path: str | Path, removed: list[str] | None = None) -> Path | None:

@@ -6,18 +6,10 @@
 `LLMConfig` and the LLM operators need `pip install 'layerprune[search]'` only when used.
 """
 
-from .evolution import (
-    DEFAULT_P_MAX,
-    DEFAULT_P_MIN,
-    ClassicOperators,
-    SearchResult,
-    check_bounds,
-    plot_history,
-    repair,
-    search,
-    weighted_mean,
-)
+from .constraint import DEFAULT_P_MAX, DEFAULT_P_MIN, check_bounds, repair, weighted_mean
+from .evolution import SearchResult, plot_history, search
 from .llm import LLMConfig, LLMOperators
+from .operators import ClassicOperators
 
 __all__ = [
     "DEFAULT_P_MAX",

@@ -31,16 +31,15 @@ failures fall back to the classic operator for that request and are counted.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import LayerpruneError
-from .evolution import TOLERANCE, repair, weighted_mean
+from .constraint import TOLERANCE, repair, weighted_mean
+from .llm_prompts import SYSTEM, Prompts, _is_index, _is_number, _strip
 
 STATS = (
     "requests",
@@ -58,12 +57,6 @@ STATS = (
     "classic_fallback",
 )
 MAX_TRANSCRIPT_CHARS = 4000
-
-SYSTEM = (
-    "You are the variation operator of an evolutionary search over layer-wise structured pruning rates "
-    "of a large language model. Answer with one strict JSON object and nothing else: no prose, no "
-    "markdown, no code fences."
-)
 
 
 @dataclass
@@ -98,28 +91,6 @@ def as_config(config: Any) -> LLMConfig:
 Proposal = tuple[list[float] | None, str | None]  # repaired rates or None, and why it is None
 
 
-def _fmt(rates: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{r:.4f}" for r in rates) + "]"
-
-
-def _fitness(v: float | None) -> str:
-    return f"{v:.6g}" if v is not None and math.isfinite(v) else "failed"
-
-
-def _strip(text: str) -> str:
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S).strip()
-    fence = re.fullmatch(r"```[A-Za-z]*\s*(.*?)\s*```", text, flags=re.S)
-    return fence.group(1) if fence else text
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_index(v: Any, n: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n
-
-
 class LLMOperators:
     def __init__(
         self,
@@ -140,6 +111,7 @@ class LLMOperators:
         self._client = client
         self._sent = 0
         self.transcript: list[dict] = []
+        self.prompts = Prompts(L, beta, self.weights, p_min, p_max)
 
     # --- transport
 
@@ -215,31 +187,6 @@ class LLMOperators:
         out, self.transcript = self.transcript, []
         return out
 
-    # --- prompts
-
-    def _task(self) -> str:
-        total = sum(self.weights)
-        shares = ", ".join(f"{w / total:.4f}" for w in self.weights)
-        return (
-            f"Task: prune a large language model with L = {self.L} transformer blocks (block 0 is the first). "
-            f"A candidate is a JSON list of exactly {self.L} pruning rates, one per block, each in "
-            f"[{self.p_min}, {self.p_max}]: the fraction of that block's structures removed. The mean of the "
-            f"rates weighted by each block's share of the parameters must be {self.beta}. Shares: [{shares}]. "
-            "Fitness is the calibration perplexity of the pruned model: LOWER fitness is better.\n"
-        )
-
-    def _population(self, pop: Sequence) -> str:
-        lines = [f"{i}: fitness {_fitness(c.fitness)} rates {_fmt(c.rates)}" for i, c in enumerate(pop)]
-        return "Current population, sorted by fitness (best first), index: fitness, rates:\n" + "\n".join(
-            lines
-        )
-
-    def _children_format(self, n: int) -> str:
-        return (
-            f'Reply with strict JSON only: {{"children": [[r_0, ..., r_{self.L - 1}], ...]}} holding exactly '
-            f"{n} lists of {self.L} numbers, in the order asked."
-        )
-
     # --- validation
 
     def _parse(self, text: str | None, field: str) -> list | None:
@@ -293,20 +240,7 @@ class LLMOperators:
     # --- the four operators
 
     def initial(self, n: int, seeds: Mapping[str, Sequence[float]]) -> list[Proposal]:
-        known = "".join(f"{name}: {_fmt(r)}\n" for name, r in seeds.items())
-        prompt = (
-            self._task()
-            + f"\nPropose {n} diverse initial candidates around the uniform allocation (every rate {self.beta}). "
-            "Blocks whose removal hurts the model most should get lower rates.\n"
-            + (
-                f"Known allocations (not yet evaluated), to learn from but not to repeat:\n{known}"
-                if known
-                else ""
-            )
-            + "\n"
-            + self._children_format(n)
-        )
-        return self._children("initial", prompt, n)
+        return self._children("initial", self.prompts.initial(n, seeds), n)
 
     def select(
         self, pop: Sequence, crossovers: int, mutations: int
@@ -314,15 +248,7 @@ class LLMOperators:
         if crossovers == 0 and mutations == 0:
             return [], []
         n = len(pop)
-        prompt = (
-            self._task()
-            + "\n"
-            + self._population(pop)
-            + f"\n\nChoose parents: {crossovers} pairs for crossover and {mutations} single candidates for "
-            "mutation, favouring low fitness while keeping diversity. Reply with strict JSON only: "
-            f'{{"parents": [[i, j], ...], "mutants": [k, ...]}} with exactly {crossovers} pairs and '
-            f"{mutations} indices, each an index 0..{n - 1} of the list above."
-        )
+        prompt = self.prompts.select(pop, crossovers, mutations)
         text = self.ask("select", prompt)
         pairs_raw = mutants_raw = None
         if text is not None:
@@ -359,31 +285,9 @@ class LLMOperators:
     def crossover(self, pop: Sequence, pairs: Sequence[tuple[int, int]]) -> list[Proposal]:
         if not pairs:
             return []
-        asked = "\n".join(
-            f"pair {k}: parents {i} and {j}: {_fmt(pop[i].rates)} x {_fmt(pop[j].rates)}"
-            for k, (i, j) in enumerate(pairs)
-        )
-        prompt = (
-            self._task()
-            + "\n"
-            + self._population(pop)
-            + f"\n\nCrossover: for each of the {len(pairs)} pairs below propose one child that combines what "
-            "makes its parents good (keep the weighted mean and the bounds), different from every candidate "
-            f"above.\n{asked}\n\n" + self._children_format(len(pairs))
-        )
-        return self._children("crossover", prompt, len(pairs))
+        return self._children("crossover", self.prompts.crossover(pop, pairs), len(pairs))
 
     def mutate(self, pop: Sequence, mutants: Sequence[int]) -> list[Proposal]:
         if not mutants:
             return []
-        asked = "\n".join(f"mutant {k}: candidate {i}: {_fmt(pop[i].rates)}" for k, i in enumerate(mutants))
-        prompt = (
-            self._task()
-            + "\n"
-            + self._population(pop)
-            + f"\n\nMutation: for each of the {len(mutants)} candidates below propose one mutated child: move "
-            "a few rates by about 0.05 (some up, some down, so the weighted mean stays the same), towards what "
-            f"the fitness values suggest, different from every candidate above.\n{asked}\n\n"
-            + self._children_format(len(mutants))
-        )
-        return self._children("mutation", prompt, len(mutants))
+        return self._children("mutation", self.prompts.mutate(pop, mutants), len(mutants))
