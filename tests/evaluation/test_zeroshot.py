@@ -155,12 +155,12 @@ def test_offline_standard_or_unknown_task_fails_fast(fixture_lm, monkeypatch, ta
 
 @pytest.mark.parametrize("tasks", ["piqa", "nonsense"])
 def test_cli_bad_task_is_one_line_before_loading(cli, monkeypatch, tasks):
-    import layerprune.cli
+    import layerprune.cli.common
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(layerprune.cli, "_load", no_load)
+    monkeypatch.setattr(layerprune.cli.common, "_load", no_load)
     r = cli("eval", "fixture", "--tasks", tasks)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

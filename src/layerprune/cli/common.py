@@ -1,0 +1,172 @@
+"""What the subcommands share: argument types, the one-line-error parser, option groups, helpers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MODEL_HELP = "a local model folder, a hub id, or 'fixture'"
+
+
+# ---- argument types: bad values fail at parse time, in one line --------------------------------
+def int_at_least(minimum: int):
+    """An argparse type: a whole number >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' must be integers separated by commas, like 11,10,9"
+        ) from None
+
+
+def mask_bits(text: str) -> list[int]:
+    bits = text.replace(",", "").strip()
+    if not bits or set(bits) - {"0", "1"}:
+        raise argparse.ArgumentTypeError(f"'{text}' must be a string of 0/1, one per unit (1 = keep)")
+    return [int(b) for b in bits]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the fix, then where to read more) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"layerprune: error: {message}; see `{self.prog} --help`\n")
+
+
+# ---- option groups shared by the subcommands ----------------------------------------------------
+def _model(p, help=MODEL_HELP) -> None:
+    p.add_argument("model", help=help)
+
+
+def _common(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="e.g. 8GB: a model whose weights exceed it keeps its blocks on disk and reads one at a time",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _output(p, what: str, required: bool = True) -> None:
+    p.add_argument("-o", "--output", type=Path, required=required, default=None, help=what)
+
+
+def _no_plot(p) -> None:
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG chart next to the output")
+
+
+def _batch(p, default=None) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=default, help="samples per forward")
+
+
+def _calibration(p) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text (default: fixture:val for the fixture; bookcorpus for depth methods, c4 for sparsity, as the papers)",
+    )
+    g.add_argument(
+        "--samples", type=positive_int, default=None, help="samples (default: 10 depth, 128 sparsity)"
+    )
+    g.add_argument(
+        "--seqlen",
+        type=positive_int,
+        default=None,
+        help="tokens per sample (default: 128 depth, min(2048, context) sparsity)",
+    )
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--bos", choices=("none", "first", "every"), default=None)
+
+
+def _spectral(p) -> None:
+    from ..scorers.spectral import METRICS
+
+    g = p.add_argument_group("alpha / owl")
+    g.add_argument(
+        "--metric", default=None, choices=METRICS, help="alpha: the spectral metric (default alpha_peak)"
+    )
+    g.add_argument(
+        "--lower-bound",
+        default=None,
+        choices=("reference", "corrected"),
+        help="alpha_peak's xmin lower bound: the reference's log-vs-linear quirk (default), or 0.95 x peak",
+    )
+    g.add_argument(
+        "--filter-zeros",
+        action="store_true",
+        default=None,
+        help="alpha: drop eigenvalues <= 1e-5 before the fit (the reference keeps them; default off)",
+    )
+    g.add_argument(
+        "--owl-m",
+        dest="hyper_m",
+        type=float,
+        default=None,
+        help="owl: outlier threshold M x mean (5 for LLaMA)",
+    )
+
+
+def _calib_spec(args):
+    from ..data import CalibrationSpec
+
+    return CalibrationSpec(args.calib, args.samples, args.seqlen, args.seed, args.bos)
+
+
+def _check_output(args, model: str, file: bool = True) -> None:
+    """Refuse, before any work, an output inside the input model's folder (or a folder for a file)."""
+    from ..io import check_file_path, check_output_outside
+    from ..models.loading import resolve
+
+    if args.output is not None:
+        check_output_outside(args.output, resolve(model)[1])
+        if file:
+            check_file_path(args.output)
+
+
+def _load(args, model: str | None = None):
+    import layerprune as lp
+
+    return lp.load(model or args.model, device=args.device, quiet=args.quiet, max_memory=args.max_memory)
+
+
+def _chart(args, plot, *chart_args, **kwargs) -> None:
+    """Write a PNG next to the output (unless --no-plot); matplotlib is optional."""
+    if args.no_plot:
+        return
+    png = plot(*chart_args, **kwargs)
+    if png:
+        print(f"wrote {png}")
+
+
+def _options(args, names: tuple[str, ...]) -> dict:
+    """The method options the user set (None = not given: the method's default applies)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

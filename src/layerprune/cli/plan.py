@@ -1,0 +1,234 @@
+"""`layerprune plan`: turn scores into a depth, sparsity or width plan (JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import common
+from .common import (
+    _batch,
+    _calib_spec,
+    _calibration,
+    _chart,
+    _check_output,
+    _common,
+    _model,
+    _no_plot,
+    _options,
+    _output,
+    _spectral,
+    fraction,
+    non_negative_int,
+    positive_int,
+)
+
+# Every kind's options go to the library, which refuses those that the kind of plan does not use.
+PLAN_OPTIONS = (
+    "protect", "iterative", "recheck", "allocation", "pruner", "nm", "epsilon", "lam", "clip", "metric",
+    "lower_bound", "filter_zeros", "hyper_m", "batch_size", "store", "operators", "population", "crossovers",
+    "mutations", "iterations", "p_min", "p_max", "log", "fitness_samples", "fitness_seqlen",
+)  # fmt: skip
+
+
+def cmd_plan(args) -> int:
+    import layerprune as lp
+
+    from ..distributed import is_main
+    from ..reports.plots import plan_chart
+
+    _check_output(args, args.model)
+    options = _options(args, PLAN_OPTIONS)
+    if args.sparsity is None and args.width is None:  # depth: the model is loaded only if the plan runs it
+        model = common._load(args) if args.device else args.model
+        plan = lp.plan(
+            model,
+            args.scores,
+            remove=args.remove,
+            ratio=args.ratio,
+            calib=args.calib,
+            progress=not args.quiet,
+            **options,
+        )
+        how = ", iterative" if plan.params.get("iterative") else ""
+        print(
+            f"depth plan ({plan.method}{how}): remove {', '.join(plan.remove)} of {plan.num_blocks} blocks; protected {plan.params['protected'] or 'none'}"
+        )
+    elif args.sparsity is not None:
+        lm = common._load(args)
+        plan = lp.plan(
+            lm,
+            args.scores,
+            remove=args.remove,
+            ratio=args.ratio,
+            sparsity=args.sparsity,
+            width=args.width,
+            calib=_calib_spec(args),
+            progress=not args.quiet,
+            **options,
+        )
+        per_block = [0.0] * plan.num_blocks
+        for name, v in plan.layers.items():
+            per_block[int(name.split(".")[0])] += v / len(lm.adapter.roles)
+        nm = f", {plan.nm[0]}:{plan.nm[1]}" if plan.nm else ""
+        print(
+            f"sparsity plan: {plan.method} allocation, {plan.pruner} pruner{nm}, target {args.sparsity}; per block: "
+            + " ".join(f"{v:.3f}" for v in per_block)
+        )
+    else:
+        lm = common._load(args)
+        if args.llm_url or args.llm_model:
+            from ..planners.search import LLMConfig
+
+            options["llm"] = LLMConfig(url=args.llm_url, model=args.llm_model, key_env=args.llm_key_env)
+        if args.seed and args.allocation == "search":
+            options["seed"] = args.seed
+        plan = lp.plan(
+            lm,
+            args.scores,
+            remove=args.remove,
+            ratio=args.ratio,
+            width=args.width,
+            calib=_calib_spec(args),
+            progress=not args.quiet,
+            **options,
+        )
+        p = plan.params
+        print(
+            f"width plan: {plan.method} allocation, {plan.pruner} scores, target {p['target']}, achieved {p['achieved']:.4f}; per block: "
+            + " ".join(f"{v:.3f}" for v in p["achieved_rates"])
+        )
+        if "best_fitness" in plan.extra:
+            print(
+                f"searched: calibration perplexity {plan.extra['best_fitness']:.4f}, {plan.extra['evaluations_this_run']} evaluations this run"
+            )
+    if not is_main():  # under torchrun rank 0 writes the plan
+        return 0
+    plan.save(args.output)
+    print(f"wrote {args.output}")
+    _chart(args, plan_chart, plan, Path(args.output).with_suffix(".png"))
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..planners.sparsity import ALLOCATIONS
+    from ..pruners.unstructured import PRUNERS
+    from ..scorers import WIDTH_METHODS
+
+    p = sub.add_parser("plan", help="turn scores into a plan (JSON)")
+    _model(p, "the model to plan for")
+    p.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        help="scores.json from `layerprune score` (depth; alpha / owl for --sparsity)",
+    )
+    g = p.add_argument_group("depth")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--remove", type=positive_int, default=None, help="number of units to remove")
+    x.add_argument("--ratio", type=float, default=None, help="fraction of units to remove (rounded)")
+    g.add_argument("--iterative", action="store_true", default=None, help="re-score after each removal")
+    g.add_argument(
+        "--recheck",
+        type=non_negative_int,
+        default=None,
+        metavar="K",
+        help="evaluate the K most promising removal sets for real and keep the best",
+    )
+    g.add_argument(
+        "--protect",
+        default=None,
+        help="blocks never removed: plus (Taylor+), ends, none, or 0,1,-1 (default: plus for taylor, ends for sleb)",
+    )
+    g = p.add_argument_group("sparsity")
+    g.add_argument(
+        "--sparsity", type=float, default=None, help="the target, parameter-weighted mean, in [0, 1)"
+    )
+    g.add_argument(
+        "--allocation",
+        default=None,
+        choices=ALLOCATIONS + ("search", "flap"),
+        help="per-layer allocation (default uniform; search, flap: width plans only)",
+    )
+    g.add_argument(
+        "--pruner",
+        default=None,
+        choices=PRUNERS + WIDTH_METHODS,
+        help="the pruner that applies it (default wanda; wanda-sp for --width, flap for --allocation flap)",
+    )
+    g.add_argument("--nm", default=None, help="N:M pattern, N zeros in every M (2:4, 4:8)")
+    g.add_argument(
+        "--epsilon",
+        type=fraction,
+        default=None,
+        help="alpha: spread (default 0.3 magnitude, 0.2 wanda/sparsegpt)",
+    )
+    g.add_argument(
+        "--owl-lambda",
+        dest="lam",
+        type=float,
+        default=None,
+        help="owl: sparsity spread lambda (default 0.08)",
+    )
+    g.add_argument(
+        "--clip",
+        action="store_true",
+        default=None,
+        help="alpha: clip ratios to [0, 0.99] and re-normalise instead of failing",
+    )
+    g = p.add_argument_group("width (Self-Pruner)")
+    g.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="fraction of the blocks' prunable parameters to remove, in (0, 1)",
+    )
+    g.add_argument(
+        "--operators",
+        choices=("classic", "llm"),
+        default=None,
+        help="search operators (default classic; llm needs --llm-url and --llm-model)",
+    )
+    g.add_argument(
+        "--llm-url", default=None, help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"
+    )
+    g.add_argument("--llm-model", default=None, help="the chat model that performs the operators")
+    g.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--population", type=positive_int, default=None, help="search population (default 30)")
+    g.add_argument("--iterations", type=positive_int, default=None, help="search generations (default 20)")
+    g.add_argument(
+        "--crossovers",
+        type=non_negative_int,
+        default=None,
+        help="children by crossover per generation (default 10)",
+    )
+    g.add_argument(
+        "--mutations",
+        type=non_negative_int,
+        default=None,
+        help="children by mutation per generation (default 10)",
+    )
+    g.add_argument("--p-min", type=fraction, default=None, help="lowest rate of a block")
+    g.add_argument("--p-max", type=fraction, default=None, help="highest rate of a block")
+    g.add_argument(
+        "--store", default=None, help="SQLite store of fitness evaluations: a killed search resumes"
+    )
+    g.add_argument("--log", default=None, help="JSONL log of the search, one line per generation (+ PNG)")
+    g.add_argument(
+        "--fitness-samples",
+        type=positive_int,
+        default=None,
+        help="search fitness: calibration samples drawn from --calib (default 10)",
+    )
+    g.add_argument(
+        "--fitness-seqlen",
+        type=positive_int,
+        default=None,
+        help="search fitness: tokens per sample (default 128)",
+    )
+    _spectral(p)
+    _calibration(p)
+    _batch(p)
+    _output(p, "plan.json")
+    _no_plot(p)
+    _common(p)
+    p.set_defaults(func=cmd_plan)
