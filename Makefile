@@ -26,6 +26,7 @@ demo: setup
 test: setup
 	$(PY) -m ruff check src tests bench recipes
 	$(PY) -m ruff format --check src tests bench recipes
+	$(VENV)/bin/lint-imports --no-logo  # the import contracts in pyproject.toml
 	$(PY) -m pytest
 
 bench: setup
