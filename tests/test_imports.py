@@ -47,3 +47,13 @@ def test_plans_import_without_torch():
     code = "import sys, layerprune.plans as p; p.Plan; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_the_cli_parser_builds_without_torch():
+    # every subcommand's options, choices included, come from modules that do not need torch
+    code = (
+        "import sys; from layerprune.cli import build_parser; "
+        "build_parser().format_help(); print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

@@ -2,8 +2,8 @@
 pruners and their N:M patterns, the width pruners.
 
 Plain data and arithmetic, no torch: `plans.py` validates a recipe against these names, and the CLI
-offers them as choices, without importing the pruners that implement them (a test checks that
-the pruners implement exactly these)."""
+offers them as choices, without importing the pruners that implement them, or torch
+(tests/test_registry.py checks that every name here works)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from .errors import LayerpruneError
 
 SPARSITY_PRUNERS = ("magnitude", "wanda", "sparsegpt")  # pruners/unstructured.py
 WIDTH_PRUNERS = ("wanda-sp", "magnitude-sp", "flap")  # scorers of KV groups and channels; pruners/width.py
+SPECTRAL_METRICS = (
+    "alpha_peak",
+    "alpha_mid",
+    "alpha_hat",
+    "stable_rank",
+    "spectral_norm",
+    "entropy",
+)  # scorers/spectral.py
 PARTS = ("attn", "mlp")  # the parts of a block that depth (as units) and width (as widths) prune
 
 

@@ -34,8 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .. import distributed
-
     args = build_parser().parse_args(argv)
     try:
         spread.prepare(args)
@@ -55,5 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     finally:
-        distributed.close()
+        # the process group of a torchrun job, where a command opened one (so --help never imports torch)
+        if "layerprune.distributed" in sys.modules:
+            sys.modules["layerprune.distributed"].close()
     return 2

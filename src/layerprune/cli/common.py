@@ -108,7 +108,7 @@ def _calibration(p) -> None:
 
 
 def _spectral(p) -> None:
-    from ..scorers.spectral import METRICS
+    from ..registry import SPECTRAL_METRICS as METRICS
 
     g = p.add_argument_group("alpha / owl")
     g.add_argument(

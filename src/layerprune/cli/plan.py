@@ -111,7 +111,7 @@ def cmd_plan(args) -> int:
 
 def add_parser(sub) -> None:
     from ..planners.sparsity import ALLOCATIONS
-    from ..pruners.unstructured import PRUNERS
+    from ..registry import SPARSITY_PRUNERS as PRUNERS
     from ..scorers import WIDTH_METHODS
 
     p = sub.add_parser("plan", help="turn scores into a plan (JSON)")

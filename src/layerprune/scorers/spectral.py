@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerpruneError
+from ..registry import SPECTRAL_METRICS
 from .base import MethodScores
 
-METRICS = ("alpha_peak", "alpha_mid", "alpha_hat", "stable_rank", "spectral_norm", "entropy")
+METRICS = SPECTRAL_METRICS
 EVALS_THRESH = 1e-5  # the reference's threshold for "zero" eigenvalues (used with filter_zeros=True)
 MIN_EIGS = 10
 CACHE_VERSION = 2  # 2: tiny eigenvalues kept by default (filter_zeros=False); 1 dropped them always
