@@ -201,3 +201,27 @@ def test_under_torchrun_commands_without_evaluations_to_spread_are_refused(cli, 
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     r = cli("score", "fixture", "--method", "ppl", "-o", "x.json")
     assert r.returncode == 2 and "start the job with torchrun" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["sparsity", "depth"])
+def test_torchrun_level_searches_equal_one_process(tmp_path, cli, kind):
+    what = (
+        ["--sparsity", "0.5", "--pruner", "wanda", "--levels-db", tmp_path / "db"]
+        if kind == "sparsity"
+        else ["--remove", "3"]
+    )
+    args = ["plan", "fixture", *what, "--allocation", "search", "--generations", "2", "--offspring", "4",
+            "--fitness-samples", "4", "--fitness-seqlen", "32", *SMALL]  # fmt: skip
+    r = cli(*args, "-o", tmp_path / "one.json", "--store", tmp_path / "one.db")
+    assert r.returncode == 0, r.stderr
+    p = torchrun(*args, "-o", tmp_path / "two.json", "--store", tmp_path / "two.db")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    chosen = "layers" if kind == "sparsity" else "remove"
+    assert a[chosen] == b[chosen]
+    assert a["extra"]["best_fitness"] == pytest.approx(b["extra"]["best_fitness"], rel=1e-12)
+    one, two = stored(tmp_path / "one.db"), stored(tmp_path / "two.db")
+    assert one and one.keys() == two.keys()  # torchrun runs its ranks with one thread: last-bit differences
+    assert all(two[k] == pytest.approx(v, rel=1e-12) for k, v in one.items())
+    assert b["extra"]["evaluations_this_run"] == a["extra"]["evaluations_this_run"] > 0

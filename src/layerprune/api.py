@@ -86,9 +86,13 @@ def plan(
             f"give one of --remove/--ratio, --sparsity, --width, not both: {' and '.join(kinds)} were given"
         )
     if sparsity is not None:
+        if options.get("allocation") == "search":
+            return _plan_sparsity_search(lm, sparsity, scores, calib, progress, options)
         return _plan_sparsity(lm, sparsity, scores, calib, progress, options)
     if width is not None:
         return _plan_width(lm, width, scores, calib, progress, options)
+    if options.get("allocation") == "search":
+        return _plan_depth_search(lm, remove, ratio, scores, calib, progress, options)
     if scores is None:
         raise LayerpruneError(
             "pass --scores scores.json for a depth plan, --sparsity S for a sparsity plan or --width B for a width plan"
@@ -116,6 +120,101 @@ def _plan_sparsity(lm, sparsity, scores, calib, progress, options) -> SparsityPl
     needs_data = pruner != "magnitude" or (allocation == "owl" and scores is None)
     windows = resolve_calibration(lm, calib, "sparsity") if needs_data else None
     return make_plan(lm, sparsity, windows=windows, scores=scores, progress=progress, **options)
+
+
+def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> SparsityPlan:
+    """EvoPress: a level database of the pruner (built once, kept on disk), then the search."""
+    import hashlib
+    import json
+
+    from .distributed import group
+    from .engine.levels import LevelDatabase
+    from .models.gguf import cache_dir
+    from .options import accepted
+    from .planners import sparsity as sp
+    from .planners.sparsity_search import SparsitySearch, level_grid, search_plan
+    from .planners.width_search import fitness_calibration
+    from .pruners.levels import build_levels
+    from .registry import SPARSITY_PRUNERS
+
+    o = SparsitySearch(**accepted(SparsitySearch, options, "a sparsity search", generic=()))
+    if scores is not None:
+        raise LayerpruneError("a sparsity search computes its own seeds (OWL, AlphaPruning); drop --scores")
+    if o.pruner not in SPARSITY_PRUNERS:
+        raise LayerpruneError(f"unknown pruner '{o.pruner}'; use one of {', '.join(SPARSITY_PRUNERS)}")
+    if not isinstance(lm, LoadedModel):
+        lm = load(lm, quiet=not progress)
+    grid = level_grid(lm, sparsity, step=o.levels, granularity=o.granularity, max_levels=o.max_levels)
+    windows = resolve_calibration(lm, calib, "sparsity") if o.pruner != "magnitude" or calib else None
+    source = windows if windows is not None else resolve_calibration(lm, None, "sparsity")
+    fw = fitness_calibration(lm, source, o.fitness_samples or 16, o.fitness_seqlen or 128)
+    wanted = grid.layer_sparsities()
+    path = o.levels_db
+    if path is None:
+        ident = [lm.fingerprint, o.pruner, windows.fingerprint if windows else None, wanted]
+        digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+        path = cache_dir() / "levels" / digest
+    # under torchrun rank 0 builds the database (or checks the one there) and every rank reads it
+    built = group().from_main(
+        lambda: str(
+            build_levels(lm, o.pruner, wanted, windows, path, batch_size=o.batch_size, progress=progress).path
+        )
+    )
+    db = LevelDatabase(built)
+    db.check(lm, o.pruner, wanted)
+    seeds = {}
+    for name in ("owl", "alpha"):
+        try:
+            extra = {"lam": o.lam} if name == "owl" else {"epsilon": o.epsilon}
+            seeds[name] = sp.make_plan(
+                lm, sparsity, name, o.pruner, source, progress=progress, **extra
+            ).layers
+        except LayerpruneError:
+            continue  # an allocation infeasible at this target does not seed the search
+    return search_plan(
+        lm, grid, db, o.pruner, windows, fw, seeds=seeds, fitness=o.fitness, generations=o.generations,
+        offspring=o.offspring, survivors=tuple(o.survivors), seed=o.seed, store=o.store, log=o.log,
+        batch_size=o.batch_size, progress=progress,
+    )  # fmt: skip
+
+
+def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
+    """EvoPress for depth: the removal set searched, seeded from ppl and bi scores (and `scores`)."""
+    from .options import accepted
+    from .planners.depth_search import DepthSearch, search_plan
+    from .planners.width_search import fitness_calibration
+    from .scorers.run import run
+
+    o = DepthSearch(**accepted(DepthSearch, options, "a depth search", generic=()))
+    if not isinstance(lm, LoadedModel):
+        lm = load(lm, quiet=not progress)
+    L = lm.adapter.num_blocks
+    n_units = L * (1 if o.unit == "block" else 2)
+    if (remove is None) == (ratio is None):
+        raise LayerpruneError("say how much to remove: --remove N or --ratio R (one of them)")
+    count = remove if remove is not None else round(ratio * n_units)
+    if count < 1:
+        raise LayerpruneError(f"nothing to remove: --remove must be at least 1 (got {count})")
+    if count > n_units - (1 if o.unit == "block" else 0):
+        raise LayerpruneError(
+            f"cannot remove {count} of the {n_units} {o.unit} units of {lm.name}; use --remove {n_units - 1} or less"
+        )
+    base = resolve_calibration(lm, calib, "depth")
+    fw = fitness_calibration(lm, base, o.fitness_samples or 16, o.fitness_seqlen or 128)
+    seeds = {}
+    for s in [scores, *o.seed_scores]:
+        if s is None:
+            continue
+        s = Scores.load(s) if isinstance(s, (str, Path)) else s
+        seeds[s.method] = s
+    for method in ("ppl", "bi"):
+        if method not in seeds:
+            seeds[method] = run(lm, method, fw, unit=o.unit, progress=progress)
+    return search_plan(
+        lm, count, fw, unit=o.unit, seeds=seeds, protect=o.protect, generations=o.generations,
+        offspring=o.offspring, survivors=tuple(o.survivors), random_initial=o.random_initial,
+        seed=o.seed, store=o.store, log=o.log, batch_size=o.batch_size, progress=progress,
+    )  # fmt: skip
 
 
 def _plan_width(lm, width, scores, calib, progress, options) -> WidthPlan:

@@ -170,3 +170,116 @@ def _chart(args, plot, *chart_args, **kwargs) -> None:
 def _options(args, names: tuple[str, ...]) -> dict:
     """The method options the user set (None = not given: the method's default applies)."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _searches(p) -> None:
+    """`plan`'s searches: Self-Pruner's of widths, EvoPress's of sparsity levels and depth sets."""
+    g = p.add_argument_group("width (Self-Pruner)")
+    g.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="fraction of the blocks' prunable parameters to remove, in (0, 1)",
+    )
+    g.add_argument(
+        "--operators",
+        choices=("classic", "llm"),
+        default=None,
+        help="search operators (default classic; llm needs --llm-url and --llm-model)",
+    )
+    g.add_argument(
+        "--llm-url", default=None, help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"
+    )
+    g.add_argument("--llm-model", default=None, help="the chat model that performs the operators")
+    g.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--population", type=positive_int, default=None, help="search population (default 30)")
+    g.add_argument("--iterations", type=positive_int, default=None, help="search generations (default 20)")
+    g.add_argument(
+        "--crossovers",
+        type=non_negative_int,
+        default=None,
+        help="children by crossover per generation (default 10)",
+    )
+    g.add_argument(
+        "--mutations",
+        type=non_negative_int,
+        default=None,
+        help="children by mutation per generation (default 10)",
+    )
+    g.add_argument("--p-min", type=fraction, default=None, help="lowest rate of a block")
+    g.add_argument("--p-max", type=fraction, default=None, help="highest rate of a block")
+    g.add_argument(
+        "--store", default=None, help="SQLite store of fitness evaluations: a killed search resumes"
+    )
+    g.add_argument("--log", default=None, help="JSONL log of the search, one line per generation (+ PNG)")
+    g.add_argument(
+        "--fitness-samples",
+        type=positive_int,
+        default=None,
+        help="search fitness: calibration samples drawn from --calib (default 10)",
+    )
+    g.add_argument(
+        "--fitness-seqlen",
+        type=positive_int,
+        default=None,
+        help="search fitness: tokens per sample (default 128)",
+    )
+    g = p.add_argument_group(
+        "search of sparsity levels or of a depth set (EvoPress): --sparsity S or --remove K with --allocation search"
+    )
+    g.add_argument(
+        "--granularity",
+        choices=("layer", "block"),
+        default=None,
+        help="sparsity: a level per linear layer (default) or per block",
+    )
+    g.add_argument(
+        "--levels",
+        type=fraction,
+        default=None,
+        help="sparsity: level step, a fraction of the median unit's weights (default 0.05)",
+    )
+    g.add_argument(
+        "--max-levels",
+        type=positive_int,
+        default=None,
+        help="sparsity: levels each side of the target (default 8)",
+    )
+    g.add_argument(
+        "--levels-db", default=None, help="sparsity: the level database folder (default: in the cache)"
+    )
+    g.add_argument(
+        "--fitness",
+        choices=("kl", "nll"),
+        default=None,
+        help="sparsity: KL to the dense model (default) or NLL",
+    )
+    g.add_argument(
+        "--unit",
+        choices=("block", "module"),
+        default=None,
+        help="depth: remove blocks (default) or attention / MLP parts",
+    )
+    g.add_argument(
+        "--seed-scores",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="depth: more scores (e.g. shapley) whose removal sets seed the search; ppl and bi are computed",
+    )
+    g.add_argument("--generations", type=non_negative_int, default=None, help="generations (default 50)")
+    g.add_argument(
+        "--offspring", type=positive_int, default=None, help="children per generation (default 16)"
+    )
+    g.add_argument(
+        "--survivors",
+        type=int_list,
+        default=None,
+        help="children kept after each stage but the last (default 4,1 sparsity; 4 depth)",
+    )
+    g.add_argument(
+        "--random-initial",
+        type=non_negative_int,
+        default=None,
+        help="depth: random sets among the starts (default 0)",
+    )

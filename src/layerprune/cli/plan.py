@@ -16,6 +16,7 @@ from .common import (
     _no_plot,
     _options,
     _output,
+    _searches,
     _spectral,
     fraction,
     non_negative_int,
@@ -27,6 +28,8 @@ PLAN_OPTIONS = (
     "protect", "iterative", "recheck", "allocation", "pruner", "nm", "epsilon", "lam", "clip", "metric",
     "lower_bound", "filter_zeros", "hyper_m", "batch_size", "store", "operators", "population", "crossovers",
     "mutations", "iterations", "p_min", "p_max", "log", "fitness_samples", "fitness_seqlen",
+    "granularity", "levels", "max_levels", "levels_db", "fitness", "generations", "offspring", "survivors",
+    "random_initial", "seed_scores", "unit",
 )  # fmt: skip
 
 
@@ -38,6 +41,8 @@ def cmd_plan(args) -> int:
 
     _check_output(args, args.model)
     options = _options(args, PLAN_OPTIONS)
+    if args.seed and args.allocation == "search":
+        options["seed"] = args.seed
     if args.sparsity is None and args.width is None:  # depth: the model is loaded only if the plan runs it
         model = common._load(args) if args.device else args.model
         plan = lp.plan(
@@ -50,6 +55,7 @@ def cmd_plan(args) -> int:
             **options,
         )
         how = ", iterative" if plan.params.get("iterative") else ""
+        how += f", searched from {plan.extra['start']}" if plan.method == "search" else ""
         print(
             f"depth plan ({plan.method}{how}): remove {', '.join(plan.remove)} of {plan.num_blocks} blocks; protected {plan.params['protected'] or 'none'}"
         )
@@ -74,14 +80,18 @@ def cmd_plan(args) -> int:
             f"sparsity plan: {plan.method} allocation, {plan.pruner} pruner{nm}, target {args.sparsity}; per block: "
             + " ".join(f"{v:.3f}" for v in per_block)
         )
+        if plan.method == "search":
+            e = plan.extra
+            print(
+                f"searched from {e['start']}: fitness {e['best_fitness']:.4f} ({plan.params['fitness']}), "
+                f"{e['evaluations_this_run']} evaluations this run, level database {e['level_database']['path']}"
+            )
     else:
         lm = common._load(args)
         if args.llm_url or args.llm_model:
             from ..planners.search import LLMConfig
 
             options["llm"] = LLMConfig(url=args.llm_url, model=args.llm_model, key_env=args.llm_key_env)
-        if args.seed and args.allocation == "search":
-            options["seed"] = args.seed
         plan = lp.plan(
             lm,
             args.scores,
@@ -147,7 +157,7 @@ def add_parser(sub) -> None:
         "--allocation",
         default=None,
         choices=ALLOCATIONS + ("search", "flap"),
-        help="per-layer allocation (default uniform; search, flap: width plans only)",
+        help="per-layer allocation (default uniform; search: also depth, with --remove and no --scores; flap: width only)",
     )
     g.add_argument(
         "--pruner",
@@ -175,56 +185,7 @@ def add_parser(sub) -> None:
         default=None,
         help="alpha: clip ratios to [0, 0.99] and re-normalise instead of failing",
     )
-    g = p.add_argument_group("width (Self-Pruner)")
-    g.add_argument(
-        "--width",
-        type=float,
-        default=None,
-        help="fraction of the blocks' prunable parameters to remove, in (0, 1)",
-    )
-    g.add_argument(
-        "--operators",
-        choices=("classic", "llm"),
-        default=None,
-        help="search operators (default classic; llm needs --llm-url and --llm-model)",
-    )
-    g.add_argument(
-        "--llm-url", default=None, help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1"
-    )
-    g.add_argument("--llm-model", default=None, help="the chat model that performs the operators")
-    g.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    g.add_argument("--population", type=positive_int, default=None, help="search population (default 30)")
-    g.add_argument("--iterations", type=positive_int, default=None, help="search generations (default 20)")
-    g.add_argument(
-        "--crossovers",
-        type=non_negative_int,
-        default=None,
-        help="children by crossover per generation (default 10)",
-    )
-    g.add_argument(
-        "--mutations",
-        type=non_negative_int,
-        default=None,
-        help="children by mutation per generation (default 10)",
-    )
-    g.add_argument("--p-min", type=fraction, default=None, help="lowest rate of a block")
-    g.add_argument("--p-max", type=fraction, default=None, help="highest rate of a block")
-    g.add_argument(
-        "--store", default=None, help="SQLite store of fitness evaluations: a killed search resumes"
-    )
-    g.add_argument("--log", default=None, help="JSONL log of the search, one line per generation (+ PNG)")
-    g.add_argument(
-        "--fitness-samples",
-        type=positive_int,
-        default=None,
-        help="search fitness: calibration samples drawn from --calib (default 10)",
-    )
-    g.add_argument(
-        "--fitness-seqlen",
-        type=positive_int,
-        default=None,
-        help="search fitness: tokens per sample (default 128)",
-    )
+    _searches(p)
     _spectral(p)
     _calibration(p)
     _batch(p)

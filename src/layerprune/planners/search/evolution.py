@@ -227,7 +227,12 @@ def search(
 # --------------------------------------------------------------------------------------------------- plot
 
 
-def plot_history(history: Sequence[Mapping], path: str | Path) -> Path | None:
+def plot_history(
+    history: Sequence[Mapping],
+    path: str | Path,
+    ylabel: str = "fitness (calibration perplexity, lower is better)",
+    title: str = "evolutionary search of per-block pruning rates",
+) -> Path | None:
     """PNG of the best and median fitness per generation; None when matplotlib is missing."""
     plt = pyplot()
     if plt is None:
@@ -241,7 +246,7 @@ def plot_history(history: Sequence[Mapping], path: str | Path) -> Path | None:
     ax.plot(gens, best, marker="o", ms=3, label="best")
     ax.plot(gens, median, marker="o", ms=3, ls="--", label="median")
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (calibration perplexity, lower is better)")
-    ax.set_title("evolutionary search of per-block pruning rates", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)

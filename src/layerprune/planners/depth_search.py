@@ -1,0 +1,156 @@
+"""Depth by search (EvoPress): the set of K units to remove, searched by the level engine with levels
+0 (kept) and 1 (removed) summing to K; a mutation swaps a removed unit for a kept one.
+
+Fitness: calibration NLL per token without the set, through the mask evaluator (its trie shares the
+hidden states of common prefixes) and an evaluation store (a killed search resumes); stage s of
+the multi-step selection uses the first `stage_windows[s]` fitness windows. The search starts from
+the best of the removal sets that the given scores choose (the K least important allowed units of
+ppl, bi, Shapley... scores) and optional random sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..distributed import is_main
+from ..engine.masked import MaskEvaluator
+from ..engine.store import EvalStore
+from ..errors import LayerpruneError
+from ..models.adapter import Unit
+from ..scorers.base import Scores, protected_blocks
+from .search.levels import LevelSpace, search_levels
+from .sparsity_search import _Prefixed, stage_windows
+
+
+@dataclass
+class DepthSearch:
+    """The options of `layerprune plan --remove K --allocation search` and their defaults."""
+
+    allocation: str = "search"
+    unit: str = "block"
+    protect: str | None = None
+    seed_scores: tuple = ()  # more scores (files or Scores) whose removal sets seed the search
+    fitness_samples: int | None = None  # default 16 windows
+    fitness_seqlen: int | None = None  # default 128 tokens
+    generations: int = 50
+    offspring: int = 16
+    survivors: tuple = (4,)
+    random_initial: int = 0
+    seed: int = 0
+    store: str | None = None
+    log: str | None = None
+    batch_size: int = 16
+
+
+def seed_set(scores: Scores, remove: int, allowed: list[int]) -> tuple[int, ...]:
+    """The K least important allowed units of the scores, as 0/1 levels."""
+    imp = scores.importance
+
+    def rank(j):
+        v = imp[j]
+        return (math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else v, j)
+
+    chosen = set(sorted(allowed, key=rank)[:remove])
+    return tuple(1 if j in chosen else 0 for j in range(len(imp)))
+
+
+def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds: dict[str, Scores] | None = None,
+                protect=None, generations: int = 50, offspring: int = 16, survivors=(4,), random_initial: int = 0,
+                seed: int = 0, store=None, log: str | None = None, batch_size: int = 16, progress: bool = True):  # fmt: skip
+    from ..plans import DepthPlan
+    from ..provenance import stamp
+    from ..scorers.run import model_info
+    from .search import plot_history
+
+    a = lm.adapter
+    if unit not in ("block", "module"):
+        raise LayerpruneError(f"unknown unit '{unit}'; use block or module")
+    units = a.units(unit)
+    L = a.num_blocks
+    if unit == "block" and remove >= L:
+        raise LayerpruneError(
+            f"cannot remove {remove} of {L} blocks; keep at least one (use --remove {L - 1} or less)"
+        )
+    protected = protected_blocks(protect, L, "search")
+    allowed = [j for j, u in enumerate(units) if u.block not in protected]
+    if remove > len(allowed):
+        raise LayerpruneError(
+            f"only {len(allowed)} units are not protected, fewer than the {remove} to remove; protect fewer or remove fewer"
+        )
+    space = LevelSpace(
+        tuple(0 for _ in units), tuple(1 if j in allowed else 0 for j in range(len(units))), remove
+    )
+    named = {}
+    for name, s in (seeds or {}).items():
+        s.require("depth", lm)
+        if s.unit != unit:
+            raise LayerpruneError(
+                f"the {name} scores rank {s.unit} units, not {unit} units; score with --unit {unit}"
+            )
+        named[name] = seed_set(s, remove, allowed)
+    if not named and not random_initial:
+        random_initial = 8  # no scores to start from: the best of a few random sets
+    stages = stage_windows(fitness_windows.input_ids.shape[0], len(survivors) + 1)
+    evaluators = {}
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if isinstance(store, (str, Path)):
+            fw = fitness_windows
+            store = (
+                stack.enter_context(EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol))
+                if is_main()
+                else None
+            )
+
+        def fitness(stage: int, genomes):
+            n = stages[stage]
+            if n not in evaluators:
+                view = _Prefixed(store, f"s{n}:") if store is not None else None
+                evaluators[n] = MaskEvaluator(lm.model, a, fitness_windows.input_ids[:n], granularity=unit,
+                                              store=view, batch_size=batch_size, progress=False)  # fmt: skip
+            ev = evaluators[n]
+            return [v / ev.tokens for v in ev.nll([[1 - b for b in g] for g in genomes])]
+
+        result = search_levels(space, fitness, seeds=named, generations=generations, offspring=offspring,
+                               survivors=survivors, random_initial=random_initial, seed=seed, log_path=log,
+                               progress=progress)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    if log is not None and is_main():
+        plot_history(result.history, Path(log).with_suffix(".png"), ylabel="fitness (calibration NLL per token)",
+                     title="EvoPress search of the units to remove")  # fmt: skip
+    removed = [str(units[j]) for j, b in enumerate(result.best) if b]
+    return DepthPlan(
+        model=model_info(lm),
+        method="search",
+        unit=unit,
+        remove=sorted(removed, key=Unit.parse),
+        params={
+            "remove": remove,
+            "ratio": None,
+            "iterative": False,
+            "protected": protected,
+            "generations": generations,
+            "offspring": offspring,
+            "survivors": list(survivors),
+            "stage_windows": stages,
+            "random_initial": random_initial,
+            "seeds": sorted(named),
+        },  # fmt: skip
+        calibration=fitness_windows.protocol,
+        seed=seed,
+        provenance=stamp(),
+        extra={
+            "best_fitness": result.best_fitness,
+            "calibration_ppl": math.exp(result.best_fitness),
+            "start": result.seed_name,
+            "seeds_fitness": result.seeds,
+            "evaluations": result.evaluations,
+            "evaluations_this_run": sum(e.evaluations for e in evaluators.values()),
+            "search_seconds": seconds,
+            "history": result.history,
+        },
+    )

@@ -1,0 +1,208 @@
+"""EvoPress searches: sparsity levels and depth sets. The engine against exhaustive enumeration, the
+mean constraint over many mutations, the level database against the pruner applied to one layer
+alone, kill and resume, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from layerprune.errors import LayerpruneError
+from layerprune.models.adapter import ModelAdapter
+from layerprune.models.loading import LoadedModel
+from layerprune.models.tiny import VOCAB, tiny_model
+from layerprune.planners.depth_search import search_plan as depth_search
+from layerprune.planners.search.levels import LevelSpace, search_levels
+from layerprune.planners.sparsity_search import LevelFitness, level_grid, search_plan, stage_windows
+from layerprune.pruners.levels import build_levels
+from layerprune.pruners.unstructured import prune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_lm(blocks=3, seed=0) -> LoadedModel:
+    model = tiny_model("llama", num_layers=blocks, seed=seed)
+    return LoadedModel(
+        name=f"tiny{seed}", model=model, tokenizer=None, adapter=ModelAdapter(model), path=None
+    )
+
+
+def windows(n=8, seqlen=24, seed=1):
+    from layerprune.data import Windows
+
+    ids = torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    protocol = {"dataset": "random", "seed": seed, "fingerprint": f"rand{n}x{seqlen}s{seed}"}
+    return Windows(ids, protocol)
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+def all_genomes(space: LevelSpace):
+    ranges = [range(lo, hi + 1) for lo, hi in zip(space.lo, space.hi)]
+    return [g for g in itertools.product(*ranges) if sum(g) == space.total]
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_the_search_finds_the_exhaustive_optimum_of_a_small_game(trial):
+    space = LevelSpace((-1, -1, -1), (1, 1, 1), 0)  # 3 units, 3 levels: 7 genomes
+    rng = random.Random(trial)
+    table = {g: rng.random() for g in all_genomes(space)}
+    noise = {g: rng.gauss(0, 0.02) for g in table}  # the early stage (fewer tokens) sees a noisy value
+
+    def fitness(stage, genomes):
+        return [table[g] + (noise[g] if stage == 0 else 0.0) for g in genomes]
+
+    best = min(table, key=table.get)
+    r = search_levels(space, fitness, seeds={"uniform": (0, 0, 0)}, generations=30, offspring=4,
+                      survivors=(2,), seed=trial, progress=False)  # fmt: skip
+    assert r.best == best and r.best_fitness == table[best]
+
+
+def test_every_mutation_keeps_the_sum_and_the_bounds():
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(2, 9)
+        lo = tuple(-rng.randint(0, 4) for _ in range(n))
+        hi = tuple(rng.randint(0, 4) for _ in range(n))
+        space = LevelSpace(lo, hi, 0)
+        g = (0,) * n
+        for _ in range(40):
+            g = space.mutate(g, rng)
+            assert sum(g) == 0 and all(a <= v <= b for a, v, b in zip(lo, g, hi))
+
+
+def test_every_candidate_meets_the_target_sparsity():
+    lm = tiny_lm()
+    for granularity in ("layer", "block"):
+        grid = level_grid(lm, 0.6, step=0.1, granularity=granularity, max_levels=4)
+        numel = {n: lm.adapter.layer(n).weight.numel() for n in lm.adapter.layer_names()}
+        step = max(grid.delta / n for n in grid.numel)
+        rng = random.Random(1)
+        g = (0,) * len(grid.units)
+        for _ in range(200):
+            g = grid.space.mutate(g, rng)
+            t = grid.targets(g)
+            mean = sum(t[n] * numel[n] for n in t) / sum(numel.values())
+            assert abs(mean - 0.6) < 1e-9 < step  # exact: the level steps are the same count of weights
+            assert all(0 <= s <= 0.95 for s in t.values())
+
+
+# ---- the level database ------------------------------------------------------------------------------
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt"])
+def test_a_database_entry_is_the_pruner_applied_to_that_layer_alone(tmp_path, pruner):
+    lm, w = tiny_lm(), windows()
+    grid = level_grid(lm, 0.5, step=0.2, granularity="layer", max_levels=2)
+    wanted = grid.layer_sparsities()
+    db = build_levels(lm, pruner, wanted, w, tmp_path / "db", progress=False)
+    dense = {n: lm.adapter.weight(lm.adapter.layer(n)).detach().clone() for n in wanted}
+    for name in ("0.q", "1.down", "2.k"):
+        s = wanted[name][-1]
+        alone = tiny_lm()  # the same weights, pruned at one layer only
+        prune(alone.model, alone.adapter, w.input_ids, {name: s}, pruner, progress=False)
+        expected = alone.adapter.weight(alone.adapter.layer(name))
+        torch.testing.assert_close(db.weight(name, s), expected, rtol=0, atol=1e-6)
+        assert torch.equal(db.weight(name, None), dense[name])
+    # the model it was built from is unchanged
+    for n, d in dense.items():
+        assert torch.equal(lm.adapter.weight(lm.adapter.layer(n)), d)
+
+
+def test_a_database_of_another_model_or_pruner_is_refused(tmp_path):
+    lm, w = tiny_lm(), windows()
+    grid = level_grid(lm, 0.5, step=0.2)
+    build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+    other = tiny_lm(seed=3)
+    other._fingerprint = "another"
+    with pytest.raises(LayerpruneError, match="was built for model .* choose a new --levels-db"):
+        build_levels(other, "wanda", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+    with pytest.raises(LayerpruneError, match="holds wanda levels, not sparsegpt"):
+        build_levels(lm, "sparsegpt", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+    finer = level_grid(lm, 0.5, step=0.1).layer_sparsities()
+    with pytest.raises(LayerpruneError, match="lacks sparsities"):
+        build_levels(lm, "wanda", finer, w, tmp_path / "db", progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x").write_text("x")
+    with pytest.raises(LayerpruneError, match="is not a level database"):
+        build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "junk", progress=False)
+
+
+def test_a_grid_that_cannot_reach_the_target_is_refused():
+    lm = tiny_lm()
+    for bad, match in ((0.97, "cannot be searched"), (0.0, "cannot be searched")):
+        with pytest.raises(LayerpruneError, match=match):
+            level_grid(lm, bad)
+    with pytest.raises(LayerpruneError, match="must be a step"):
+        level_grid(lm, 0.5, step=1.5)
+
+
+# ---- the sparsity search on a tiny model ------------------------------------------------------------
+def test_the_sparsity_search_finds_the_exhaustive_optimum_on_a_tiny_model(tmp_path):
+    lm, w = tiny_lm(), windows()
+    grid = level_grid(lm, 0.5, step=0.2, granularity="block", max_levels=1)  # 3 blocks, 3 levels
+    assert grid.space.lo == (-1, -1, -1) and grid.space.hi == (1, 1, 1)
+    db = build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+    fit = LevelFitness(lm, grid, db, w, stage_windows(8, 2))
+    genomes = all_genomes(grid.space)
+    truth = dict(zip(genomes, fit(1, genomes)))
+    best = min(truth, key=truth.get)
+    plan = search_plan(lm, grid, db, "wanda", w, w, seeds={}, generations=12, offspring=3, survivors=(2,),
+                       progress=False)  # fmt: skip
+    assert tuple(plan.extra["levels"]) == best
+    assert plan.extra["best_fitness"] == pytest.approx(truth[best], rel=1e-9)
+    assert plan.params["achieved"] == pytest.approx(0.5, abs=1e-12)
+    plan.check(lm)  # an ordinary sparsity plan of this model
+    assert db.current == {}  # the model is dense again
+
+
+def test_a_killed_search_resumes_from_its_store_as_if_never_stopped(tmp_path, monkeypatch):
+    lm, w = tiny_lm(), windows()
+    grid = level_grid(lm, 0.5, step=0.2, granularity="layer", max_levels=2)
+    db = build_levels(lm, "magnitude", grid.layer_sparsities(), None, tmp_path / "db", progress=False)
+    kw = dict(seeds={}, generations=4, offspring=4, survivors=(2,), seed=7, progress=False)
+    whole = search_plan(lm, grid, db, "magnitude", None, w, **kw)
+    calls, real = [0], LevelFitness.total
+
+    def dying(self, genome, stage):
+        calls[0] += 1
+        if calls[0] > 9:
+            raise KeyboardInterrupt
+        return real(self, genome, stage)
+
+    monkeypatch.setattr(LevelFitness, "total", dying)
+    with pytest.raises(KeyboardInterrupt):
+        search_plan(lm, grid, db, "magnitude", None, w, store=tmp_path / "s.db", **kw)
+    monkeypatch.setattr(LevelFitness, "total", real)
+    resumed = search_plan(lm, grid, db, "magnitude", None, w, store=tmp_path / "s.db", **kw)
+    assert resumed.layers == whole.layers and resumed.extra["best_fitness"] == whole.extra["best_fitness"]
+    assert resumed.extra["evaluations_this_run"] == whole.extra["evaluations_this_run"] - 9
+    assert all(
+        torch.equal(lm.adapter.weight(lm.adapter.layer(n)), db.weight(n, None)) for n in grid.layer_numel
+    )
+
+
+# ---- depth ----------------------------------------------------------------------------------------
+def test_the_depth_search_finds_the_best_removal_set(tmp_path):
+    from layerprune.engine.masked import MaskEvaluator
+
+    lm, w = tiny_lm(blocks=5), windows()
+    ev = MaskEvaluator(lm.model, lm.adapter, w.input_ids, progress=False)
+    sets = list(itertools.combinations(range(5), 2))
+    nll = ev.nll([[0 if j in s else 1 for j in range(5)] for s in sets])
+    best = sets[min(range(len(sets)), key=nll.__getitem__)]
+    plan = depth_search(lm, 2, w, generations=15, offspring=4, survivors=(2,), random_initial=1,
+                        log=tmp_path / "log.jsonl", progress=False)  # fmt: skip
+    assert plan.remove == [str(b) for b in best]
+    assert plan.extra["best_fitness"] == pytest.approx(min(nll) / ev.tokens, rel=1e-9)
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["generation"] for x in lines] == list(range(16))
+
+
+def test_a_depth_search_refuses_impossible_counts():
+    lm, w = tiny_lm(blocks=3), windows()
+    with pytest.raises(LayerpruneError, match="keep at least one"):
+        depth_search(lm, 3, w, progress=False)
+    with pytest.raises(LayerpruneError, match="not protected"):
+        depth_search(lm, 2, w, protect="0,1", progress=False)
