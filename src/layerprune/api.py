@@ -173,8 +173,8 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
             continue  # an allocation infeasible at this target does not seed the search
     return search_plan(
         lm, grid, db, o.pruner, windows, fw, seeds=seeds, fitness=o.fitness, generations=o.generations,
-        offspring=o.offspring, survivors=tuple(o.survivors), seed=o.seed, store=o.store, log=o.log,
-        batch_size=o.batch_size, progress=progress,
+        offspring=o.offspring, survivors=tuple(o.survivors), seed=o.seed, store=o.store, operators=o.operators,
+        llm=o.llm, log=o.log, batch_size=o.batch_size, progress=progress,
     )  # fmt: skip
 
 
@@ -213,7 +213,8 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
     return search_plan(
         lm, count, fw, unit=o.unit, seeds=seeds, protect=o.protect, generations=o.generations,
         offspring=o.offspring, survivors=tuple(o.survivors), random_initial=o.random_initial,
-        seed=o.seed, store=o.store, log=o.log, batch_size=o.batch_size, progress=progress,
+        seed=o.seed, store=o.store, operators=o.operators, llm=o.llm, log=o.log, batch_size=o.batch_size,
+        progress=progress,
     )  # fmt: skip
 
 

@@ -206,3 +206,51 @@ def test_a_depth_search_refuses_impossible_counts():
         depth_search(lm, 3, w, progress=False)
     with pytest.raises(LayerpruneError, match="not protected"):
         depth_search(lm, 2, w, protect="0,1", progress=False)
+
+
+# ---- LLM operators (a scripted local OpenAI-compatible server) ---------------------------------------
+def llm_config(url):
+    from layerprune.planners.search import LLMConfig
+
+    return LLMConfig(url=url, model="scripted", key_env="LAYERPRUNE_TEST_KEY", timeout=5, max_retries=0)
+
+
+def test_llm_level_proposals_are_used_repaired_or_replaced(tmp_path):
+    from scripted import ScriptedServer
+
+    space = LevelSpace((-1,) * 4, (1,) * 4, 0)
+    reply = {"children": [[1, -1, 0, 0], [1, -1, 0, 0], [2, 0, -1, 0], [1, 1, 0, 0], ["a", 0, 0, 0], [0, 0]]}
+    evaluated = []
+
+    def fitness(stage, genomes):
+        evaluated.extend(genomes)
+        return [sum((v - t) ** 2 for v, t in zip(g, (1, 0, -1, 0))) for g in genomes]
+
+    with ScriptedServer([json.dumps(reply), 500]) as server:
+        r = search_levels(space, fitness, seeds={"uniform": (0,) * 4}, generations=2, offspring=6, survivors=(6,),
+                          operators="llm", llm=llm_config(server.url), describe="a toy", log_path=tmp_path / "l.jsonl",
+                          progress=False)  # fmt: skip
+    assert len(server.requests) == 2
+    prompt = server.requests[0]["body"]["messages"][1]["content"]
+    assert "a toy" in prompt and "sum to 0" in prompt and "Parent (fitness 2)" in prompt
+    assert (1, -1, 0, 0) in evaluated and (1, 0, -1, 0) in evaluated  # used as is; clipped into range
+    s = r.stats
+    assert s["llm_children"] == 3 and s["duplicate_replaced"] == 1 and s["out_of_range_repaired"] == 1
+    assert s["sum_repaired"] == 1 and s["not_integers"] == 1 and s["wrong_length"] == 1
+    assert s["request_failed"] == 1 and s["classic_fallback"] == 3 + 6  # three in generation 1, all six in 2
+    assert r.best == (1, 0, -1, 0) and r.best_fitness == 0
+    lines = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert lines[1]["llm_replies"][0]["purpose"] == "children" and "error" in lines[2]["llm_replies"][0]
+
+
+def test_llm_depth_proposals_are_sets_of_removable_units():
+    from scripted import ScriptedServer
+
+    space = LevelSpace((0,) * 4, (1, 1, 1, 0), 2)  # unit 3 protected
+    with ScriptedServer([json.dumps({"children": [[0, 1], [0, 3]]})]) as server:
+        r = search_levels(space, lambda st, gs: [float(sum(i * v for i, v in enumerate(g))) for g in gs],
+                          seeds={"a": (0, 1, 1, 0)}, generations=1, offspring=2, survivors=(), operators="llm",
+                          llm=llm_config(server.url), as_set=True, progress=False)  # fmt: skip
+    prompt = server.requests[0]["body"]["messages"][1]["content"]
+    assert "exactly 2 distinct unit indices" in prompt and "units [3] may not be removed" in prompt
+    assert r.best == (1, 1, 0, 0) and r.stats["out_of_range_repaired"] == 1 and r.stats["sum_repaired"] == 1

@@ -43,6 +43,10 @@ def cmd_plan(args) -> int:
     options = _options(args, PLAN_OPTIONS)
     if args.seed and args.allocation == "search":
         options["seed"] = args.seed
+    if args.llm_url or args.llm_model:
+        from ..planners.search import LLMConfig
+
+        options["llm"] = LLMConfig(url=args.llm_url, model=args.llm_model, key_env=args.llm_key_env)
     if args.sparsity is None and args.width is None:  # depth: the model is loaded only if the plan runs it
         model = common._load(args) if args.device else args.model
         plan = lp.plan(
@@ -88,10 +92,6 @@ def cmd_plan(args) -> int:
             )
     else:
         lm = common._load(args)
-        if args.llm_url or args.llm_model:
-            from ..planners.search import LLMConfig
-
-            options["llm"] = LLMConfig(url=args.llm_url, model=args.llm_model, key_env=args.llm_key_env)
         plan = lp.plan(
             lm,
             args.scores,

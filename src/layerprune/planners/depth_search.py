@@ -40,6 +40,8 @@ class DepthSearch:
     offspring: int = 16
     survivors: tuple = (4,)
     random_initial: int = 0
+    operators: str = "classic"
+    llm: object = None  # an LLMConfig for operators="llm"
     seed: int = 0
     store: str | None = None
     log: str | None = None
@@ -60,7 +62,8 @@ def seed_set(scores: Scores, remove: int, allowed: list[int]) -> tuple[int, ...]
 
 def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds: dict[str, Scores] | None = None,
                 protect=None, generations: int = 50, offspring: int = 16, survivors=(4,), random_initial: int = 0,
-                seed: int = 0, store=None, log: str | None = None, batch_size: int = 16, progress: bool = True):  # fmt: skip
+                seed: int = 0, store=None, operators: str = "classic", llm=None, log: str | None = None,
+                batch_size: int = 16, progress: bool = True):  # fmt: skip
     from ..plans import DepthPlan
     from ..provenance import stamp
     from ..scorers.run import model_info
@@ -96,6 +99,7 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
         random_initial = 8  # no scores to start from: the best of a few random sets
     stages = stage_windows(fitness_windows.input_ids.shape[0], len(survivors) + 1)
     evaluators = {}
+    fitness_seconds = [0.0]  # inside the mask evaluator: the search's overhead is the rest
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if isinstance(store, (str, Path)):
@@ -113,11 +117,16 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
                 evaluators[n] = MaskEvaluator(lm.model, a, fitness_windows.input_ids[:n], granularity=unit,
                                               store=view, batch_size=batch_size, progress=False)  # fmt: skip
             ev = evaluators[n]
-            return [v / ev.tokens for v in ev.nll([[1 - b for b in g] for g in genomes])]
+            t = time.perf_counter()
+            out = [v / ev.tokens for v in ev.nll([[1 - b for b in g] for g in genomes])]
+            fitness_seconds[0] += time.perf_counter() - t
+            return out
 
+        task = (f"remove {remove} of the {len(units)} {unit} units of a language model of {L} blocks (units in "
+                f"order: {', '.join(map(str, units))}). Fitness: the calibration NLL per token without them")  # fmt: skip
         result = search_levels(space, fitness, seeds=named, generations=generations, offspring=offspring,
-                               survivors=survivors, random_initial=random_initial, seed=seed, log_path=log,
-                               progress=progress)  # fmt: skip
+                               survivors=survivors, random_initial=random_initial, seed=seed, operators=operators,
+                               llm=llm, describe=task, as_set=True, log_path=log, progress=progress)  # fmt: skip
     seconds = time.perf_counter() - t0
     if log is not None and is_main():
         plot_history(result.history, Path(log).with_suffix(".png"), ylabel="fitness (calibration NLL per token)",
@@ -151,6 +160,8 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
             "evaluations": result.evaluations,
             "evaluations_this_run": sum(e.evaluations for e in evaluators.values()),
             "search_seconds": seconds,
+            "fitness_seconds_total": fitness_seconds[0],
             "history": result.history,
+            **({"operator_stats": result.stats} if operators == "llm" else {}),
         },
     )

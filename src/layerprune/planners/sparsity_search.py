@@ -53,6 +53,8 @@ class SparsitySearch:
     generations: int = 50
     offspring: int = 16
     survivors: tuple = (4, 1)  # children kept after each stage but the last
+    operators: str = "classic"
+    llm: object = None  # an LLMConfig for operators="llm"
     seed: int = 0
     store: str | None = None
     log: str | None = None
@@ -136,6 +138,23 @@ def level_grid(
     return LevelGrid(target, granularity, units, layers, numel, delta, LevelSpace(lo, hi, 0), layer_numel)
 
 
+def describe(grid: LevelGrid, fitness: str) -> str:
+    """The task, for the LLM operators."""
+    what = "linear layers" if grid.granularity == "layer" else "transformer blocks"
+    return (
+        f"prune a large language model to {grid.target} sparsity overall (the fraction of weights set to zero). "
+        f"The units are its {len(grid.units)} {what}, in order: {', '.join(grid.units)}; their sizes in weights: "
+        f"{grid.numel}. Unit u at level l gets sparsity {grid.target} + l * {grid.delta:.0f} / size_u, so levels "
+        "summing to 0 keep the overall sparsity. Fitness: "
+        + (
+            "the KL divergence of the pruned model's next-token distribution to the dense model's"
+            if fitness == "kl"
+            else "the calibration NLL per token of the pruned model"
+        )  # fmt: skip
+        + ". Layers that matter more should get lower levels."
+    )
+
+
 def stage_windows(n: int, stages: int) -> list[int]:
     """Windows per selection stage: the last uses all n, each earlier one a quarter of the next."""
     return [max(1, n // 4 ** (stages - 1 - s)) for s in range(stages)]
@@ -164,11 +183,14 @@ class LevelFitness:
             raise LayerpruneError(f"unknown fitness '{kind}'; use kl or nll")
         self.lm, self.grid, self.db, self.windows, self.stages = lm, grid, db, windows, stages
         self.kind, self.store, self.batch_size = kind, store, batch_size
-        self.reference = (
-            DenseReference(lm.model, windows.input_ids, batch_size=batch_size) if kind == "kl" else None
-        )
+        t0 = time.perf_counter()
+        self.reference = None
+        if kind == "kl":
+            self.reference = DenseReference(lm.model, windows.input_ids, batch_size=batch_size)
+        self.reference_seconds = time.perf_counter() - t0
         self.evaluations = 0
-        self.forward_seconds: list[float] = []
+        self.forward_seconds: list[float] = []  # each real evaluation's forward and KL: the overhead's base
+        self.assign_seconds = 0.0  # copying the candidate's layers in from the database
 
     def tokens(self, stage: int) -> int:
         return self.stages[stage] * (self.windows.input_ids.shape[1] - 1)
@@ -199,6 +221,8 @@ class LevelFitness:
         t0 = time.perf_counter()
         targets = self.grid.targets(genome)
         self.db.assign(self.lm.adapter, {n: (s if s > 1e-12 else None) for n, s in targets.items()})
+        self.assign_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
         n = self.stages[stage]
         if self.reference is not None:
             value = self.reference.kl(self.lm.model, n)
@@ -215,7 +239,8 @@ class LevelFitness:
 
 def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, *, seeds: dict, fitness: str = "kl",
                 generations: int = 50, offspring: int = 16, survivors=(4, 1), seed: int = 0, store=None,
-                log: str | None = None, batch_size: int = 8, progress: bool = True):  # fmt: skip
+                operators: str = "classic", llm=None, log: str | None = None, batch_size: int = 8,
+                progress: bool = True):  # fmt: skip
     """The SparsityPlan of the best genome found; `seeds` name -> per-layer targets (uniform is added).
     The model's weights are back to dense when this returns."""
     from ..plans import SparsityPlan
@@ -253,7 +278,8 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
             lm, grid, db, fitness_windows, stages, kind=fitness, store=store, batch_size=batch_size
         )
         result = search_levels(grid.space, fit, seeds=named, generations=generations, offspring=offspring,
-                               survivors=survivors, seed=seed, log_path=log, progress=progress)  # fmt: skip
+                               survivors=survivors, seed=seed, operators=operators, llm=llm,
+                               describe=describe(grid, fitness), log_path=log, progress=progress)  # fmt: skip
     seconds = time.perf_counter() - t0
     if log is not None and is_main():
         plot_history(result.history, Path(log).with_suffix(".png"), ylabel=f"fitness ({fitness} per token)",
@@ -264,7 +290,7 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
     params = {
         "target": grid.target, "allocation": "search", "pruner": pruner, "nm": None,
         "granularity": grid.granularity, "level_step_weights": grid.delta, "fitness": fitness,
-        "generations": generations, "offspring": offspring, "survivors": list(survivors),
+        "generations": generations, "offspring": offspring, "survivors": list(survivors), "operators": operators,
         "stage_windows": stages, "achieved": achieved,
     }  # fmt: skip
     extra = {
@@ -276,6 +302,8 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
         "evaluations_this_run": fit.evaluations,
         "search_seconds": seconds,
         "forward_seconds_total": sum(fit.forward_seconds),
+        "assign_seconds_total": fit.assign_seconds,
+        "dense_reference_seconds": fit.reference_seconds,
         "level_database": {
             "path": str(db.path),
             "kind": db.kind,
@@ -284,6 +312,7 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
         },
         "fitness_calibration": fitness_windows.protocol,
         "history": result.history,
+        **({"operator_stats": result.stats} if operators == "llm" else {}),
     }
     return SparsityPlan(
         model=model_info(lm), method="search", params=params, pruner=pruner, nm=None, layers=layers,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,7 @@ class LevelResult:
     history: list[dict] = field(default_factory=list)
     evaluations: int = 0  # fitness values computed, stored ones included
     seeds: dict = field(default_factory=dict)  # name -> last-stage fitness of each seed
+    stats: dict = field(default_factory=dict)  # the LLM operators' counts (llm_levels.py)
 
 
 def search_levels(
@@ -116,12 +118,18 @@ def search_levels(
     survivors: Sequence[int] = (4, 1),
     random_initial: int = 0,
     seed: int = 0,
+    operators: str = "classic",
+    llm=None,
+    describe: str = "",
+    as_set: bool = False,
     log_path: str | Path | None = None,
     progress: bool = True,
 ) -> LevelResult:
     """(1 + offspring) evolution with multi-step selection; `survivors[s]` children leave stage s,
     and there is one stage more than `survivors` lists: stage len(survivors) is the last, where
-    the parent competes (its `survivors` entry is implicitly 1)."""
+    the parent competes (its `survivors` entry is implicitly 1). `operators="llm"`: the chat model
+    of `llm` (an LLMConfig) proposes the children (llm_levels.py), told the task by `describe`;
+    `as_set`: it sees a genome as the set of units at level 1 (depth)."""
     from tqdm.auto import tqdm
 
     stages = len(survivors) + 1
@@ -131,6 +139,18 @@ def search_levels(
         raise LayerpruneError(f"survivors per stage {list(survivors)} must be positive and not increase")
     if survivors and survivors[0] > offspring:
         raise LayerpruneError(f"{survivors[0]} survivors of the first stage need at least as many offspring")
+    stats: Counter = Counter()
+    llm_ops = None
+    if operators == "llm":
+        if llm is None:
+            raise LayerpruneError(
+                "--operators llm needs --llm-url and --llm-model (or use --operators classic)"
+            )
+        from .llm_levels import LevelLLM
+
+        llm_ops = LevelLLM(llm, space, describe=describe, as_set=as_set, stats=stats)
+    elif operators != "classic":
+        raise LayerpruneError(f"--operators '{operators}': use classic or llm")
     rng = random.Random(seed)
     named = {name: space.check(g, f"seed '{name}'") for name, g in seeds.items()}
     for j in range(random_initial):
@@ -160,7 +180,19 @@ def search_levels(
     bar = tqdm(total=generations, desc="search", unit="gen", disable=not progress, leave=False)
     for gen in range(1, generations + 1):
         children: list[Genome] = []
-        for _ in range(offspring):
+        proposals: list = [None] * offspring
+        if llm_ops is not None:
+            evaluated = sorted(((g, v) for (st, g), v in cache.items() if st == last), key=lambda x: x[1])
+            proposals = llm_ops.children(offspring, parent, parent_value, evaluated, rng)
+        for proposal in proposals:
+            if proposal is not None and proposal != parent and proposal not in children:
+                children.append(proposal)
+                stats["llm_children"] += 1
+                continue
+            if proposal is not None:
+                stats["duplicate_replaced"] += 1
+            if llm_ops is not None:
+                stats["classic_fallback"] += 1
             for _ in range(MAX_TRIES):
                 child = space.mutate(parent, rng)
                 if child != parent and child not in children:
@@ -180,13 +212,16 @@ def search_levels(
         if replaced:
             parent, parent_value = pool[winner], finals[winner]
         history.append(_entry(gen, parent_value, first_values, counted[0], {"replaced": replaced}))
-        log.write({"generation": gen, "parent": key(parent), "fitness": parent_value, "replaced": replaced,
-                   "children": len(children), "total_evaluations": counted[0]})  # fmt: skip
+        line = {"generation": gen, "parent": key(parent), "fitness": parent_value, "replaced": replaced,
+                "children": len(children), "total_evaluations": counted[0]}  # fmt: skip
+        if llm_ops is not None:
+            line.update(llm_stats=dict(stats), llm_replies=llm_ops.chat.drain_transcript())
+        log.write(line)
         bar.update()
         bar.set_postfix(best=f"{parent_value:.4g}")
     bar.close()
     log.close()
-    return LevelResult(parent, parent_value, best_name, history, counted[0], seed_values)
+    return LevelResult(parent, parent_value, best_name, history, counted[0], seed_values, dict(stats))
 
 
 def _entry(gen: int, best: float, pool: Sequence[float], total: int, more: dict) -> dict:

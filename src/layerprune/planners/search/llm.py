@@ -91,29 +91,16 @@ def as_config(config: Any) -> LLMConfig:
 Proposal = tuple[list[float] | None, str | None]  # repaired rates or None, and why it is None
 
 
-class LLMOperators:
-    def __init__(
-        self,
-        config: LLMConfig,
-        *,
-        L: int,
-        beta: float,
-        weights: Sequence[float],
-        p_min: float,
-        p_max: float,
-        stats: Counter,
-        client: Any = None,
-    ):
+class Chat:
+    """Requests to the endpoint, with the failure policy above, and a transcript of the replies: what
+    every LLM operator (rates here, levels in llm_levels.py) sends its prompts through."""
+
+    def __init__(self, config: LLMConfig, stats: Counter, client: Any = None, system: str = SYSTEM):
         self.config = as_config(config)
-        self.L, self.beta, self.p_min, self.p_max = L, beta, p_min, p_max
-        self.weights = list(weights)
-        self.stats = stats
+        self.stats, self.system = stats, system
         self._client = client
         self._sent = 0
         self.transcript: list[dict] = []
-        self.prompts = Prompts(L, beta, self.weights, p_min, p_max)
-
-    # --- transport
 
     def client(self):
         if self._client is None:
@@ -149,7 +136,7 @@ class LLMOperators:
         try:
             response = client.chat.completions.create(
                 model=self.config.model,
-                messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+                messages=[{"role": "system", "content": self.system}, {"role": "user", "content": prompt}],
                 temperature=self.config.temperature,
             )
             text = response.choices[0].message.content or ""
@@ -186,6 +173,33 @@ class LLMOperators:
     def drain_transcript(self) -> list[dict]:
         out, self.transcript = self.transcript, []
         return out
+
+
+class LLMOperators:
+    def __init__(
+        self,
+        config: LLMConfig,
+        *,
+        L: int,
+        beta: float,
+        weights: Sequence[float],
+        p_min: float,
+        p_max: float,
+        stats: Counter,
+        client: Any = None,
+    ):
+        self.chat = Chat(config, stats, client)
+        self.config = self.chat.config
+        self.L, self.beta, self.p_min, self.p_max = L, beta, p_min, p_max
+        self.weights = list(weights)
+        self.stats = stats
+        self.prompts = Prompts(L, beta, self.weights, p_min, p_max)
+
+    def ask(self, purpose: str, prompt: str) -> str | None:
+        return self.chat.ask(purpose, prompt)
+
+    def drain_transcript(self) -> list[dict]:
+        return self.chat.drain_transcript()
 
     # --- validation
 

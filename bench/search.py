@@ -1,0 +1,183 @@
+"""EvoPress-style searches against the allocation heuristics, on the real model (SmolLM2-135M) and the
+fixture: per-layer sparsity levels (Wanda, SparseGPT) and depth removal sets.
+
+    python bench/search.py [--model smollm2|fixture] [--only wanda-0.7,depth-6,...] [--generations G]
+
+Protocol as bench/real.py: calibration fixture:val (the level database and `apply` on 16 x 512 windows,
+the search's fitness on its own 16 x 128 windows of the same text), held-out fixture:test (the first
+8 windows of 512 tokens), disjoint by construction; the fitness never sees held-out text. The
+baselines (uniform, OWL, AlphaPruning; ppl, sleb, shapley, bi, angular) are the rows of
+bench/results/real.json measured under the same protocol, computed here when missing. Every row is
+written to bench/results/search.json as soon as it is measured; a rerun skips the rows there.
+
+Cost: each search's evaluations, wall time, and its overhead = search wall time / time inside the
+fitness (forward + KL for sparsity; the mask evaluator for depth); the level database's size on
+disk against the model's linear weights (fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _results import write  # noqa: E402
+
+import layerprune as lp  # noqa: E402
+
+CALIB, HELDOUT = "fixture:val", "fixture:test"
+RESULTS = HERE / "results" / "search.json"
+REAL = HERE / "results" / "real.json"
+SPARSITY = [
+    ("wanda", 0.7),
+    ("sparsegpt", 0.7),
+    ("wanda", 0.6),
+    ("wanda", 0.8),
+    ("sparsegpt", 0.6),
+    ("sparsegpt", 0.8),
+]
+DEPTH = (6, 9)
+DEPTH_BASELINES = ("ppl", "sleb", "shapley", "bi", "angular")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--only", default=None, help="rows to run, e.g. wanda-0.7,depth-6")
+    ap.add_argument("--generations", type=int, default=20)
+    ap.add_argument("--depth-generations", type=int, default=40)
+    ap.add_argument("--offspring", type=int, default=16)
+    ap.add_argument("--heldout-windows", type=int, default=8)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    real = args.model == "smollm2"
+    seqlen = 512 if real else 128
+    work = HERE / "work" / ("search" if real else "search-fixture")
+    work.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    section = doc.setdefault(args.model, {})
+    baselines = json.loads(REAL.read_text()) if real and REAL.exists() else {}
+    only = set(args.only.split(",")) if args.only else None
+
+    def load():
+        return lp.load(args.model, device="cpu", quiet=True)
+
+    def heldout(lm) -> float:
+        return lp.perplexity(lm, HELDOUT, seqlen=seqlen, max_windows=args.heldout_windows, progress=False).ppl
+
+    def put(key, row):
+        section[key] = row
+        write(doc, RESULTS)
+
+    lm = load()
+    model_bytes = sum(lm.adapter.layer(n).weight.numel() * 4 for n in lm.adapter.layer_names())
+    section.setdefault("protocol", {
+        "calibration": CALIB, "heldout": HELDOUT, "heldout_seqlen": seqlen, "heldout_windows": args.heldout_windows,
+        "apply_calibration": {"samples": 16, "seqlen": seqlen}, "fitness": {"samples": 16, "seqlen": 128},
+        "offspring": args.offspring, "survivors": [4, 1], "linear_weights_bytes_fp32": model_bytes,
+    })  # fmt: skip
+    calib = lp.calibration(lm, CALIB, samples=16, seqlen=seqlen, kind="sparsity")
+    for pruner, target in SPARSITY:
+        key = f"{pruner}-{target}"
+        if key in section or (only and key not in only):
+            continue
+        base = {}
+        for allocation in ("uniform", "owl", "alpha"):
+            row = baselines.get("sparsity", {}).get(f"{allocation}-{pruner}-{target}")
+            if row is None:
+                m = load()
+                plan = lp.plan(
+                    m,
+                    sparsity=target,
+                    allocation=allocation,
+                    pruner=pruner,
+                    calib=calib,
+                    progress=False,
+                    clip=allocation == "alpha",
+                )
+                lp.apply(m, plan, calib, progress=False)
+                base[allocation] = heldout(m)
+            else:
+                base[allocation] = row["heldout_ppl"]
+        m = load()
+        t0 = time.perf_counter()
+        plan = lp.plan(m, sparsity=target, allocation="search", pruner=pruner, calib=calib, fitness_samples=16,
+                       fitness_seqlen=128, generations=args.generations, offspring=args.offspring,
+                       levels_db=str(work / f"levels-{pruner}-{target}"), store=str(work / f"{key}.sqlite"),
+                       log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
+        plan_seconds = time.perf_counter() - t0
+        plan.save(work / f"{key}.plan.json")
+        lp.apply(m, plan, calib, progress=False)
+        ppl = heldout(m)
+        e = plan.extra
+        best_name = min(base, key=base.get)
+        inside = e["forward_seconds_total"]
+        put(key, {
+            "pruner": pruner, "target": target, "searched_heldout_ppl": ppl, "baselines_heldout_ppl": base,
+            "best_baseline": best_name, "ratio_to_best_baseline": ppl / base[best_name],
+            "started_from": e["start"], "seeds_fitness": e["seeds_fitness"], "best_fitness_kl": e["best_fitness"],
+            "evaluations": e["evaluations"], "evaluations_this_run": e["evaluations_this_run"],
+            "generations": plan.params["generations"], "search_seconds": e["search_seconds"],
+            "fitness_seconds": inside, "assign_seconds": e["assign_seconds_total"],
+            "overhead": e["search_seconds"] / inside if inside else None,
+            "plan_seconds_with_database_and_seeds": plan_seconds,
+            "level_database_bytes": e["level_database"]["bytes"], "level_database_kind": e["level_database"]["kind"],
+            "database_over_linear_weights": e["level_database"]["bytes"] / model_bytes,
+            "achieved": plan.params["achieved"],
+        })  # fmt: skip
+        print(
+            f"{key}: searched {ppl:.2f} vs {best_name} {base[best_name]:.2f} (x{ppl / base[best_name]:.3f})",
+            flush=True,
+        )
+    for k in DEPTH if real else (3, 4):
+        key = f"depth-{k}"
+        if key in section or (only and key not in only):
+            continue
+        base = {}
+        for method in DEPTH_BASELINES:
+            row = baselines.get("depth", {}).get(f"{method}-{k}")
+            if row is None:  # not in real.json (the fixture): scored here on the depth papers' 10 x 128
+                m = load()
+                options = {"sleb": {"steps": k}, "shapley": {"budget": 64}}.get(method, {})
+                scores = lp.score(
+                    m, method, lp.calibration(m, CALIB, samples=10, seqlen=128), progress=False, **options
+                )
+                lp.apply(m, lp.plan(m, scores, remove=k))
+                base[method] = heldout(m)
+            else:
+                base[method] = row["heldout_ppl"]
+        seeds = [
+            p
+            for p in (HERE / "work" / "real" / f"depth-{m}.json" for m in ("shapley", "sleb"))
+            if real and p.exists()
+        ]
+        m = load()
+        plan = lp.plan(m, remove=k, allocation="search", calib=CALIB, fitness_samples=16, fitness_seqlen=128,
+                       seed_scores=seeds, generations=args.depth_generations, offspring=args.offspring, survivors=(4,),
+                       store=str(work / f"{key}.sqlite"), log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
+        plan.save(work / f"{key}.plan.json")
+        lp.apply(m, plan)
+        ppl = heldout(m)
+        e = plan.extra
+        best_name = min(base, key=base.get) if base else None
+        put(key, {
+            "remove": k, "blocks": plan.remove, "searched_heldout_ppl": ppl, "baselines_heldout_ppl": base,
+            "best_baseline": best_name, "ratio_to_best_baseline": ppl / base[best_name] if base else None,
+            "started_from": e["start"], "seeds_fitness": e["seeds_fitness"], "calibration_ppl": e["calibration_ppl"],
+            "evaluations": e["evaluations"], "generations": plan.params["generations"],
+            "search_seconds": e["search_seconds"], "fitness_seconds": e["fitness_seconds_total"],
+            "overhead": e["search_seconds"] / e["fitness_seconds_total"] if e["fitness_seconds_total"] else None,
+        })  # fmt: skip
+        print(
+            f"{key}: searched {plan.remove} {ppl:.2f} vs {best_name} {base.get(best_name, float('nan')):.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
