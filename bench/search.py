@@ -52,6 +52,12 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=20)
     ap.add_argument("--depth-generations", type=int, default=40)
     ap.add_argument("--offspring", type=int, default=16)
+    ap.add_argument(
+        "--max-levels", type=int, default=8, help="levels each side of the target (Wanda, magnitude)"
+    )
+    ap.add_argument(
+        "--sparsegpt-max-levels", type=int, default=4, help="SparseGPT: its levels are full weights"
+    )
     ap.add_argument("--heldout-windows", type=int, default=8)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -70,9 +76,11 @@ def main() -> None:
     def heldout(lm) -> float:
         return lp.perplexity(lm, HELDOUT, seqlen=seqlen, max_windows=args.heldout_windows, progress=False).ppl
 
-    def put(key, row):
+    def put(key, row):  # re-read first: the other model's run may write the same file meanwhile
         section[key] = row
-        write(doc, RESULTS)
+        fresh = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        fresh[args.model] = section
+        write(fresh, RESULTS)
 
     lm = load()
     model_bytes = sum(lm.adapter.layer(n).weight.numel() * 4 for n in lm.adapter.layer_names())
@@ -104,10 +112,11 @@ def main() -> None:
                 base[allocation] = heldout(m)
             else:
                 base[allocation] = row["heldout_ppl"]
+        levels = args.sparsegpt_max_levels if pruner == "sparsegpt" else args.max_levels
         m = load()
         t0 = time.perf_counter()
         plan = lp.plan(m, sparsity=target, allocation="search", pruner=pruner, calib=calib, fitness_samples=16,
-                       fitness_seqlen=128, generations=args.generations, offspring=args.offspring,
+                       fitness_seqlen=128, generations=args.generations, offspring=args.offspring, max_levels=levels,
                        levels_db=str(work / f"levels-{pruner}-{target}"), store=str(work / f"{key}.sqlite"),
                        log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
         plan_seconds = time.perf_counter() - t0
@@ -128,7 +137,7 @@ def main() -> None:
             "plan_seconds_with_database_and_seeds": plan_seconds,
             "level_database_bytes": e["level_database"]["bytes"], "level_database_kind": e["level_database"]["kind"],
             "database_over_linear_weights": e["level_database"]["bytes"] / model_bytes,
-            "achieved": plan.params["achieved"],
+            "achieved": plan.params["achieved"], "max_levels": levels, "level_step": plan.params["level_step_weights"],
         })  # fmt: skip
         print(
             f"{key}: searched {ppl:.2f} vs {best_name} {base[best_name]:.2f} (x{ppl / base[best_name]:.3f})",

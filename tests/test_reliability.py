@@ -357,6 +357,46 @@ CASES = [
     (["plan", "fixture", "--width", "0.2", "--p-max", "0.5", "-o", "{out}"], "add --allocation search"),
     (["plan", "fixture", "--width", "0.2", "--scores", "{d}/bi.json", "-o", "{out}"], "feed depth plans"),
     (["plan", "fixture", "--width", "0.2", "--sparsity", "0.5", "-o", "{out}"], "not both"),
+    # the level searches (EvoPress)
+    (["plan", "fixture", "--sparsity", "0.97", "--allocation", "search", "-o", "{out}"], "within (0, 0.95]"),
+    (
+        ["plan", "fixture", "--remove", "12", "--allocation", "search", "-o", "{out}"],
+        "use --remove 11 or less",
+    ),
+    (
+        [
+            "plan",
+            "fixture",
+            "--sparsity",
+            "0.5",
+            "--allocation",
+            "search",
+            "--levels-db",
+            "{d}/bi.json",
+            "-o",
+            "{out}",
+        ],
+        "choose a new --levels-db folder",
+    ),  # fmt: skip
+    (
+        ["plan", "fixture", "--remove", "2", "--allocation", "search", "--survivors", "20", "-o", "{out}"],
+        "at least as many --offspring",
+    ),  # fmt: skip
+    (
+        [
+            "plan",
+            "fixture",
+            "--remove",
+            "2",
+            "--allocation",
+            "search",
+            "--granularity",
+            "block",
+            "-o",
+            "{out}",
+        ],
+        "does not use --granularity",
+    ),  # fmt: skip
     # applying
     (["apply", "{d}/width_all_groups.json", "-o", "{out}"], "removes all 2 KV groups of block 5"),
     (["apply", "{d}/missing_plan.json", "-o", "{out}"], "make one with `layerprune plan`"),

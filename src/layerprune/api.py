@@ -132,6 +132,7 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
     from .models.gguf import cache_dir
     from .options import accepted
     from .planners import sparsity as sp
+    from .planners.search.levels import check_request
     from .planners.sparsity_search import SparsitySearch, level_grid, search_plan
     from .planners.width_search import fitness_calibration
     from .pruners.levels import build_levels
@@ -142,6 +143,7 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
         raise LayerpruneError("a sparsity search computes its own seeds (OWL, AlphaPruning); drop --scores")
     if o.pruner not in SPARSITY_PRUNERS:
         raise LayerpruneError(f"unknown pruner '{o.pruner}'; use one of {', '.join(SPARSITY_PRUNERS)}")
+    check_request(o.generations, o.offspring, o.survivors, o.operators, o.llm)
     if not isinstance(lm, LoadedModel):
         lm = load(lm, quiet=not progress)
     grid = level_grid(lm, sparsity, step=o.levels, granularity=o.granularity, max_levels=o.max_levels)
@@ -182,10 +184,12 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
     """EvoPress for depth: the removal set searched, seeded from ppl and bi scores (and `scores`)."""
     from .options import accepted
     from .planners.depth_search import DepthSearch, search_plan
+    from .planners.search.levels import check_request
     from .planners.width_search import fitness_calibration
     from .scorers.run import run
 
     o = DepthSearch(**accepted(DepthSearch, options, "a depth search", generic=()))
+    check_request(o.generations, o.offspring, o.survivors, o.operators, o.llm)
     if not isinstance(lm, LoadedModel):
         lm = load(lm, quiet=not progress)
     L = lm.adapter.num_blocks

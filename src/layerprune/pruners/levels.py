@@ -46,7 +46,7 @@ def build_levels(
         db = LevelDatabase(path)
         db.check(lm, pruner, sparsities)
         return db
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise LayerpruneError(f"{path} exists and is not a level database; choose a new --levels-db folder")
     if pruner != "magnitude" and windows is None:
         raise LayerpruneError(f"{pruner} levels need calibration windows")

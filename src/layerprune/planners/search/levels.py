@@ -108,6 +108,22 @@ class LevelResult:
     stats: dict = field(default_factory=dict)  # the LLM operators' counts (llm_levels.py)
 
 
+def check_request(generations: int, offspring: int, survivors: Sequence[int], operators: str, llm) -> None:
+    """What a level search refuses before any work: its sizes and its operators."""
+    if generations < 0 or offspring < 1:
+        raise LayerpruneError("give at least one offspring per generation and zero or more generations")
+    if any(int(k) < 1 for k in survivors) or list(survivors) != sorted(survivors, reverse=True):
+        raise LayerpruneError(f"--survivors {list(survivors)} must be positive and not increase, e.g. 4,1")
+    if survivors and survivors[0] > offspring:
+        raise LayerpruneError(
+            f"{survivors[0]} survivors of the first stage need at least as many --offspring"
+        )
+    if operators == "llm" and llm is None:
+        raise LayerpruneError("--operators llm needs --llm-url and --llm-model (or use --operators classic)")
+    if operators not in ("classic", "llm"):
+        raise LayerpruneError(f"--operators '{operators}': use classic or llm")
+
+
 def search_levels(
     space: LevelSpace,
     fitness: Callable[[int, list[Genome]], Sequence[float]],
@@ -132,25 +148,14 @@ def search_levels(
     `as_set`: it sees a genome as the set of units at level 1 (depth)."""
     from tqdm.auto import tqdm
 
+    check_request(generations, offspring, survivors, operators, llm)
     stages = len(survivors) + 1
-    if generations < 0 or offspring < 1:
-        raise LayerpruneError("give at least one offspring per generation and zero or more generations")
-    if any(int(k) < 1 for k in survivors) or list(survivors) != sorted(survivors, reverse=True):
-        raise LayerpruneError(f"survivors per stage {list(survivors)} must be positive and not increase")
-    if survivors and survivors[0] > offspring:
-        raise LayerpruneError(f"{survivors[0]} survivors of the first stage need at least as many offspring")
     stats: Counter = Counter()
     llm_ops = None
     if operators == "llm":
-        if llm is None:
-            raise LayerpruneError(
-                "--operators llm needs --llm-url and --llm-model (or use --operators classic)"
-            )
         from .llm_levels import LevelLLM
 
         llm_ops = LevelLLM(llm, space, describe=describe, as_set=as_set, stats=stats)
-    elif operators != "classic":
-        raise LayerpruneError(f"--operators '{operators}': use classic or llm")
     rng = random.Random(seed)
     named = {name: space.check(g, f"seed '{name}'") for name, g in seeds.items()}
     for j in range(random_initial):
