@@ -22,41 +22,27 @@ from ..engine.store import EvalStore
 from ..errors import LayerpruneError
 from ..models.adapter import Unit
 from ..scorers.base import Scores, protected_blocks
-from .search.levels import LevelSpace, search_levels
+from .depth import _key
+from .search.levels import LevelSearch, LevelSpace, search_levels
 from .sparsity_search import _Prefixed, stage_windows
 
 
 @dataclass
-class DepthSearch:
+class DepthSearch(LevelSearch):
     """The options of `layerprune plan --remove K --allocation search` and their defaults."""
 
-    allocation: str = "search"
     unit: str = "block"
     protect: str | None = None
     seed_scores: tuple = ()  # more scores (files or Scores) whose removal sets seed the search
-    fitness_samples: int | None = None  # default 16 windows
-    fitness_seqlen: int | None = None  # default 128 tokens
-    generations: int = 50
-    offspring: int = 16
     survivors: tuple = (4,)
     random_initial: int = 0
-    operators: str = "classic"
-    llm: object = None  # an LLMConfig for operators="llm"
-    seed: int = 0
-    store: str | None = None
-    log: str | None = None
     batch_size: int = 16
 
 
 def seed_set(scores: Scores, remove: int, allowed: list[int]) -> tuple[int, ...]:
     """The K least important allowed units of the scores, as 0/1 levels."""
     imp = scores.importance
-
-    def rank(j):
-        v = imp[j]
-        return (math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else v, j)
-
-    chosen = set(sorted(allowed, key=rank)[:remove])
+    chosen = set(sorted(allowed, key=lambda j: (_key(imp[j]), j))[:remove])
     return tuple(1 if j in chosen else 0 for j in range(len(imp)))
 
 

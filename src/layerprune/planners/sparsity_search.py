@@ -31,34 +31,22 @@ from ..engine.store import EvalStore
 from ..errors import LayerpruneError
 from ..evaluation.divergence import DenseReference
 from ..evaluation.perplexity import perplexity_of_windows
-from .search.levels import Genome, LevelSpace, key, search_levels
+from .search.levels import Genome, LevelSearch, LevelSpace, key, search_levels
 
 MAX_SPARSITY = 0.95
 GRANULARITIES = ("layer", "block")
 
 
 @dataclass
-class SparsitySearch:
+class SparsitySearch(LevelSearch):
     """The options of `layerprune plan --sparsity S --allocation search` and their defaults."""
 
-    allocation: str = "search"
     pruner: str = "wanda"
     granularity: str = "layer"
     levels: float = 0.05  # level step: this fraction of the median unit's weights
     max_levels: int = 8  # levels each side of the target (EvoPress's NUM_LEVELS)
     levels_db: str | None = None  # the level database folder (default: in the cache, keyed by its inputs)
     fitness: str = "kl"
-    fitness_samples: int | None = None  # default 16 windows
-    fitness_seqlen: int | None = None  # default 128 tokens
-    generations: int = 50
-    offspring: int = 16
-    survivors: tuple = (4, 1)  # children kept after each stage but the last
-    operators: str = "classic"
-    llm: object = None  # an LLMConfig for operators="llm"
-    seed: int = 0
-    store: str | None = None
-    log: str | None = None
-    batch_size: int = 8
     epsilon: float | None = None  # AlphaPruning's seed
     lam: float = 0.08  # OWL's seed
 

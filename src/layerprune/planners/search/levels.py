@@ -93,6 +93,24 @@ class LevelSpace:
         return tuple(g)
 
 
+@dataclass
+class LevelSearch:
+    """The options both level searches take (sparsity_search.SparsitySearch, depth_search.DepthSearch)."""
+
+    allocation: str = "search"
+    fitness_samples: int | None = None  # default 16 windows
+    fitness_seqlen: int | None = None  # default 128 tokens
+    generations: int = 50
+    offspring: int = 16
+    survivors: tuple = (4, 1)  # children kept after each selection stage but the last
+    operators: str = "classic"
+    llm: object = None  # an LLMConfig for operators="llm"
+    seed: int = 0
+    store: str | None = None
+    log: str | None = None
+    batch_size: int = 8
+
+
 def key(genome: Sequence[int]) -> str:
     return ",".join(str(int(v)) for v in genome)
 
