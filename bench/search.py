@@ -45,6 +45,35 @@ DEPTH = (6, 9)
 DEPTH_BASELINES = ("ppl", "sleb", "shapley", "bi", "angular")
 
 
+def markdown(doc: dict) -> str:
+    """The README's tables from search.json."""
+    out = []
+    for model, rows in doc.items():
+        if not isinstance(rows, dict) or "protocol" not in rows:
+            continue
+        out += [f"{model}:", "", "| row | uniform | OWL | AlphaPruning | searched | searched / best | started from | "
+                "evaluations | search s | overhead | level database / linear weights |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for key, r in rows.items():
+            if key == "protocol" or "target" not in r:
+                continue
+            b = r["baselines_heldout_ppl"]
+            out.append(f"| {key} | {b['uniform']:.2f} | {b['owl']:.2f} | {b['alpha']:.2f} | {r['searched_heldout_ppl']:.2f} | "
+                       f"{r['ratio_to_best_baseline']:.3f} | {r['started_from']} | {r['evaluations']} | {r['search_seconds']:.0f} | "
+                       f"{r['overhead']:.3f} | {r['database_over_linear_weights']:.2f} |")  # fmt: skip
+        depth = {k: r for k, r in rows.items() if k.startswith("depth-")}
+        if depth:
+            names = list(next(iter(depth.values()))["baselines_heldout_ppl"])
+            out += ["", "| row | " + " | ".join(names) + " | searched | searched / best | blocks | evaluations | search s | overhead |",
+                    "|---" * (len(names) + 7) + "|"]  # fmt: skip
+            for key, r in depth.items():
+                b = r["baselines_heldout_ppl"]
+                out.append(f"| {key} | " + " | ".join(f"{b[n]:.2f}" for n in names) + f" | {r['searched_heldout_ppl']:.2f} | "
+                           f"{r['ratio_to_best_baseline']:.3f} | {' '.join(r['blocks'])} | {r['evaluations']} | "
+                           f"{r['search_seconds']:.0f} | {r['overhead']:.3f} |")  # fmt: skip
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -59,8 +88,17 @@ def main() -> None:
         "--sparsegpt-max-levels", type=int, default=4, help="SparseGPT: its levels are full weights"
     )
     ap.add_argument("--heldout-windows", type=int, default=8)
+    ap.add_argument(
+        "--redo", default="", help="rows to measure again, e.g. wanda-0.7 (its store resumes the search)"
+    )
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument(
+        "--markdown", action="store_true", help="print the README's tables from search.json and stop"
+    )
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return
     real = args.model == "smollm2"
     seqlen = 512 if real else 128
     work = HERE / "work" / ("search" if real else "search-fixture")
@@ -69,6 +107,8 @@ def main() -> None:
     section = doc.setdefault(args.model, {})
     baselines = json.loads(REAL.read_text()) if real and REAL.exists() else {}
     only = set(args.only.split(",")) if args.only else None
+    for key in filter(None, args.redo.split(",")):
+        section.pop(key, None)
 
     def load():
         return lp.load(args.model, device="cpu", quiet=True)

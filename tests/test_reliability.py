@@ -358,7 +358,7 @@ CASES = [
     (["plan", "fixture", "--width", "0.2", "--scores", "{d}/bi.json", "-o", "{out}"], "feed depth plans"),
     (["plan", "fixture", "--width", "0.2", "--sparsity", "0.5", "-o", "{out}"], "not both"),
     # the level searches (EvoPress)
-    (["plan", "fixture", "--sparsity", "0.97", "--allocation", "search", "-o", "{out}"], "within (0, 0.95]"),
+    (["plan", "fixture", "--sparsity", "0.97", "--allocation", "search", "-o", "{out}"], "within (0, 0.95)"),
     (
         ["plan", "fixture", "--remove", "12", "--allocation", "search", "-o", "{out}"],
         "use --remove 11 or less",

@@ -83,7 +83,7 @@ class LevelGrid:
         rounded up (down) the most."""
         want = []
         for u, names in enumerate(self.layers):
-            s = sum(targets[n] * self.numel_of(n) for n in names) / sum(self.numel_of(n) for n in names)
+            s = sum(targets[n] * self.layer_numel[n] for n in names) / sum(self.layer_numel[n] for n in names)
             want.append((s - self.target) * self.numel[u] / self.delta)
         lo, hi = self.space.lo, self.space.hi
         g = [min(max(round(w), lo[u]), hi[u]) for u, w in enumerate(want)]
@@ -94,16 +94,13 @@ class LevelGrid:
             g[u] += 1 if up else -1
         return tuple(g)
 
-    def numel_of(self, name: str) -> int:
-        return self.layer_numel[name]
-
 
 def level_grid(
     lm, target: float, *, step: float = 0.05, granularity: str = "layer", max_levels: int = 8
 ) -> LevelGrid:
     if not 0 < target < MAX_SPARSITY:
         raise LayerpruneError(
-            f"--sparsity {target} cannot be searched: the levels must reach it within (0, {MAX_SPARSITY}]"
+            f"--sparsity {target} cannot be searched: the levels must reach it within (0, {MAX_SPARSITY})"
         )
     if not 0 < step < 1:
         raise LayerpruneError(f"--levels {step} must be a step in (0, 1), e.g. 0.05")
@@ -273,7 +270,7 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
         plot_history(result.history, Path(log).with_suffix(".png"), ylabel=f"fitness ({fitness} per token)",
                      title="EvoPress search of per-layer sparsity levels")  # fmt: skip
     layers = grid.targets(result.best)
-    numel = {n: grid.numel_of(n) for n in layers}
+    numel = {n: grid.layer_numel[n] for n in layers}
     achieved = sum(layers[n] * numel[n] for n in layers) / sum(numel.values())
     params = {
         "target": grid.target, "allocation": "search", "pruner": pruner, "nm": None,
