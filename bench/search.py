@@ -161,6 +161,14 @@ def main() -> None:
                        log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
         plan_seconds = time.perf_counter() - t0
         plan.save(work / f"{key}.plan.json")
+        from layerprune.engine.levels import LevelDatabase
+
+        db = LevelDatabase(
+            plan.extra["level_database"]["path"]
+        )  # the model the search evaluated (EvoPress's)
+        db.assign(m.adapter, {n: (s if s > 1e-12 else None) for n, s in plan.layers.items()})
+        stitched = heldout(m)
+        db.restore(m.adapter)
         lp.apply(m, plan, calib, progress=False)
         ppl = heldout(m)
         e = plan.extra
@@ -168,6 +176,7 @@ def main() -> None:
         inside = e["forward_seconds_total"]
         put(key, {
             "pruner": pruner, "target": target, "searched_heldout_ppl": ppl, "baselines_heldout_ppl": base,
+            "stitched_heldout_ppl": stitched, "level_inputs": plan.params.get("level_inputs", "target"),
             "best_baseline": best_name, "ratio_to_best_baseline": ppl / base[best_name],
             "started_from": e["start"], "seeds_fitness": e["seeds_fitness"], "best_fitness_kl": e["best_fitness"],
             "evaluations": e["evaluations"], "evaluations_this_run": e["evaluations_this_run"],

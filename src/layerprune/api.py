@@ -153,17 +153,17 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
     wanted = grid.layer_sparsities()
     path = o.levels_db
     if path is None:
-        ident = [lm.fingerprint, o.pruner, windows.fingerprint if windows else None, wanted]
+        ident = [lm.fingerprint, o.pruner, windows.fingerprint if windows else None, wanted, o.levels_inputs]
         digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
         path = cache_dir() / "levels" / digest
+
     # under torchrun rank 0 builds the database (or checks the one there) and every rank reads it
-    built = group().from_main(
-        lambda: str(
-            build_levels(lm, o.pruner, wanted, windows, path, batch_size=o.batch_size, progress=progress).path
-        )
-    )
-    db = LevelDatabase(built)
-    db.check(lm, o.pruner, wanted)
+    def build() -> str:
+        kw = {"target": sparsity, "inputs": o.levels_inputs, "batch_size": o.batch_size, "progress": progress}
+        return str(build_levels(lm, o.pruner, wanted, windows, path, **kw).path)
+
+    db = LevelDatabase(group().from_main(build))
+    db.check(lm, o.pruner, wanted, o.levels_inputs)
     seeds = {}
     for name in ("owl", "alpha"):
         try:

@@ -91,42 +91,48 @@ def test_every_candidate_meets_the_target_sparsity():
 
 
 # ---- the level database ------------------------------------------------------------------------------
+@pytest.mark.parametrize("inputs", ["target", "dense"])
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt"])
-def test_a_database_entry_is_the_pruner_applied_to_that_layer_alone(tmp_path, pruner):
+def test_a_database_entry_is_the_pruner_applied_to_that_layer_alone(tmp_path, pruner, inputs):
+    """The entry of layer (b, role) at sparsity s = `prune` of a fresh copy with that layer at s and,
+    for inputs='target', every layer of the blocks before b at the target (dense ones otherwise)."""
     lm, w = tiny_lm(), windows()
     grid = level_grid(lm, 0.5, step=0.2, granularity="layer", max_levels=2)
     wanted = grid.layer_sparsities()
-    db = build_levels(lm, pruner, wanted, w, tmp_path / "db", progress=False)
+    db = build_levels(lm, pruner, wanted, w, tmp_path / "db", target=0.5, inputs=inputs, progress=False)
     dense = {n: lm.adapter.weight(lm.adapter.layer(n)).detach().clone() for n in wanted}
     for name in ("0.q", "1.down", "2.k"):
         s = wanted[name][-1]
-        alone = tiny_lm()  # the same weights, pruned at one layer only
-        prune(alone.model, alone.adapter, w.input_ids, {name: s}, pruner, progress=False)
+        block = int(name.split(".")[0])
+        before = {n: 0.5 for n in wanted if int(n.split(".")[0]) < block} if inputs == "target" else {}
+        alone = tiny_lm()  # the same weights
+        prune(alone.model, alone.adapter, w.input_ids, {**before, name: s}, pruner, progress=False)
         expected = alone.adapter.weight(alone.adapter.layer(name))
-        torch.testing.assert_close(db.weight(name, s), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(db.weight(name, s), expected, rtol=0, atol=1e-5)
         assert torch.equal(db.weight(name, None), dense[name])
-    # the model it was built from is unchanged
+    # the model it was built from is dense again
     for n, d in dense.items():
         assert torch.equal(lm.adapter.weight(lm.adapter.layer(n)), d)
+    assert db.manifest["inputs"] == ("dense" if pruner == "magnitude" else inputs)
 
 
 def test_a_database_of_another_model_or_pruner_is_refused(tmp_path):
     lm, w = tiny_lm(), windows()
     grid = level_grid(lm, 0.5, step=0.2)
-    build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+    build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "db", target=0.5, progress=False)
     other = tiny_lm(seed=3)
     other._fingerprint = "another"
     with pytest.raises(LayerpruneError, match="was built for model .* choose a new --levels-db"):
-        build_levels(other, "wanda", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+        build_levels(other, "wanda", grid.layer_sparsities(), w, tmp_path / "db", target=0.5, progress=False)
     with pytest.raises(LayerpruneError, match="holds wanda levels, not sparsegpt"):
-        build_levels(lm, "sparsegpt", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+        build_levels(lm, "sparsegpt", grid.layer_sparsities(), w, tmp_path / "db", target=0.5, progress=False)
     finer = level_grid(lm, 0.5, step=0.1).layer_sparsities()
     with pytest.raises(LayerpruneError, match="lacks sparsities"):
-        build_levels(lm, "wanda", finer, w, tmp_path / "db", progress=False)
+        build_levels(lm, "wanda", finer, w, tmp_path / "db", target=0.5, progress=False)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("x")
     with pytest.raises(LayerpruneError, match="is not a level database"):
-        build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "junk", progress=False)
+        build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "junk", target=0.5, progress=False)
 
 
 def test_a_grid_that_cannot_reach_the_target_is_refused():
@@ -143,7 +149,7 @@ def test_the_sparsity_search_finds_the_exhaustive_optimum_on_a_tiny_model(tmp_pa
     lm, w = tiny_lm(), windows()
     grid = level_grid(lm, 0.5, step=0.2, granularity="block", max_levels=1)  # 3 blocks, 3 levels
     assert grid.space.lo == (-1, -1, -1) and grid.space.hi == (1, 1, 1)
-    db = build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "db", progress=False)
+    db = build_levels(lm, "wanda", grid.layer_sparsities(), w, tmp_path / "db", target=0.5, progress=False)
     fit = LevelFitness(lm, grid, db, w, stage_windows(8, 2))
     genomes = all_genomes(grid.space)
     truth = dict(zip(genomes, fit(1, genomes)))

@@ -249,6 +249,12 @@ def _searches(p) -> None:
         "--levels-db", default=None, help="sparsity: the level database folder (default: in the cache)"
     )
     g.add_argument(
+        "--levels-inputs",
+        choices=("target", "dense"),
+        default=None,
+        help="sparsity: the database's statistics on the model pruned at the target (default) or dense (EvoPress)",
+    )
+    g.add_argument(
         "--fitness",
         choices=("kl", "nll"),
         default=None,

@@ -77,8 +77,10 @@ class LevelDatabase:
     def bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.glob("block-*.safetensors"))
 
-    def check(self, lm, pruner: str | None = None, sparsities: dict[str, list[float]] | None = None) -> None:
-        """One line when the database is of another model, pruner or set of sparsities."""
+    def check(
+        self, lm, pruner: str | None = None, sparsities: dict[str, list[float]] | None = None, inputs=None
+    ) -> None:
+        """One line when the database is of another model, pruner, set of sparsities or inputs."""
         m = self.manifest["model"]
         if m["fingerprint"] != lm.fingerprint:
             raise LayerpruneError(
@@ -88,6 +90,12 @@ class LevelDatabase:
         if pruner is not None and pruner != self.pruner:
             raise LayerpruneError(
                 f"level database {self.path} holds {self.pruner} levels, not {pruner}; choose a new --levels-db folder"
+            )
+        have_inputs = self.manifest.get("inputs", "dense")
+        if inputs is not None and pruner != "magnitude" and inputs != have_inputs:
+            raise LayerpruneError(
+                f"level database {self.path} was built on {have_inputs} inputs, not {inputs}; "
+                "choose a new --levels-db folder"
             )
         for name, wanted in (sparsities or {}).items():
             have = self._index.get(name, {})

@@ -46,6 +46,7 @@ class SparsitySearch(LevelSearch):
     levels: float = 0.05  # level step: this fraction of the median unit's weights
     max_levels: int = 8  # levels each side of the target (EvoPress's NUM_LEVELS)
     levels_db: str | None = None  # the level database folder (default: in the cache, keyed by its inputs)
+    levels_inputs: str = "target"  # the database's statistics: on the model pruned at the target, or dense
     fitness: str = "kl"
     epsilon: float | None = None  # AlphaPruning's seed
     lam: float = 0.08  # OWL's seed
@@ -237,19 +238,11 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
     db.restore(lm.adapter)  # the dense model: the reference of the KL, and the state assign() starts from
     stages = stage_windows(fitness_windows.input_ids.shape[0], len(survivors) + 1)
     named = {"uniform": (0,) * len(grid.units), **{n: grid.genome_of(t) for n, t in seeds.items()}}
-    data_fp = hashlib.sha256(
-        json.dumps(
-            [
-                fitness_windows.fingerprint,
-                db.manifest["model"],
-                pruner,
-                fitness,
-                db.manifest.get("calibration"),
-                grid.delta,
-                grid.granularity,
-            ]
-        ).encode()  # fmt: skip
-    ).hexdigest()[:16]
+    # the store's evaluations are of this database (model, pruner, its calibration and inputs) and grid
+    m = db.manifest
+    ident = [fitness_windows.fingerprint, m["model"], pruner, fitness, m.get("calibration"), m.get("inputs"),
+             grid.delta, grid.granularity]  # fmt: skip
+    data_fp = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if isinstance(store, (str, Path)):  # under torchrun rank 0 owns the store
@@ -275,6 +268,7 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
     params = {
         "target": grid.target, "allocation": "search", "pruner": pruner, "nm": None,
         "granularity": grid.granularity, "level_step_weights": grid.delta, "fitness": fitness,
+        "level_inputs": db.manifest.get("inputs", "dense"),
         "generations": generations, "offspring": offspring, "survivors": list(survivors), "operators": operators,
         "stage_windows": stages, "achieved": achieved,
     }  # fmt: skip
