@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import sqlite3
 
 import pytest
 import torch
@@ -260,3 +261,30 @@ def test_llm_depth_proposals_are_sets_of_removable_units():
     prompt = server.requests[0]["body"]["messages"][1]["content"]
     assert "exactly 2 distinct unit indices" in prompt and "units [3] may not be removed" in prompt
     assert r.best == (1, 1, 0, 0) and r.stats["out_of_range_repaired"] == 1 and r.stats["sum_repaired"] == 1
+
+
+def test_a_killed_depth_search_resumes_from_its_store(tmp_path, monkeypatch):
+    import layerprune.engine.masked as masked
+
+    lm, w = tiny_lm(blocks=6), windows()
+    kw = dict(generations=4, offspring=4, survivors=(2,), random_initial=2, seed=3, progress=False)
+    whole = depth_search(lm, 2, w, **kw)
+    calls, real = [0], masked.evaluate_masks
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(masked, "evaluate_masks", dying)
+    with pytest.raises(KeyboardInterrupt):
+        depth_search(lm, 2, w, store=tmp_path / "d.db", **kw)
+    monkeypatch.setattr(masked, "evaluate_masks", real)
+    with sqlite3.connect(tmp_path / "d.db") as c:
+        stored = c.execute("SELECT COUNT(*) FROM evals").fetchone()[0]
+    resumed = depth_search(lm, 2, w, store=tmp_path / "d.db", **kw)
+    assert resumed.remove == whole.remove and resumed.extra["best_fitness"] == whole.extra["best_fitness"]
+    assert (
+        stored > 0 and resumed.extra["evaluations_this_run"] == whole.extra["evaluations_this_run"] - stored
+    )
