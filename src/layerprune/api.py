@@ -249,14 +249,19 @@ def apply(
     *,
     batch_size: int = 8,
     offload: str = "memory",
+    levels_db: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
     """Apply a plan to the loaded model, in place, after checking it against the model; return what
     was done (counts for the report). A sparsity plan calibrates its pruner on `calib`: windows, a
-    text source drawn as the plan recorded, or (None) exactly the text the plan recorded."""
+    text source drawn as the plan recorded, or (None) exactly the text the plan recorded; with
+    `levels_db` (a searched plan's level database) its layers are copied from the database instead:
+    the model the search evaluated, as EvoPress outputs it."""
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     plan.check(lm)
+    if levels_db is not None:
+        return _apply_levels(lm, plan, calib, levels_db)
     if isinstance(plan, DepthPlan):
         from .pruners.depth import apply as apply_depth
 
@@ -274,6 +279,32 @@ def apply(
         windows = None if plan.pruner == "magnitude-sp" else _plan_windows(lm, plan, calib)
         return apply_plan(lm, plan, windows, batch_size=batch_size, progress=progress)
     raise LayerpruneError(f"cannot apply a {type(plan).__name__}")
+
+
+def _apply_levels(lm, plan, calib, path) -> dict:
+    from .engine.levels import LevelDatabase
+
+    if not isinstance(plan, SparsityPlan):
+        raise LayerpruneError(f"--levels-db applies sparsity plans; this is a {plan.kind} plan")
+    if calib is not None:
+        raise LayerpruneError("a plan applied from its level database needs no calibration; drop --calib")
+    db = LevelDatabase(path)
+    targets = {n: s for n, s in plan.layers.items() if s > 1e-12}
+    db.check(lm, plan.pruner, {n: [s] for n, s in targets.items()})
+    lm.adapter.require_in_memory("applying a plan from its level database")
+    db.assign(lm.adapter, targets)
+    lm.modified()
+    achieved = {n: float((lm.adapter.weight(lm.adapter.layer(n)) == 0).float().mean()) for n in plan.layers}
+    numel = {n: lm.adapter.layer(n).weight.numel() for n in achieved}
+    return {
+        "pruner": plan.pruner,
+        "nm": plan.nm,
+        "target": plan.target,
+        "from_level_database": str(db.path),
+        "achieved_mean_sparsity": sum(achieved[n] * numel[n] for n in achieved) / sum(numel.values()),
+        "layers": {n: {"target": plan.layers[n], "achieved": achieved[n]} for n in achieved},
+        "note": "zeros stored densely: no memory saving or speed-up without sparse kernels",
+    }
 
 
 def _plan_windows(lm, plan: SparsityPlan | WidthPlan, calib) -> Windows | None:

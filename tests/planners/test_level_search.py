@@ -162,6 +162,18 @@ def test_the_sparsity_search_finds_the_exhaustive_optimum_on_a_tiny_model(tmp_pa
     assert plan.params["achieved"] == pytest.approx(0.5, abs=1e-12)
     plan.check(lm)  # an ordinary sparsity plan of this model
     assert db.current == {}  # the model is dense again
+    # applied from its database: exactly the model the search evaluated
+    import layerprune as lp
+
+    stitched = tiny_lm()
+    counts = lp.apply(stitched, plan, levels_db=tmp_path / "db")
+    for n, target in plan.layers.items():
+        weight = stitched.adapter.weight(stitched.adapter.layer(n))
+        assert torch.equal(weight, db.weight(n, target)) and counts["layers"][n]["achieved"] == pytest.approx(
+            target, abs=0.02
+        )
+    with pytest.raises(LayerpruneError, match="needs no calibration"):
+        lp.apply(tiny_lm(), plan, w, levels_db=tmp_path / "db")
 
 
 def test_a_killed_search_resumes_from_its_store_as_if_never_stopped(tmp_path, monkeypatch):

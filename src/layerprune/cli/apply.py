@@ -15,9 +15,8 @@ def cmd_apply(args) -> int:
     model = args.model or plan.model["name"]
     _check_output(args, model, file=False)
     lm = common._load(args, model)
-    counts = lp.apply(
-        lm, plan, args.calib, batch_size=args.batch_size, offload=args.offload, progress=not args.quiet
-    )
+    counts = lp.apply(lm, plan, args.calib, batch_size=args.batch_size, offload=args.offload,
+                      levels_db=args.levels_db, progress=not args.quiet)  # fmt: skip
     from ..distributed import is_main
 
     if not is_main():  # under torchrun every rank pruned the same weights; rank 0 evaluates and writes
@@ -66,6 +65,11 @@ def add_parser(sub) -> None:
         choices=("memory", "disk"),
         default="memory",
         help="sparsity: calibration activations in memory or in a temporary folder",
+    )
+    p.add_argument(
+        "--levels-db",
+        default=None,
+        help="a searched sparsity plan: copy its layers from this level database (the model the search evaluated)",
     )
     p.add_argument(
         "--eval", action="append", metavar="SRC", help="perplexity of the result on SRC (repeatable)"
