@@ -51,14 +51,16 @@ def markdown(doc: dict) -> str:
     for model, rows in doc.items():
         if not isinstance(rows, dict) or "protocol" not in rows:
             continue
-        out += [f"{model}:", "", "| row | uniform | OWL | AlphaPruning | searched | searched / best | started from | "
-                "evaluations | search s | overhead | level database / linear weights |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += [f"{model}:", "", "| row | uniform | OWL | AlphaPruning | searched | searched / best | stitched | started from | "
+                "evaluations | search s | overhead | level database / linear weights |", "|---" * 12 + "|"]  # fmt: skip
         for key, r in rows.items():
             if key == "protocol" or "target" not in r:
                 continue
             b = r["baselines_heldout_ppl"]
+            st = r.get("stitched_heldout_ppl")
             out.append(f"| {key} | {b['uniform']:.2f} | {b['owl']:.2f} | {b['alpha']:.2f} | {r['searched_heldout_ppl']:.2f} | "
-                       f"{r['ratio_to_best_baseline']:.3f} | {r['started_from']} | {r['evaluations']} | {r['search_seconds']:.0f} | "
+                       f"{r['ratio_to_best_baseline']:.3f} | {'–' if st is None else f'{st:.2f}'} | {r['started_from']} | "
+                       f"{r['evaluations']} | {r['search_seconds']:.0f} | "
                        f"{r['overhead']:.3f} | {r['database_over_linear_weights']:.2f} |")  # fmt: skip
         depth = {k: r for k, r in rows.items() if k.startswith("depth-")}
         if depth:
