@@ -183,6 +183,7 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
 def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
     """EvoPress for depth: the removal set searched, seeded from ppl and bi scores (and `scores`)."""
     from .options import accepted
+    from .planners.depth import units_to_remove
     from .planners.depth_search import DepthSearch, search_plan
     from .planners.search.levels import check_request
     from .planners.width_search import fitness_calibration
@@ -194,11 +195,7 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
         lm = load(lm, quiet=not progress)
     L = lm.adapter.num_blocks
     n_units = L * (1 if o.unit == "block" else 2)
-    if (remove is None) == (ratio is None):
-        raise LayerpruneError("say how much to remove: --remove N or --ratio R (one of them)")
-    count = remove if remove is not None else round(ratio * n_units)
-    if count < 1:
-        raise LayerpruneError(f"nothing to remove: --remove must be at least 1 (got {count})")
+    count = units_to_remove(n_units, remove, ratio)
     if count > n_units - (1 if o.unit == "block" else 0):
         raise LayerpruneError(
             f"cannot remove {count} of the {n_units} {o.unit} units of {lm.name}; use --remove {n_units - 1} or less"

@@ -20,9 +20,8 @@ from ..provenance import stamp
 from ..scorers.base import Scores, protected_blocks
 
 
-def units_to_remove(scores: Scores, remove: int | None, ratio: float | None) -> int:
-    """How many units `--remove N` or `--ratio R` means: R is a fraction of the units, rounded."""
-    n = len(scores.units)
+def units_to_remove(n: int, remove: int | None, ratio: float | None) -> int:
+    """How many of n units `--remove N` or `--ratio R` means: R is a fraction of the units, rounded."""
     if (remove is None) == (ratio is None):
         raise LayerpruneError("say how much to remove: --remove N or --ratio R (one of them)")
     if remove is not None:
@@ -67,7 +66,7 @@ def make_plan(
     units = [Unit.parse(u) for u in scores.units]
     protected = protected_blocks(protect, L, scores.method)
     allowed = [j for j, u in enumerate(units) if u.block not in protected]
-    count = units_to_remove(scores, remove, ratio)
+    count = units_to_remove(len(scores.units), remove, ratio)
     _check_count(count, scores, allowed)
     history = []
     if scores.method == "angular":
