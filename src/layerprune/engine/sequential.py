@@ -97,14 +97,45 @@ class ActivationStore:
         self.close()
 
 
+class _Enough(Exception):
+    """Raised inside a calibration forward once every linear layer of the block has its input."""
+
+
 class LayerInputs:
-    """Forward hooks that hand every linear layer's input (rows = tokens) to a callback."""
+    """Forward pre-hooks that hand every linear layer's input (rows = tokens) to a callback.
+
+    Inside `batch()`, the forward stops as soon as every hooked layer has had its input: the block's
+    output of a calibration pass is never used, so the last layer's matmul (the MLP's down
+    projection in a Llama block: a fifth of the block's linear work) and what follows it are not
+    computed. A layer called again after that point would be missed, so a block whose layers do not
+    all run in a batch (an MoE with experts no token chose) simply runs to its end."""
 
     def __init__(self, layers: dict[str, nn.Module], callback: Callable[[str, torch.Tensor], None]):
+        self.expected = len(layers)
+        self.seen: set[str] | None = None
         self.handles = [
-            layer.register_forward_hook(lambda _m, args, _out, name=name: callback(name, args[0].detach()))
+            layer.register_forward_pre_hook(lambda _m, args, name=name: self._hook(name, args[0]))
             for name, layer in layers.items()
         ]
+        self.callback = callback
+
+    def _hook(self, name: str, x: torch.Tensor) -> None:
+        self.callback(name, x.detach())
+        if self.seen is not None:
+            self.seen.add(name)
+            if len(self.seen) == self.expected:
+                raise _Enough
+
+    @contextlib.contextmanager
+    def batch(self):
+        """One calibration forward, cut short once every layer has its input."""
+        self.seen = set()
+        try:
+            yield
+        except _Enough:
+            pass
+        finally:
+            self.seen = None
 
     def __enter__(self) -> LayerInputs:
         return self
@@ -130,7 +161,8 @@ def run_sequential(
 ) -> None:
     """Walk the blocks in order. `on_block(i, calibrate)` may call `calibrate(callback)` any number of
     times: each call runs block i on every micro-batch with `callback(role, inputs)` hooked on its
-    linear layers. Whatever it did to the block, the block's outputs are then recomputed.
+    linear layers. Whatever it did to the block, the block's outputs are then recomputed (but for
+    the last block's, which feed nothing).
     With offloaded blocks, block i is resident while it is calibrated, changed and recomputed, and
     (`modifies`) its new weights are kept as it leaves.
     `split_data` under torchrun: each rank walks its contiguous share of the windows, and the
@@ -162,12 +194,15 @@ def _walk(model, adapter, input_ids, on_block, batch_size, offload, progress, de
         for i in tqdm(range(adapter.num_blocks), desc=desc, disable=not progress, leave=False):
 
             def calibrate(callback, i=i):
-                with LayerInputs(adapter.linears(i), callback):
+                with LayerInputs(adapter.linears(i), callback) as inputs:
                     for b in range(len(runner.batches)):
-                        runner.block_batch(i, b, store.get(b, device))
+                        with inputs.batch():
+                            runner.block_batch(i, b, store.get(b, device))
 
             with adapter.resident(i, modifies=modifies):
                 on_block(i, calibrate)
+                if i == adapter.num_blocks - 1:  # the last block's outputs feed nothing
+                    break
                 for b in range(len(runner.batches)):
                     store.put(b, runner.block_batch(i, b, store.get(b, device)))
 
