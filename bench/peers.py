@@ -1,0 +1,394 @@
+"""layerprune side by side with the tools a user would pick instead, in one run on this machine.
+
+    python bench/peers.py [--only wanda-50,...] [--repeats 3] [--fresh] [--markdown]
+
+Peers: llm-compressor (Wanda, SparseGPT, magnitude, N:M, OWL profile) and Torch-Pruning (its LLM
+example's width pruning). Each peer runs in its own venv, built on first use under
+`$LAYERPRUNE_CACHE/peers/` from the pinned `bench/peers/<peer>.txt` (a peer whose venv cannot be built
+is skipped, with the reason in the results). Every tool runs in a fresh process on the same model
+files (the `smollm2` safetensors folder) and the same calibration token ids (saved once by
+bench/peers/ids.py; each runner records the fingerprint of the ids its model's embedding really
+received). Every output is evaluated here, by layerprune, on the same held-out windows.
+
+Per run: wall time and peak RSS of the whole process (os.wait4), the pruning step alone (timed by the
+runner), held-out perplexity, parameters; for sparsity rows the mask agreement with layerprune's
+output per layer type. The timed rows (wanda-50, sparsegpt-50) run --repeats times, interleaved
+(layerprune, peer, layerprune, peer, ...), and report the median ratio and its spread.
+Resumable: a row already in bench/results/peers.json is skipped (--fresh redoes the rows named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "peers"))
+
+from _results import write  # noqa: E402
+from ids import save_ids  # noqa: E402
+
+import layerprune as lp  # noqa: E402
+
+RESULTS = HERE / "results" / "peers.json"
+WORK = HERE / "work" / "peers"
+CALIB, HELDOUT = "fixture:val", "fixture:test"
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEERS = {"llm-compressor": "llmcompressor", "torch-pruning": "torchpruning"}
+TP_RATIO = 0.12  # Torch-Pruning's one ratio for channels, hidden size and heads: ~20 % of block parameters
+
+# row id -> the runs it compares: (label, tool, runner arguments)
+ROWS = {
+    "wanda-50": [
+        ("layerprune", "layerprune", ["--pruner", "wanda", "--sparsity", "0.5"]),
+        ("llm-compressor", "llm-compressor", ["--method", "wanda", "--sparsity", "0.5"]),
+    ],
+    "sparsegpt-50": [
+        ("layerprune", "layerprune", ["--pruner", "sparsegpt", "--sparsity", "0.5"]),
+        ("llm-compressor", "llm-compressor", ["--method", "sparsegpt", "--sparsity", "0.5"]),
+    ],
+    "magnitude-50": [
+        ("layerprune", "layerprune", ["--pruner", "magnitude", "--sparsity", "0.5"]),
+        ("llm-compressor", "llm-compressor", ["--method", "magnitude", "--sparsity", "0.5"]),
+    ],
+    "wanda-2:4": [
+        ("layerprune", "layerprune", ["--pruner", "wanda", "--sparsity", "0.5", "--nm", "2:4"]),
+        ("llm-compressor", "llm-compressor", ["--method", "wanda", "--sparsity", "0.5", "--nm", "2:4"]),
+    ],
+    "sparsegpt-2:4": [
+        ("layerprune", "layerprune", ["--pruner", "sparsegpt", "--sparsity", "0.5", "--nm", "2:4"]),
+        ("llm-compressor", "llm-compressor", ["--method", "sparsegpt", "--sparsity", "0.5", "--nm", "2:4"]),
+    ],
+    "wanda-70": [
+        ("layerprune uniform", "layerprune", ["--pruner", "wanda", "--sparsity", "0.7"]),
+        ("layerprune owl", "layerprune", ["--pruner", "wanda", "--sparsity", "0.7", "--allocation", "owl"]),
+        (
+            "layerprune alpha",
+            "layerprune",
+            ["--pruner", "wanda", "--sparsity", "0.7", "--allocation", "alpha"],
+        ),
+        ("llm-compressor uniform", "llm-compressor", ["--method", "wanda", "--sparsity", "0.7"]),
+        (
+            "llm-compressor owl",
+            "llm-compressor",
+            ["--method", "wanda", "--sparsity", "0.7", "--owl", "5,0.08"],
+        ),
+    ],
+    "width-20": [  # layerprune's widths are set from what Torch-Pruning removed (same block parameters)
+        ("torch-pruning", "torch-pruning", ["--ratio", str(TP_RATIO)]),
+        ("layerprune wanda-sp", "layerprune", ["--pruner", "wanda-sp", "--width", "TP"]),
+        ("layerprune magnitude-sp", "layerprune", ["--pruner", "magnitude-sp", "--width", "TP"]),
+    ],
+}
+TIMED = ("wanda-50", "sparsegpt-50")
+RUNNERS = {
+    "layerprune": HERE / "peers" / "run_layerprune.py",
+    "llm-compressor": HERE / "peers" / "run_llmcompressor.py",
+    "torch-pruning": HERE / "peers" / "run_torchpruning.py",
+}
+
+
+# ---- venvs ------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    base = os.environ.get("LAYERPRUNE_CACHE")
+    return (
+        Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerprune"
+    )
+
+
+def peer_python(
+    peer: str, requirements: Path | None = None, cache: Path | None = None
+) -> tuple[Path | None, str]:
+    """The peer's venv python, built from its pinned requirements on first use; (None, why) if it cannot be.
+
+    The venv is made without pip and filled by this interpreter's pip (`pip --python`): seconds, not a
+    second copy of pip; its folder is named by the requirements' hash, so a changed pin builds anew."""
+    req = requirements or HERE / "peers" / f"{PEERS[peer]}.txt"
+    digest = hashlib.sha256(req.read_bytes()).hexdigest()[:10]
+    venv = (cache or cache_dir()) / "peers" / f"{req.stem}-{digest}"
+    python = venv / "bin" / "python"
+    if (venv / "ok").exists():
+        return python, "cached"
+    if venv.exists():
+        shutil.rmtree(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    log = venv.parent / f"{venv.name}.build.log"
+    print(f"building the {peer} venv from {req.name} (log: {log})", flush=True)
+    steps = (
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "-r", str(req)],
+    )
+    with open(log, "w") as f:
+        for cmd in steps:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                text = log.read_text().splitlines()
+                lines = [ln for ln in text if ln.startswith("ERROR")] or [ln for ln in text if ln.strip()]
+                return (
+                    None,
+                    f"pip install -r {req.name} failed: {lines[-1].strip() if lines else 'no output'} (log {log})",
+                )
+    (venv / "ok").write_text(req.read_text())
+    return python, "built"
+
+
+# ---- one run ----------------------------------------------------------------------------------
+def run_tool(
+    python: Path, tool: str, args: list[str], model: Path, ids: Path, out: Path, threads: int
+) -> dict:
+    """Run one tool in a fresh process; wall time and peak RSS of that process, and the runner's own timings."""
+    result = out.with_suffix(".result.json")
+    log = out.with_suffix(".log")
+    cmd = [str(python), str(RUNNERS[tool]), "--model", str(model), "--out", str(out), "--result", str(result)]
+    if tool != "torch-pruning":
+        cmd += ["--ids", str(ids)]
+    cmd += [*args, "--threads", str(threads)]
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false"
+    )
+    result.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-3:]
+        raise RuntimeError(f"{tool} {' '.join(args)} exited {code}: {' | '.join(tail)} (log {log})")
+    row = json.loads(result.read_text())
+    row.update(
+        wall_s=wall, peak_rss_bytes=usage.ru_maxrss * 1024, user_s=usage.ru_utime, sys_s=usage.ru_stime
+    )
+    return row
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+def tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def evaluate(folder: Path, heldout_windows: int) -> dict:
+    import torch
+
+    lm = lp.load(str(folder), device="cpu", quiet=True)
+    ppl = lp.perplexity(lm, HELDOUT, seqlen=512, max_windows=heldout_windows, progress=False).ppl
+    params = {id(p): p for p in lm.model.parameters()}.values()
+    blocks = [p for b in lm.adapter.blocks for p in b.parameters()]
+    linears = [m.weight for b in lm.adapter.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    row = {
+        "heldout_ppl": ppl,
+        "params": sum(p.numel() for p in params),
+        "block_params": sum(p.numel() for p in blocks),
+        "block_linear_sparsity": sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears),
+    }
+    try:  # what a user of plain transformers gets
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(str(folder))
+        row["loads_with_from_pretrained"] = True
+    except Exception as e:  # noqa: BLE001 - the message is the finding
+        row["loads_with_from_pretrained"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return row
+
+
+def agreement(a: dict, b: dict) -> dict:
+    """Fraction of positions where both masks agree (zero in both or nonzero in both), per layer type."""
+    same, total = dict.fromkeys(LINEARS, 0), dict.fromkeys(LINEARS, 0)
+    for k, wa in a.items():
+        kind = k.split(".")[-2]
+        if kind in same and k.endswith(".weight") and ".layers." in k:
+            same[kind] += int(((wa == 0) == (b[k] == 0)).sum())
+            total[kind] += wa.numel()
+    out = {k: same[k] / total[k] for k in LINEARS if total[k]}
+    out["all"] = sum(same.values()) / max(1, sum(total.values()))
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help=f"comma-separated rows of: {', '.join(ROWS)}")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of the timed rows")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--heldout-windows", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="redo the rows named by --only (all without it)")
+    ap.add_argument(
+        "--markdown", action="store_true", help="print the README table from the results and stop"
+    )
+    ap.add_argument("-o", "--output", type=Path, default=RESULTS)
+    a = ap.parse_args()
+
+    doc = json.loads(a.output.read_text()) if a.output.exists() else {}
+    if a.markdown:
+        print(markdown(doc))
+        return
+    rows = a.only.split(",") if a.only else list(ROWS)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row {unknown[0]}; use one of {', '.join(ROWS)}")
+    doc.setdefault("benchmark", "layerprune and the tools you would use instead, on SmolLM2-135M (fp32), CPU")
+    doc.setdefault("rows", {})
+    if a.fresh:
+        for r in rows:
+            doc["rows"].pop(r, None)
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    lm = lp.load("smollm2", device="cpu", quiet=True)
+    model = Path(lm.path)
+    windows = lp.calibration(lm, CALIB, samples=a.samples, seqlen=a.seqlen, kind="sparsity")
+    ids = WORK / "calib.pt"
+    fingerprint = save_ids(windows.input_ids, windows.protocol, ids)
+    del lm
+    doc["protocol"] = {
+        "model": str(model),
+        "calibration": {**windows.protocol, "ids_sha256_16": fingerprint},
+        "heldout": {"text": HELDOUT, "seqlen": 512, "windows": a.heldout_windows},
+        "threads": a.threads,
+        "repeats_of_timed_rows": a.repeats,
+    }
+    pythons = {"layerprune": Path(sys.executable)}
+    doc.setdefault("peers", {})
+    for peer in PEERS:
+        python, how = peer_python(peer)
+        doc["peers"][peer] = {
+            "requirements": f"bench/peers/{PEERS[peer]}.txt",
+            "venv": how if python else None,
+        }
+        if python:
+            pythons[peer] = python
+        else:
+            doc["peers"][peer]["skipped"] = how
+            print(f"skipping {peer}: {how}", flush=True)
+
+    for rid in rows:
+        if rid in doc["rows"]:
+            print(f"{rid}: in {a.output.name} already (--fresh --only {rid} redoes it)")
+            continue
+        doc["rows"][rid] = run_row(rid, pythons, model, ids, fingerprint, a)
+        doc["summary"] = summary(doc["rows"])
+        write(doc, a.output)
+    print(markdown(doc))
+
+
+def run_row(rid: str, pythons: dict, model: Path, ids: Path, fingerprint: str, a) -> dict:
+    specs = [(label, tool, args) for label, tool, args in ROWS[rid] if tool in pythons]
+    skipped = [label for label, tool, _ in ROWS[rid] if tool not in pythons]
+    repeats = a.repeats if rid in TIMED else 1
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in specs}
+    tp_fraction = None
+    outs = {}
+    for r in range(repeats):
+        for label, tool, args in specs:
+            out = WORK / "runs" / rid / f"{label.replace(' ', '_')}-r{r}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if "TP" in args:
+                if tp_fraction is None:
+                    raise SystemExit("width-20 needs the torch-pruning run first (its venv was not built)")
+                args = [str(round(tp_fraction, 6)) if x == "TP" else x for x in args]
+            print(f"{rid} run {r + 1}/{repeats}: {label}", flush=True)
+            row = run_tool(pythons[tool], tool, args, model, ids, out, a.threads)
+            if tool == "torch-pruning":
+                tp_fraction = widths_from(out, row)
+            row["args"] = args
+            runs[label].append(row)
+            if r == 0:
+                outs[label] = out
+            else:  # the repeats only time; the first run's model is the one evaluated
+                shutil.rmtree(out, ignore_errors=True)
+    evals = {label: evaluate(outs[label], a.heldout_windows) for label in outs}
+    result = {"runs": runs, "eval": evals, "skipped": skipped}
+    for label, rs in runs.items():
+        fed = rs[0].get("fed_fingerprint")
+        if fed is not None and fed != fingerprint:
+            raise SystemExit(f"{label} calibrated on other ids ({fed}) than the file written ({fingerprint})")
+        evals[label]["calibration_ids_match"] = fed == fingerprint if fed is not None else None
+    ours = [lb for lb in outs if lb.startswith("layerprune")]
+    if not rid.startswith("width") and ours:
+        base = tensors(outs[ours[0]])
+        result["mask_agreement_with"] = ours[0]
+        result["mask_agreement"] = {lb: agreement(base, tensors(outs[lb])) for lb in outs if lb != ours[0]}
+    if rid in TIMED and len(runs) == 2:
+        (la, ra), (lb, rb) = runs.items()
+        result["ratios"] = {
+            f"{key} {la} / {lb}": spread([x[key] / y[key] for x, y in zip(ra, rb)])
+            for key in ("wall_s", "peak_rss_bytes", "step_s")
+        }
+    for out in outs.values():  # 0.5 GB each; the numbers are what is kept
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def widths_from(out: Path, row: dict) -> float:
+    """layerprune's width B that removes the block parameters Torch-Pruning removed: B is a fraction of the
+    blocks' prunable (linear) parameters, Torch-Pruning's of all block parameters (norms included)."""
+    import torch
+
+    dense = lp.load("smollm2", device="cpu", quiet=True)
+    blocks = sum(p.numel() for b in dense.adapter.blocks for p in b.parameters())
+    linears = sum(
+        m.weight.numel() for b in dense.adapter.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)
+    )
+    return row["block_fraction_removed"] * blocks / linears
+
+
+def summary(rows: dict) -> dict:
+    out = {}
+    for rid, row in rows.items():
+        ev = row["eval"]
+        labels = list(ev)
+        if rid in TIMED and "ratios" in row:
+            out[rid] = {
+                "wall_ratio_median": row["ratios"][next(k for k in row["ratios"] if k.startswith("wall_s"))][
+                    "median"
+                ],
+                "rss_ratio_median": row["ratios"][next(k for k in row["ratios"] if k.startswith("peak_rss"))][
+                    "median"
+                ],
+                "ppl_ratio": ev[labels[0]]["heldout_ppl"] / ev[labels[1]]["heldout_ppl"],
+                "mask_agreement": row.get("mask_agreement", {}).get(labels[1], {}).get("all"),
+            }
+    return out
+
+
+def markdown(doc: dict) -> str:
+    lines = [
+        "| row | tool | held-out ppl | params (M) | block sparsity | wall s | peak RSS GB | step s | masks = layerprune |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rid, row in doc.get("rows", {}).items():
+        for label, ev in row["eval"].items():
+            runs = row["runs"][label]
+            wall = statistics.median(r["wall_s"] for r in runs)
+            rss = statistics.median(r["peak_rss_bytes"] for r in runs) / 2**30
+            step = statistics.median(r["step_s"] for r in runs)
+            agree = row.get("mask_agreement", {}).get(label, {}).get("all")
+            lines.append(
+                f"| {rid} | {label} | {ev['heldout_ppl']:.2f} | {ev['params'] / 1e6:.1f} | "
+                f"{ev['block_linear_sparsity']:.3f} | {wall:.0f} | {rss:.2f} | {step:.0f} | "
+                f"{'' if agree is None else f'{100 * agree:.2f} %'} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The calibration token ids every tool of bench/peers.py is fed: one file, one fingerprint.
+
+Imported by the driver (our venv) and by each peer's runner (its own venv): plain torch only.
+The fingerprint is the sha256 of the int64 ids in row order, so the driver's windows and what a
+peer's model actually received (captured at its embedding layer) can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+
+def fingerprint(ids) -> str:
+    t = torch.as_tensor(ids).to(torch.int64).contiguous()
+    h = hashlib.sha256(str(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_ids(ids: torch.Tensor, protocol: dict, path: Path) -> str:
+    """ids [n, seqlen] and layerprune's protocol of them to `path` (.pt) and `path`.json."""
+    path = Path(path)
+    ids = ids.to(torch.int64).contiguous()
+    fp = fingerprint(ids)
+    tmp = path.with_suffix(".tmp")
+    torch.save(ids, tmp)
+    tmp.replace(path)
+    meta = {"shape": list(ids.shape), "fingerprint": fp, "protocol": protocol}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return fp
+
+
+def load_ids(path: Path) -> tuple[torch.Tensor, dict]:
+    """The ids and their metadata; refuses a file whose content no longer has its fingerprint."""
+    path = Path(path)
+    ids = torch.load(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if fingerprint(ids) != meta["fingerprint"]:
+        raise SystemExit(
+            f"{path}: token ids changed since they were written; rerun bench/peers.py, which writes them anew"
+        )
+    return ids, meta
+
+
+class EmbeddingTap:
+    """Records the token ids a model's input embedding receives (forward pre-hook), in call order:
+    what the tool really calibrated on, whatever its data pipeline did to the dataset."""
+
+    def __init__(self, embedding: torch.nn.Module):
+        self.rows: list[torch.Tensor] = []
+        self.handle = embedding.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, args):
+        self.rows.extend(args[0].detach().reshape(-1, args[0].shape[-1]).cpu())
+
+    def close(self) -> None:
+        self.handle.remove()
+
+    def unique_rows(self) -> torch.Tensor:
+        """Distinct rows in first-seen order (a pipeline may run the same sample more than once)."""
+        seen, out = set(), []
+        for r in self.rows:
+            key = r.numpy().tobytes()
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+        return torch.stack(out) if out else torch.empty(0, 0, dtype=torch.int64)

@@ -1,0 +1,125 @@
+"""llm-compressor's side of bench/peers.py: run by the venv bench/peers.py builds from
+bench/peers/llmcompressor.txt, never by ours.
+
+    python run_llmcompressor.py --model DIR --ids ids.pt --out OUT --result R.json
+        --method wanda|sparsegpt|magnitude --sparsity S [--nm 2:4] [--owl M,LAMBDA]
+
+The recipe is the one of llm-compressor's own examples: the modifier with
+targets = the decoder layers (re:model.layers.\\d*$), so lm_head and the tied embedding stay dense;
+the sequential pipeline, batch 1, the ids unshuffled and untruncated. SparseGPT: block 128,
+dampening 1 % (the paper's and our defaults). The model is saved uncompressed (dense safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from ids import EmbeddingTap, fingerprint, load_ids  # noqa: E402
+from llmcompressor import oneshot  # noqa: E402
+from llmcompressor.modifiers.pruning import MagnitudePruningModifier, WandaPruningModifier  # noqa: E402
+from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+LAYERS = [r"re:model.layers.\d*$"]
+
+
+def recipe(a):
+    structure = a.nm or "0:0"
+    owl = {}
+    if a.owl:
+        m, lam = (float(x) for x in a.owl.split(","))
+        owl = {"sparsity_profile": "owl", "owl_m": int(m), "owl_lmbda": lam}
+    if a.method == "wanda":
+        return WandaPruningModifier(sparsity=a.sparsity, mask_structure=structure, targets=LAYERS, **owl)
+    if a.method == "sparsegpt":
+        return SparseGPTModifier(
+            sparsity=a.sparsity,
+            mask_structure=structure,
+            targets=LAYERS,
+            block_size=128,
+            dampening_frac=0.01,
+            **owl,
+        )
+    if a.method == "magnitude":  # its data-free modifier: every linear weight of the decoder layers
+        return MagnitudePruningModifier(
+            targets=[r"re:model.layers.\d+\..*(proj)\.weight$"],
+            init_sparsity=a.sparsity,
+            final_sparsity=a.sparsity,
+            start=0,
+            end=1,
+            update=1,
+        )
+    raise SystemExit(f"unknown method {a.method}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ids", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--sparsity", type=float, required=True)
+    ap.add_argument("--nm")
+    ap.add_argument("--owl")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    imported = time.perf_counter() - T0
+
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    ids, meta = load_ids(Path(a.ids))
+    n, seqlen = ids.shape
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seqlen] * n})
+    loaded = time.perf_counter() - t
+
+    tap = EmbeddingTap(model.get_input_embeddings())
+    t = time.perf_counter()
+    kwargs = {}
+    if a.method != "magnitude":
+        kwargs = dict(
+            dataset=data,
+            num_calibration_samples=n,
+            max_seq_length=seqlen,
+            shuffle_calibration_samples=False,
+            batch_size=1,
+        )
+    oneshot(model=model, recipe=[recipe(a)], **kwargs)
+    step = time.perf_counter() - t
+    tap.close()
+
+    t = time.perf_counter()
+    out = Path(a.out)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out, save_compressed=False)
+    for f in Path(a.model).iterdir():  # the tokenizer, as the model folder had it
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
+            shutil.copy(f, out / f.name)
+    saved = time.perf_counter() - t
+    fed = tap.unique_rows()
+    result = {
+        "tool": "llm-compressor",
+        "import_s": imported,
+        "load_s": loaded,
+        "step_s": step,
+        "save_s": saved,
+        "fed_fingerprint": fingerprint(fed) if fed.numel() else None,
+        "ids_fingerprint": meta["fingerprint"],
+    }
+    Path(a.result).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
