@@ -104,10 +104,32 @@ def checkpoint_bytes(folder: Path, dtype: torch.dtype) -> tuple[int, dict[str, i
     return sum(sizes.values()), sizes
 
 
+def fixed_mmap_threshold(limit: int = 1 << 20) -> bool:
+    """glibc: allocations of `limit` bytes or more always come from (and return to) mmap.
+
+    Blocks coming in and out give glibc's *dynamic* threshold a reason to grow to the size of a weight
+    tensor; the freed tensors then stay in the heap, fragmented, and the resident memory of a streamed
+    walk grows by about one activation per block (measured on SmolLM2, 16 x 512 windows: 1137 MB peak
+    against 658 MB with the threshold fixed). Fixing it is what a bounded-memory run asks for; it is
+    set when a model is loaded with `max_memory`. Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, int(limit)))
+
+
 class OffloadedBlocks:
     """The blocks of a meta-device model, read from its shards one at a time."""
 
     def __init__(self, model, adapter, folder: Path, device: str, dtype: torch.dtype):
+        fixed_mmap_threshold()
         self.model, self.adapter = model, adapter
         self.folder, self.device, self.dtype = Path(folder), torch.device(device), dtype
         self.files = checkpoint_files(self.folder)
