@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
 
 from _results import write  # noqa: E402
-from ids import save_ids  # noqa: E402
+from ids import save_ids, set_fingerprint  # noqa: E402
 
 import layerprune as lp  # noqa: E402
 
@@ -44,6 +44,7 @@ WORK = HERE / "work" / "peers"
 CALIB, HELDOUT = "fixture:val", "fixture:test"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEERS = {"llm-compressor": "llmcompressor", "torch-pruning": "torchpruning"}
+STREAM = "300MB"  # layerprune's --max-memory: the blocks stay on disk, one resident at a time
 TP_RATIO = 0.12  # Torch-Pruning's one ratio for channels, hidden size and heads: ~20 % of block parameters
 
 # row id -> the runs it compares: (label, tool, runner arguments)
@@ -51,10 +52,20 @@ ROWS = {
     "wanda-50": [
         ("layerprune", "layerprune", ["--pruner", "wanda", "--sparsity", "0.5"]),
         ("llm-compressor", "llm-compressor", ["--method", "wanda", "--sparsity", "0.5"]),
+        (
+            "layerprune streamed",
+            "layerprune",
+            ["--pruner", "wanda", "--sparsity", "0.5", "--max-memory", STREAM],
+        ),
     ],
     "sparsegpt-50": [
         ("layerprune", "layerprune", ["--pruner", "sparsegpt", "--sparsity", "0.5"]),
         ("llm-compressor", "llm-compressor", ["--method", "sparsegpt", "--sparsity", "0.5"]),
+        (
+            "layerprune streamed",
+            "layerprune",
+            ["--pruner", "sparsegpt", "--sparsity", "0.5", "--max-memory", STREAM],
+        ),
     ],
     "magnitude-50": [
         ("layerprune", "layerprune", ["--pruner", "magnitude", "--sparsity", "0.5"]),
@@ -83,6 +94,11 @@ ROWS = {
             ["--method", "wanda", "--sparsity", "0.7", "--owl", "5,0.08"],
         ),
     ],
+    "wanda-50-reference": [  # a third implementation: the Wanda paper's loop on plain transformers layers
+        ("layerprune", "layerprune", ["--pruner", "wanda", "--sparsity", "0.5"]),
+        ("llm-compressor", "llm-compressor", ["--method", "wanda", "--sparsity", "0.5"]),
+        ("reference loop", "reference", ["--sparsity", "0.5"]),
+    ],
     "width-20": [  # layerprune's widths are set from what Torch-Pruning removed (same block parameters)
         ("torch-pruning", "torch-pruning", ["--ratio", str(TP_RATIO)]),
         ("layerprune wanda-sp", "layerprune", ["--pruner", "wanda-sp", "--width", "TP"]),
@@ -94,6 +110,7 @@ RUNNERS = {
     "layerprune": HERE / "peers" / "run_layerprune.py",
     "llm-compressor": HERE / "peers" / "run_llmcompressor.py",
     "torch-pruning": HERE / "peers" / "run_torchpruning.py",
+    "reference": HERE / "peers" / "run_reference.py",
 }
 
 
@@ -218,6 +235,24 @@ def agreement(a: dict, b: dict) -> dict:
     return out
 
 
+def by_block(a: dict, b: dict) -> dict:
+    """Mask agreement of every block (all its linears), and the first block where the masks differ."""
+    per = {}
+    for k, wa in a.items():
+        parts = k.split(".")
+        if ".layers." in k and k.endswith("proj.weight"):
+            i = int(parts[parts.index("layers") + 1])
+            same, total = per.get(i, (0, 0))
+            per[i] = (same + int(((wa == 0) == (b[k] == 0)).sum()), total + wa.numel())
+    agree = [per[i][0] / per[i][1] for i in sorted(per)]
+    first = next((i for i, x in enumerate(agree) if x < 1), None)
+    return {
+        "all": sum(s for s, _ in per.values()) / sum(t for _, t in per.values()),
+        "first_block_differing": first,
+        "per_block": agree,
+    }
+
+
 # ---- the run ----------------------------------------------------------------------------------
 def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
@@ -251,6 +286,7 @@ def main() -> None:
     if a.fresh:
         for r in rows:
             doc["rows"].pop(r, None)
+            shutil.rmtree(WORK / "runs" / r, ignore_errors=True)
 
     WORK.mkdir(parents=True, exist_ok=True)
     lm = lp.load("smollm2", device="cpu", quiet=True)
@@ -258,15 +294,16 @@ def main() -> None:
     windows = lp.calibration(lm, CALIB, samples=a.samples, seqlen=a.seqlen, kind="sparsity")
     ids = WORK / "calib.pt"
     fingerprint = save_ids(windows.input_ids, windows.protocol, ids)
+    set_print = set_fingerprint(windows.input_ids)
     del lm
     doc["protocol"] = {
         "model": str(model),
-        "calibration": {**windows.protocol, "ids_sha256_16": fingerprint},
+        "calibration": {**windows.protocol, "ids_sha256_16": fingerprint, "ids_as_set_sha256_16": set_print},
         "heldout": {"text": HELDOUT, "seqlen": 512, "windows": a.heldout_windows},
         "threads": a.threads,
         "repeats_of_timed_rows": a.repeats,
     }
-    pythons = {"layerprune": Path(sys.executable)}
+    pythons = {"layerprune": Path(sys.executable), "reference": Path(sys.executable)}
     doc.setdefault("peers", {})
     for peer in PEERS:
         python, how = peer_python(peer)
@@ -284,19 +321,21 @@ def main() -> None:
         if rid in doc["rows"]:
             print(f"{rid}: in {a.output.name} already (--fresh --only {rid} redoes it)")
             continue
-        doc["rows"][rid] = run_row(rid, pythons, model, ids, fingerprint, a)
+        doc["rows"][rid] = run_row(rid, pythons, model, ids, (fingerprint, set_print), a)
         doc["summary"] = summary(doc["rows"])
         write(doc, a.output)
     print(markdown(doc))
 
 
-def run_row(rid: str, pythons: dict, model: Path, ids: Path, fingerprint: str, a) -> dict:
+def run_row(rid: str, pythons: dict, model: Path, ids: Path, prints: tuple[str, str], a) -> dict:
+    fingerprint, set_print = prints
     specs = [(label, tool, args) for label, tool, args in ROWS[rid] if tool in pythons]
     skipped = [label for label, tool, _ in ROWS[rid] if tool not in pythons]
     repeats = a.repeats if rid in TIMED else 1
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in specs}
     tp_fraction = None
-    outs = {}
+    outs: dict[str, Path] = {}
+    failed: dict[str, str] = {}
     for r in range(repeats):
         for label, tool, args in specs:
             out = WORK / "runs" / rid / f"{label.replace(' ', '_')}-r{r}"
@@ -305,37 +344,82 @@ def run_row(rid: str, pythons: dict, model: Path, ids: Path, fingerprint: str, a
                 if tp_fraction is None:
                     raise SystemExit("width-20 needs the torch-pruning run first (its venv was not built)")
                 args = [str(round(tp_fraction, 6)) if x == "TP" else x for x in args]
+            if label in failed:
+                continue
             print(f"{rid} run {r + 1}/{repeats}: {label}", flush=True)
-            row = run_tool(pythons[tool], tool, args, model, ids, out, a.threads)
+            try:
+                row = done_run(out, args, keep=r == 0) or run_tool(
+                    pythons[tool], tool, args, model, ids, out, a.threads
+                )
+            except (
+                RuntimeError
+            ) as e:  # a tool that fails on its own recipe is a finding, not the end of the run
+                print(f"  failed: {e}", flush=True)
+                failed[label] = str(e)
+                runs.pop(label, None)
+                continue
             if tool == "torch-pruning":
                 tp_fraction = widths_from(out, row)
             row["args"] = args
+            out.with_suffix(".run.json").write_text(json.dumps(row, indent=1))  # a crash later reuses it
             runs[label].append(row)
             if r == 0:
                 outs[label] = out
             else:  # the repeats only time; the first run's model is the one evaluated
                 shutil.rmtree(out, ignore_errors=True)
     evals = {label: evaluate(outs[label], a.heldout_windows) for label in outs}
-    result = {"runs": runs, "eval": evals, "skipped": skipped}
-    for label, rs in runs.items():
-        fed = rs[0].get("fed_fingerprint")
-        if fed is not None and fed != fingerprint:
-            raise SystemExit(f"{label} calibrated on other ids ({fed}) than the file written ({fingerprint})")
-        evals[label]["calibration_ids_match"] = fed == fingerprint if fed is not None else None
+    result = {"runs": runs, "eval": evals, "skipped": skipped, "failed": failed}
+    for label, rs in runs.items():  # what each model's embedding received, against the file written
+        fed = rs[0].get("fed_set_fingerprint")
+        if fed is not None and fed != set_print:
+            raise SystemExit(
+                f"{label} calibrated on other windows ({fed}) than the file written ({set_print})"
+            )
+        evals[label]["calibration_windows_match"] = None if fed is None else fed == set_print
+        evals[label]["calibration_order_match"] = (
+            None if fed is None else rs[0]["fed_fingerprint"] == fingerprint
+        )
     ours = [lb for lb in outs if lb.startswith("layerprune")]
     if not rid.startswith("width") and ours:
-        base = tensors(outs[ours[0]])
-        result["mask_agreement_with"] = ours[0]
-        result["mask_agreement"] = {lb: agreement(base, tensors(outs[lb])) for lb in outs if lb != ours[0]}
-    if rid in TIMED and len(runs) == 2:
-        (la, ra), (lb, rb) = runs.items()
+        # each output against layerprune's run of the same recipe (llm-compressor owl <-> layerprune owl)
+        result["mask_agreement"] = {}
+        for lb in outs:
+            if lb == ours[0]:
+                continue
+            twin = "layerprune" + lb[len(lb.split(" ")[0]) :]
+            twin = twin if twin in outs and twin != lb else ours[0]
+            result["mask_agreement"][lb] = {"with": twin, **agreement(tensors(outs[twin]), tensors(outs[lb]))}
+        if rid == "wanda-50-reference":  # every pair, and where along the depth they part
+            labels = list(outs)
+            result["pairs"] = {
+                f"{x} | {y}": by_block(tensors(outs[x]), tensors(outs[y]))
+                for k, x in enumerate(labels)
+                for y in labels[k + 1 :]
+            }
+    if rid in TIMED and "llm-compressor" in runs:
+        peer = runs["llm-compressor"]
         result["ratios"] = {
-            f"{key} {la} / {lb}": spread([x[key] / y[key] for x, y in zip(ra, rb)])
+            f"{key} {lb} / llm-compressor": spread([x[key] / y[key] for x, y in zip(rs, peer)])
+            for lb, rs in runs.items()
+            if lb.startswith("layerprune")
             for key in ("wall_s", "peak_rss_bytes", "step_s")
         }
     for out in outs.values():  # 0.5 GB each; the numbers are what is kept
         shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def done_run(out: Path, args: list[str], keep: bool) -> dict | None:
+    """The record of this run from an earlier, interrupted attempt of the row (same arguments; for the
+    evaluated first run, its model still on disk): runs are minutes each, a crash should not redo them."""
+    record = out.with_suffix(".run.json")
+    if not record.exists():
+        return None
+    row = json.loads(record.read_text())
+    if row.get("args") != args or (keep and not (out / "config.json").exists()):
+        return None
+    print("  (reused from an interrupted attempt)", flush=True)
+    return row
 
 
 def widths_from(out: Path, row: dict) -> float:
@@ -352,20 +436,21 @@ def widths_from(out: Path, row: dict) -> float:
 
 
 def summary(rows: dict) -> dict:
+    """The issue's figures: layerprune / llm-compressor on the timed rows (medians of interleaved runs)."""
     out = {}
     for rid, row in rows.items():
-        ev = row["eval"]
-        labels = list(ev)
-        if rid in TIMED and "ratios" in row:
-            out[rid] = {
-                "wall_ratio_median": row["ratios"][next(k for k in row["ratios"] if k.startswith("wall_s"))][
-                    "median"
-                ],
-                "rss_ratio_median": row["ratios"][next(k for k in row["ratios"] if k.startswith("peak_rss"))][
-                    "median"
-                ],
-                "ppl_ratio": ev[labels[0]]["heldout_ppl"] / ev[labels[1]]["heldout_ppl"],
-                "mask_agreement": row.get("mask_agreement", {}).get(labels[1], {}).get("all"),
+        if "ratios" not in row:
+            continue
+        ev, peer = row["eval"], row["eval"].get("llm-compressor")
+        if peer is None:
+            continue
+        for lb in (lb for lb in ev if lb.startswith("layerprune")):
+            out[f"{rid} {lb}"] = {
+                "wall_ratio": row["ratios"][f"wall_s {lb} / llm-compressor"],
+                "peak_rss_ratio": row["ratios"][f"peak_rss_bytes {lb} / llm-compressor"],
+                "step_ratio": row["ratios"][f"step_s {lb} / llm-compressor"],
+                "ppl_ratio": ev[lb]["heldout_ppl"] / peer["heldout_ppl"],
+                "mask_agreement": row["mask_agreement"]["llm-compressor"]["all"],
             }
     return out
 
@@ -387,6 +472,8 @@ def markdown(doc: dict) -> str:
                 f"{ev['block_linear_sparsity']:.3f} | {wall:.0f} | {rss:.2f} | {step:.0f} | "
                 f"{'' if agree is None else f'{100 * agree:.2f} %'} |"
             )
+        for label, why in row.get("failed", {}).items():
+            lines.append(f"| {rid} | {label} | failed: {why.split(': ', 1)[-1][:120]} |||||||")
     return "\n".join(lines)
 
 

@@ -52,10 +52,13 @@ def test_fed_ids_are_layerprunes_windows(fixture_lm, ids_mod, tmp_path):
     finally:
         tap.close()
     assert ids_mod.fingerprint(tap.unique_rows()) == written
-    # other windows (one token changed) do not pass for the same
+    # a loader that reorders the windows feeds the same set; other windows (one token changed) are not it
+    assert ids_mod.set_fingerprint(ids.flip(0)) == ids_mod.set_fingerprint(ids) == meta["set_fingerprint"]
+    assert ids_mod.fingerprint(ids.flip(0)) != written
     other = windows.input_ids.clone()
     other[2, 7] = (other[2, 7] + 1) % 100
     assert ids_mod.fingerprint(other) != written
+    assert ids_mod.set_fingerprint(other) != meta["set_fingerprint"]
 
 
 def test_changed_ids_file_is_refused(fixture_lm, ids_mod, tmp_path):

@@ -21,6 +21,14 @@ def fingerprint(ids) -> str:
     return h.hexdigest()[:16]
 
 
+def set_fingerprint(ids) -> str:
+    """The fingerprint of the windows as a set: rows sorted first. A tool's data loader may reorder the
+    windows (llm-compressor's does), which changes nothing a calibration sums over."""
+    t = torch.as_tensor(ids).to(torch.int64)
+    rows = sorted(tuple(r) for r in t.tolist())
+    return fingerprint(torch.tensor(rows, dtype=torch.int64).reshape(t.shape))
+
+
 def save_ids(ids: torch.Tensor, protocol: dict, path: Path) -> str:
     """ids [n, seqlen] and layerprune's protocol of them to `path` (.pt) and `path`.json."""
     path = Path(path)
@@ -29,7 +37,12 @@ def save_ids(ids: torch.Tensor, protocol: dict, path: Path) -> str:
     tmp = path.with_suffix(".tmp")
     torch.save(ids, tmp)
     tmp.replace(path)
-    meta = {"shape": list(ids.shape), "fingerprint": fp, "protocol": protocol}
+    meta = {
+        "shape": list(ids.shape),
+        "fingerprint": fp,
+        "set_fingerprint": set_fingerprint(ids),
+        "protocol": protocol,
+    }
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return fp
 
@@ -44,6 +57,15 @@ def load_ids(path: Path) -> tuple[torch.Tensor, dict]:
             f"{path}: token ids changed since they were written; rerun bench/peers.py, which writes them anew"
         )
     return ids, meta
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far (VmHWM, bytes; Linux), read between the phases."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    return -1
 
 
 class EmbeddingTap:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from ids import EmbeddingTap, fingerprint, load_ids  # noqa: E402
+from ids import EmbeddingTap, fingerprint, load_ids, peak_rss, set_fingerprint  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from llmcompressor.modifiers.pruning import MagnitudePruningModifier, WandaPruningModifier  # noqa: E402
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier  # noqa: E402
@@ -83,6 +83,7 @@ def main() -> None:
     n, seqlen = ids.shape
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seqlen] * n})
     loaded = time.perf_counter() - t
+    rss = {"after_load": peak_rss()}
 
     tap = EmbeddingTap(model.get_input_embeddings())
     t = time.perf_counter()
@@ -98,6 +99,7 @@ def main() -> None:
     oneshot(model=model, recipe=[recipe(a)], **kwargs)
     step = time.perf_counter() - t
     tap.close()
+    rss["after_step"] = peak_rss()
 
     t = time.perf_counter()
     out = Path(a.out)
@@ -108,6 +110,7 @@ def main() -> None:
         if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
             shutil.copy(f, out / f.name)
     saved = time.perf_counter() - t
+    rss["after_save"] = peak_rss()
     fed = tap.unique_rows()
     result = {
         "tool": "llm-compressor",
@@ -115,8 +118,11 @@ def main() -> None:
         "load_s": loaded,
         "step_s": step,
         "save_s": saved,
+        "peak_rss_by_phase": rss,
         "fed_fingerprint": fingerprint(fed) if fed.numel() else None,
         "ids_fingerprint": meta["fingerprint"],
+        "fed_set_fingerprint": set_fingerprint(fed) if fed.numel() else None,
+        "ids_set_fingerprint": meta["set_fingerprint"],
     }
     Path(a.result).write_text(json.dumps(result, indent=1))
 

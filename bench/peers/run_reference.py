@@ -1,0 +1,136 @@
+"""The Wanda paper's reference loop (locuslab/wanda, `prune_wanda`), re-expressed on plain transformers
+layers: a third implementation of the same algorithm, to tell an input choice from rounding.
+
+    python bench/peers/run_reference.py --model DIR --ids ids.pt --out OUT --result R.json --sparsity S
+
+What the reference does, step by step (read from its code, written anew here):
+- the inputs of block 0 are captured once; every block then runs sample by sample (batch 1) with the
+  causal mask and rotary embeddings the model made;
+- block i: forward hooks on its linear layers accumulate the running mean of ||x_j||^2 per input
+  column (`scaler_row`), on the *dense* block, whose inputs are the outputs of the already *pruned*
+  blocks before it; then each layer's score |W| * sqrt(scaler_row) is sorted per output row (stable)
+  and the lowest int(in * S) are zeroed;
+- the block is run again, now pruned, and its outputs become block i+1's inputs.
+Only torch and transformers are used; no layerprune code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from ids import EmbeddingTap, fingerprint, load_ids, peak_rss, set_fingerprint  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+
+class Catch(Exception):
+    pass
+
+
+@torch.no_grad()
+def prune_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
+    layers = model.model.layers
+    captured = []
+
+    def catch(_module, args, kwargs):  # block 0's inputs, and what the model passes every block
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+        raise Catch
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for j in range(len(ids)):
+        with contextlib.suppress(Catch):
+            model(input_ids=ids[j : j + 1], use_cache=False)
+    handle.remove()
+    inps = [h for h, _ in captured]
+    extras = [{k: v for k, v in kw.items() if k != "hidden_states"} for _, kw in captured]
+
+    for layer in layers:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        scaler = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+        count = dict.fromkeys(linears, 0)
+
+        def hook(name, scaler=scaler, count=count):
+            def add(_m, args, _out):
+                x = args[0].reshape(-1, args[0].shape[-1]).t().float()
+                batch = 1  # the reference counts samples, not tokens
+                scaler[name] *= count[name] / (count[name] + batch)
+                count[name] += batch
+                scaler[name] += torch.norm(x, p=2, dim=1) ** 2 / count[name]
+
+            return add
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+        for h, kw in zip(inps, extras):
+            layer(h, **kw)
+        for h in handles:
+            h.remove()
+        for n, m in linears.items():
+            W = m.weight.data
+            score = W.abs() * torch.sqrt(scaler[n].reshape(1, -1))
+            idx = torch.sort(score, dim=-1, stable=True)[1][:, : int(W.shape[1] * sparsity)]
+            W[torch.zeros_like(W, dtype=torch.bool).scatter_(1, idx, True)] = 0
+        outs = []
+        for h, kw in zip(inps, extras):
+            o = layer(h, **kw)
+            outs.append(o[0] if isinstance(o, tuple) else o)
+        inps = outs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ids", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--sparsity", type=float, required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    imported = time.perf_counter() - T0
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    ids, meta = load_ids(Path(a.ids))
+    loaded = time.perf_counter() - t
+    rss = {"after_load": peak_rss()}
+    tap = EmbeddingTap(model.get_input_embeddings())
+    t = time.perf_counter()
+    prune_wanda(model, ids, a.sparsity)
+    step = time.perf_counter() - t
+    tap.close()
+    rss["after_step"] = peak_rss()
+    t = time.perf_counter()
+    out = Path(a.out)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    saved = time.perf_counter() - t
+    rss["after_save"] = peak_rss()
+    fed = tap.unique_rows()
+    result = {
+        "tool": "reference loop",
+        "import_s": imported,
+        "load_s": loaded,
+        "step_s": step,
+        "save_s": saved,
+        "peak_rss_by_phase": rss,
+        "fed_fingerprint": fingerprint(fed) if fed.numel() else None,
+        "ids_fingerprint": meta["fingerprint"],
+        "fed_set_fingerprint": set_fingerprint(fed) if fed.numel() else None,
+        "ids_set_fingerprint": meta["set_fingerprint"],
+    }
+    Path(a.result).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
