@@ -183,8 +183,17 @@ def run_tool(
         raise RuntimeError(f"{tool} {' '.join(args)} exited {code}: {' | '.join(tail)} (log {log})")
     row = json.loads(result.read_text())
     row.update(
-        wall_s=wall, peak_rss_bytes=usage.ru_maxrss * 1024, user_s=usage.ru_utime, sys_s=usage.ru_stime
+        wall_s=wall, ru_maxrss_bytes=usage.ru_maxrss * 1024, user_s=usage.ru_utime, sys_s=usage.ru_stime
     )
+    return with_peak(row)
+
+
+def with_peak(row: dict) -> dict:
+    """Peak RSS of the tool's process = its own VmHWM, read by the runner as it ends. (wait4's ru_maxrss
+    is not it: a forked child starts with the parent's resident image, and this driver holds the models
+    it evaluates, so every child would report the driver's 3.5 GB.)"""
+    phases = row.get("peak_rss_by_phase")
+    row["peak_rss_bytes"] = max(phases.values()) if phases else row["ru_maxrss_bytes"]
     return row
 
 
@@ -273,7 +282,7 @@ def main() -> None:
     ap.add_argument("-o", "--output", type=Path, default=RESULTS)
     a = ap.parse_args()
 
-    doc = json.loads(a.output.read_text()) if a.output.exists() else {}
+    doc = reread(json.loads(a.output.read_text())) if a.output.exists() else {}
     if a.markdown:
         print(markdown(doc))
         return
@@ -397,16 +406,34 @@ def run_row(rid: str, pythons: dict, model: Path, ids: Path, prints: tuple[str, 
                 for y in labels[k + 1 :]
             }
     if rid in TIMED and "llm-compressor" in runs:
-        peer = runs["llm-compressor"]
-        result["ratios"] = {
-            f"{key} {lb} / llm-compressor": spread([x[key] / y[key] for x, y in zip(rs, peer)])
-            for lb, rs in runs.items()
-            if lb.startswith("layerprune")
-            for key in ("wall_s", "peak_rss_bytes", "step_s")
-        }
+        result["ratios"] = ratios(runs)
     for out in outs.values():  # 0.5 GB each; the numbers are what is kept
         shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def ratios(runs: dict) -> dict:
+    """layerprune / llm-compressor per interleaved pair of runs: median and spread."""
+    peer = runs["llm-compressor"]
+    return {
+        f"{key} {lb} / llm-compressor": spread([x[key] / y[key] for x, y in zip(rs, peer)])
+        for lb, rs in runs.items()
+        if lb.startswith("layerprune")
+        for key in ("wall_s", "peak_rss_bytes", "step_s")
+    }
+
+
+def reread(doc: dict) -> dict:
+    """Rows written before peak RSS was read from each process's own VmHWM: recompute it and the ratios."""
+    for row in doc.get("rows", {}).values():
+        for rs in row["runs"].values():
+            for r in rs:
+                r.setdefault("ru_maxrss_bytes", r["peak_rss_bytes"])
+                with_peak(r)
+        if "ratios" in row:
+            row["ratios"] = ratios(row["runs"])
+    doc["summary"] = summary(doc.get("rows", {}))
+    return doc
 
 
 def done_run(out: Path, args: list[str], keep: bool) -> dict | None:

@@ -50,9 +50,12 @@ def recipe(a):
             dampening_frac=0.01,
             **owl,
         )
-    if a.method == "magnitude":  # its data-free modifier: every linear weight of the decoder layers
+    if a.method == "magnitude":
+        # its data-free modifier on every linear of the decoder layers (targets are module names). It is a
+        # training-time modifier: the masks reach the weights at optimizer steps (OPTIM_POST_STEP), which
+        # oneshot has none of; the bench records what comes out.
         return MagnitudePruningModifier(
-            targets=[r"re:model.layers.\d+\..*(proj)\.weight$"],
+            targets=[r"re:model\.layers\.\d+\..*_proj$"],
             init_sparsity=a.sparsity,
             final_sparsity=a.sparsity,
             start=0,

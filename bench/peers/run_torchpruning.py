@@ -19,8 +19,13 @@ from pathlib import Path
 
 T0 = time.perf_counter()
 
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import torch  # noqa: E402
 import torch_pruning as tp  # noqa: E402
+from ids import peak_rss  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 
@@ -96,9 +101,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     dense_blocks = block_params(model)
     loaded = time.perf_counter() - t
+    rss = {"after_load": peak_rss()}
     t = time.perf_counter()
     prune(model, tokenizer, a.ratio[0])
     step = time.perf_counter() - t
+    rss["after_step"] = peak_rss()
     t = time.perf_counter()
     out = Path(a.out)
     if out.exists():
@@ -106,12 +113,14 @@ def main() -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     saved = time.perf_counter() - t
+    rss["after_save"] = peak_rss()
     result = {
         "tool": "torch-pruning",
         "import_s": imported,
         "load_s": loaded,
         "step_s": step,
         "save_s": saved,
+        "peak_rss_by_phase": rss,
         "ratio": a.ratio[0],
         "block_fraction_removed": 1 - block_params(model) / dense_blocks,
         "config": {
