@@ -99,6 +99,11 @@ ROWS = {
         ("llm-compressor", "llm-compressor", ["--method", "wanda", "--sparsity", "0.5"]),
         ("reference loop", "reference", ["--sparsity", "0.5"]),
     ],
+    "sparsegpt-50-reference": [
+        ("layerprune", "layerprune", ["--pruner", "sparsegpt", "--sparsity", "0.5"]),
+        ("llm-compressor", "llm-compressor", ["--method", "sparsegpt", "--sparsity", "0.5"]),
+        ("reference loop", "reference", ["--method", "sparsegpt", "--sparsity", "0.5"]),
+    ],
     "width-20": [  # layerprune's widths are set from what Torch-Pruning removed (same block parameters)
         ("torch-pruning", "torch-pruning", ["--ratio", str(TP_RATIO)]),
         ("layerprune wanda-sp", "layerprune", ["--pruner", "wanda-sp", "--width", "TP"]),
@@ -398,7 +403,7 @@ def run_row(rid: str, pythons: dict, model: Path, ids: Path, prints: tuple[str, 
             twin = "layerprune" + lb[len(lb.split(" ")[0]) :]
             twin = twin if twin in outs and twin != lb else ours[0]
             result["mask_agreement"][lb] = {"with": twin, **agreement(tensors(outs[twin]), tensors(outs[lb]))}
-        if rid == "wanda-50-reference":  # every pair, and where along the depth they part
+        if rid.endswith("-reference"):  # every pair, and where along the depth they part
             labels = list(outs)
             result["pairs"] = {
                 f"{x} | {y}": by_block(tensors(outs[x]), tensors(outs[y]))

@@ -1,7 +1,9 @@
-"""The Wanda paper's reference loop (locuslab/wanda, `prune_wanda`), re-expressed on plain transformers
-layers: a third implementation of the same algorithm, to tell an input choice from rounding.
+"""The papers' reference loops (locuslab/wanda `prune_wanda`, IST-DASLab/sparsegpt `llama_sequential`
+and `SparseGPT.fasterprune`), re-expressed on plain transformers layers: a third implementation of the
+same algorithms, to tell an input choice from rounding.
 
     python bench/peers/run_reference.py --model DIR --ids ids.pt --out OUT --result R.json --sparsity S
+        [--method wanda|sparsegpt]
 
 What the reference does, step by step (read from its code, written anew here):
 - the inputs of block 0 are captured once; every block then runs sample by sample (batch 1) with the
@@ -11,7 +13,11 @@ What the reference does, step by step (read from its code, written anew here):
   blocks before it; then each layer's score |W| * sqrt(scaler_row) is sorted per output row (stable)
   and the lowest int(in * S) are zeroed;
 - the block is run again, now pruned, and its outputs become block i+1's inputs.
-Only torch and transformers are used; no layerprune code.
+SparseGPT's loop is the same walk; its hooks accumulate H = 2/n * sum x x^T (n counted in samples,
+running mean), and each layer is then solved column block by column block (128): dead columns zeroed,
+1 % of mean(diag H) added, U = chol(H^-1) upper; in each block the mask takes the weights with
+w^2 / U_jj^2 <= the int(numel * S)-th smallest, and each column's error is spread over the columns after
+it. Only torch and transformers are used; no layerprune code.
 """
 
 from __future__ import annotations
@@ -36,8 +42,38 @@ class Catch(Exception):
     pass
 
 
+def fasterprune(
+    W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128, percdamp: float = 0.01
+):
+    W = W.clone().float()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H[range(cols), range(cols)] += percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+        mask1 = tmp <= thresh
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
 @torch.no_grad()
-def prune_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
+def prune_sequential(model, ids: torch.Tensor, sparsity: float, method: str = "wanda") -> None:
     layers = model.model.layers
     captured = []
 
@@ -56,12 +92,23 @@ def prune_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
     for layer in layers:
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         scaler = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+        hessian = (
+            {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+            if method == "sparsegpt"
+            else {}
+        )
         count = dict.fromkeys(linears, 0)
 
-        def hook(name, scaler=scaler, count=count):
+        def hook(name, scaler=scaler, count=count, hessian=hessian):
             def add(_m, args, _out):
                 x = args[0].reshape(-1, args[0].shape[-1]).t().float()
-                batch = 1  # the reference counts samples, not tokens
+                batch = 1  # the references count samples, not tokens
+                if method == "sparsegpt":
+                    hessian[name] *= count[name] / (count[name] + batch)
+                    count[name] += batch
+                    x = (2 / count[name]) ** 0.5 * x
+                    hessian[name] += x.matmul(x.t())
+                    return
                 scaler[name] *= count[name] / (count[name] + batch)
                 count[name] += batch
                 scaler[name] += torch.norm(x, p=2, dim=1) ** 2 / count[name]
@@ -75,6 +122,9 @@ def prune_wanda(model, ids: torch.Tensor, sparsity: float) -> None:
             h.remove()
         for n, m in linears.items():
             W = m.weight.data
+            if method == "sparsegpt":
+                W.copy_(fasterprune(W, hessian.pop(n), sparsity).to(W.dtype))
+                continue
             score = W.abs() * torch.sqrt(scaler[n].reshape(1, -1))
             idx = torch.sort(score, dim=-1, stable=True)[1][:, : int(W.shape[1] * sparsity)]
             W[torch.zeros_like(W, dtype=torch.bool).scatter_(1, idx, True)] = 0
@@ -92,6 +142,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--result", required=True)
     ap.add_argument("--sparsity", type=float, required=True)
+    ap.add_argument("--method", default="wanda", choices=("wanda", "sparsegpt"))
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -104,7 +155,7 @@ def main() -> None:
     rss = {"after_load": peak_rss()}
     tap = EmbeddingTap(model.get_input_embeddings())
     t = time.perf_counter()
-    prune_wanda(model, ids, a.sparsity)
+    prune_sequential(model, ids, a.sparsity, a.method)
     step = time.perf_counter() - t
     tap.close()
     rss["after_step"] = peak_rss()
