@@ -505,7 +505,8 @@ def markdown(doc: dict) -> str:
                 f"{'' if agree is None else f'{100 * agree:.2f} %'} |"
             )
         for label, why in row.get("failed", {}).items():
-            lines.append(f"| {rid} | {label} | failed: {why.split(': ', 1)[-1][:120]} |||||||")
+            last = why.split(" (log ")[0].rsplit(" | ", 1)[-1]
+            lines.append(f"| {rid} | {label} | failed: `{last[:100]}` |||||||")
     return "\n".join(lines)
 
 

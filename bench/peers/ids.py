@@ -7,8 +7,10 @@ peer's model actually received (captured at its embedding layer) can be compared
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -91,3 +93,59 @@ class EmbeddingTap:
                 seen.add(key)
                 out.append(r)
         return torch.stack(out) if out else torch.empty(0, 0, dtype=torch.int64)
+
+
+def runner_parser(with_ids: bool = True):
+    """The arguments every runner takes from the driver (its own are added after)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    if with_ids:
+        ap.add_argument("--ids", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--result", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def save_hf(model, tokenizer, out) -> None:
+    """A plain save_pretrained folder (replaced if there), with the tokenizer."""
+    import shutil
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+class Phases:
+    """A runner's phases (load, step, save): the time of each, the peak RSS after each, and the result
+    record the driver reads, with the fingerprints of what the model's embedding was fed."""
+
+    def __init__(self, started: float):
+        self.record: dict = {"import_s": time.perf_counter() - started}
+        self.rss: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.record[f"{name}_s"] = time.perf_counter() - t
+        self.rss[f"after_{name}"] = peak_rss()
+
+    def write(
+        self, path, tool: str, tap: EmbeddingTap | None = None, meta: dict | None = None, **extra
+    ) -> None:
+        out = {"tool": tool, **self.record, "peak_rss_by_phase": self.rss}
+        if tap is not None:
+            fed = tap.unique_rows()
+            out.update(
+                fed_fingerprint=fingerprint(fed) if fed.numel() else None,
+                fed_set_fingerprint=set_fingerprint(fed) if fed.numel() else None,
+                ids_fingerprint=meta["fingerprint"],
+                ids_set_fingerprint=meta["set_fingerprint"],
+            )
+        out.update(extra)
+        Path(path).write_text(json.dumps(out, indent=1))

@@ -12,8 +12,6 @@ dampening 1 % (the paper's and our defaults). The model is saved uncompressed (d
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import time
@@ -24,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from ids import EmbeddingTap, fingerprint, load_ids, peak_rss, set_fingerprint  # noqa: E402
+from ids import EmbeddingTap, Phases, load_ids, runner_parser  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from llmcompressor.modifiers.pruning import MagnitudePruningModifier, WandaPruningModifier  # noqa: E402
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier  # noqa: E402
@@ -66,30 +64,20 @@ def recipe(a):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--ids", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--result", required=True)
+    ap = runner_parser()
     ap.add_argument("--method", required=True)
     ap.add_argument("--sparsity", type=float, required=True)
     ap.add_argument("--nm")
     ap.add_argument("--owl")
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    imported = time.perf_counter() - T0
-
-    t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    ids, meta = load_ids(Path(a.ids))
-    n, seqlen = ids.shape
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seqlen] * n})
-    loaded = time.perf_counter() - t
-    rss = {"after_load": peak_rss()}
-
+    ph = Phases(T0)
+    with ph.phase("load"):
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        ids, meta = load_ids(Path(a.ids))
+        n, seqlen = ids.shape
+        data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seqlen] * n})
     tap = EmbeddingTap(model.get_input_embeddings())
-    t = time.perf_counter()
     kwargs = {}
     if a.method != "magnitude":
         kwargs = dict(
@@ -99,35 +87,18 @@ def main() -> None:
             shuffle_calibration_samples=False,
             batch_size=1,
         )
-    oneshot(model=model, recipe=[recipe(a)], **kwargs)
-    step = time.perf_counter() - t
+    with ph.phase("step"):
+        oneshot(model=model, recipe=[recipe(a)], **kwargs)
     tap.close()
-    rss["after_step"] = peak_rss()
-
-    t = time.perf_counter()
-    out = Path(a.out)
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out, save_compressed=False)
-    for f in Path(a.model).iterdir():  # the tokenizer, as the model folder had it
-        if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
-            shutil.copy(f, out / f.name)
-    saved = time.perf_counter() - t
-    rss["after_save"] = peak_rss()
-    fed = tap.unique_rows()
-    result = {
-        "tool": "llm-compressor",
-        "import_s": imported,
-        "load_s": loaded,
-        "step_s": step,
-        "save_s": saved,
-        "peak_rss_by_phase": rss,
-        "fed_fingerprint": fingerprint(fed) if fed.numel() else None,
-        "ids_fingerprint": meta["fingerprint"],
-        "fed_set_fingerprint": set_fingerprint(fed) if fed.numel() else None,
-        "ids_set_fingerprint": meta["set_fingerprint"],
-    }
-    Path(a.result).write_text(json.dumps(result, indent=1))
+    with ph.phase("save"):
+        out = Path(a.out)
+        if out.exists():
+            shutil.rmtree(out)
+        model.save_pretrained(out, save_compressed=False)
+        for f in Path(a.model).iterdir():  # the tokenizer, as the model folder had it
+            if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
+                shutil.copy(f, out / f.name)
+    ph.write(a.result, "llm-compressor", tap, meta)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,7 @@ it. Only torch and transformers are used; no layerprune code.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ T0 = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from ids import EmbeddingTap, fingerprint, load_ids, peak_rss, set_fingerprint  # noqa: E402
+from ids import EmbeddingTap, Phases, load_ids, runner_parser, save_hf  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 
@@ -136,51 +133,23 @@ def prune_sequential(model, ids: torch.Tensor, sparsity: float, method: str = "w
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--ids", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--result", required=True)
+    ap = runner_parser()
     ap.add_argument("--sparsity", type=float, required=True)
     ap.add_argument("--method", default="wanda", choices=("wanda", "sparsegpt"))
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    imported = time.perf_counter() - T0
-    t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    ids, meta = load_ids(Path(a.ids))
-    loaded = time.perf_counter() - t
-    rss = {"after_load": peak_rss()}
+    ph = Phases(T0)
+    with ph.phase("load"):
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+        ids, meta = load_ids(Path(a.ids))
     tap = EmbeddingTap(model.get_input_embeddings())
-    t = time.perf_counter()
-    prune_sequential(model, ids, a.sparsity, a.method)
-    step = time.perf_counter() - t
+    with ph.phase("step"):
+        prune_sequential(model, ids, a.sparsity, a.method)
     tap.close()
-    rss["after_step"] = peak_rss()
-    t = time.perf_counter()
-    out = Path(a.out)
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    saved = time.perf_counter() - t
-    rss["after_save"] = peak_rss()
-    fed = tap.unique_rows()
-    result = {
-        "tool": "reference loop",
-        "import_s": imported,
-        "load_s": loaded,
-        "step_s": step,
-        "save_s": saved,
-        "peak_rss_by_phase": rss,
-        "fed_fingerprint": fingerprint(fed) if fed.numel() else None,
-        "ids_fingerprint": meta["fingerprint"],
-        "fed_set_fingerprint": set_fingerprint(fed) if fed.numel() else None,
-        "ids_set_fingerprint": meta["set_fingerprint"],
-    }
-    Path(a.result).write_text(json.dumps(result, indent=1))
+    with ph.phase("save"):
+        save_hf(model, tokenizer, a.out)
+    ph.write(a.result, "reference loop", tap, meta)
 
 
 if __name__ == "__main__":

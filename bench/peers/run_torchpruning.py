@@ -11,9 +11,6 @@ pruned shapes as the example does, and the model saved with save_pretrained.
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch_pruning as tp  # noqa: E402
-from ids import peak_rss  # noqa: E402
+from ids import Phases, runner_parser, save_hf  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 
@@ -74,61 +71,28 @@ def prune(model, tokenizer, ratio: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--out")
-    ap.add_argument("--result", required=True)
-    ap.add_argument(
-        "--ratio", type=float, nargs="+", required=True, help="several: probe block parameters only"
-    )
-    ap.add_argument("--threads", type=int, default=2)
+    ap = runner_parser(with_ids=False)
+    ap.add_argument("--ratio", type=float, required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    imported = time.perf_counter() - T0
     tokenizer = AutoTokenizer.from_pretrained(a.model)
 
-    if len(a.ratio) > 1:  # the driver's probe: block parameters kept at each ratio
-        probe = {}
-        for r in a.ratio:
-            model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-            dense = block_params(model)
-            prune(model, tokenizer, r)
-            probe[str(r)] = {"block_fraction_removed": 1 - block_params(model) / dense}
-        Path(a.result).write_text(json.dumps(probe, indent=1))
-        return
-
-    t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    dense_blocks = block_params(model)
-    loaded = time.perf_counter() - t
-    rss = {"after_load": peak_rss()}
-    t = time.perf_counter()
-    prune(model, tokenizer, a.ratio[0])
-    step = time.perf_counter() - t
-    rss["after_step"] = peak_rss()
-    t = time.perf_counter()
-    out = Path(a.out)
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    saved = time.perf_counter() - t
-    rss["after_save"] = peak_rss()
-    result = {
-        "tool": "torch-pruning",
-        "import_s": imported,
-        "load_s": loaded,
-        "step_s": step,
-        "save_s": saved,
-        "peak_rss_by_phase": rss,
-        "ratio": a.ratio[0],
-        "block_fraction_removed": 1 - block_params(model) / dense_blocks,
-        "config": {
-            k: getattr(model.config, k)
-            for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-        },
-    }
-    Path(a.result).write_text(json.dumps(result, indent=1))
+    ph = Phases(T0)
+    with ph.phase("load"):
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+        dense_blocks = block_params(model)
+    with ph.phase("step"):
+        prune(model, tokenizer, a.ratio)
+    with ph.phase("save"):
+        save_hf(model, tokenizer, a.out)
+    keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    ph.write(
+        a.result,
+        "torch-pruning",
+        ratio=a.ratio,
+        block_fraction_removed=1 - block_params(model) / dense_blocks,
+        config={k: getattr(model.config, k) for k in keys},
+    )
 
 
 if __name__ == "__main__":
