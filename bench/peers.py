@@ -46,6 +46,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PEERS = {"llm-compressor": "llmcompressor", "torch-pruning": "torchpruning"}
 STREAM = "300MB"  # layerprune's --max-memory: the blocks stay on disk, one resident at a time
 TP_RATIO = 0.12  # Torch-Pruning's one ratio for channels, hidden size and heads: ~20 % of block parameters
+FALLBACK_WIDTH = 0.2  # layerprune's width where Torch-Pruning's run is skipped or failed
 
 # row id -> the runs it compares: (label, tool, runner arguments)
 ROWS = {
@@ -285,6 +286,13 @@ def main() -> None:
         "--markdown", action="store_true", help="print the README table from the results and stop"
     )
     ap.add_argument("-o", "--output", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="PEER=WHY",
+        help="leave a peer out of this run, recording why (e.g. it did not finish in an earlier attempt)",
+    )
     a = ap.parse_args()
 
     doc = reread(json.loads(a.output.read_text())) if a.output.exists() else {}
@@ -319,7 +327,12 @@ def main() -> None:
     }
     pythons = {"layerprune": Path(sys.executable), "reference": Path(sys.executable)}
     doc.setdefault("peers", {})
+    skip = dict(x.split("=", 1) for x in a.skip)
     for peer in PEERS:
+        if peer in skip:
+            doc["peers"][peer] = {"requirements": f"bench/peers/{PEERS[peer]}.txt", "skipped": skip[peer]}
+            print(f"skipping {peer}: {skip[peer]}", flush=True)
+            continue
         python, how = peer_python(peer)
         doc["peers"][peer] = {
             "requirements": f"bench/peers/{PEERS[peer]}.txt",
@@ -354,10 +367,9 @@ def run_row(rid: str, pythons: dict, model: Path, ids: Path, prints: tuple[str, 
         for label, tool, args in specs:
             out = WORK / "runs" / rid / f"{label.replace(' ', '_')}-r{r}"
             out.parent.mkdir(parents=True, exist_ok=True)
-            if "TP" in args:
-                if tp_fraction is None:
-                    raise SystemExit("width-20 needs the torch-pruning run first (its venv was not built)")
-                args = [str(round(tp_fraction, 6)) if x == "TP" else x for x in args]
+            if "TP" in args:  # Torch-Pruning's removed block parameters, or 20 % where it did not run
+                width = FALLBACK_WIDTH if tp_fraction is None else tp_fraction
+                args = [str(round(width, 6)) if x == "TP" else x for x in args]
             if label in failed:
                 continue
             print(f"{rid} run {r + 1}/{repeats}: {label}", flush=True)
@@ -504,6 +516,9 @@ def markdown(doc: dict) -> str:
                 f"{ev['block_linear_sparsity']:.3f} | {wall:.0f} | {rss:.2f} | {step:.0f} | "
                 f"{'' if agree is None else f'{100 * agree:.2f} %'} |"
             )
+        for label in row.get("skipped", []):
+            why = doc.get("peers", {}).get(label, {}).get("skipped", "not run")
+            lines.append(f"| {rid} | {label} | skipped: {why} |||||||")
         for label, why in row.get("failed", {}).items():
             last = why.split(" (log ")[0].rsplit(" | ", 1)[-1]
             lines.append(f"| {rid} | {label} | failed: `{last[:100]}` |||||||")
