@@ -68,6 +68,23 @@ ROWS = {
             ["--pruner", "sparsegpt", "--sparsity", "0.5", "--max-memory", STREAM],
         ),
     ],
+    # the streamed mode again, after it changed to malloc_trim per block (the rows above used a fixed mmap threshold)
+    "wanda-50-streamed": [
+        (
+            "layerprune streamed",
+            "layerprune",
+            ["--pruner", "wanda", "--sparsity", "0.5", "--max-memory", STREAM],
+        ),
+        ("llm-compressor", "llm-compressor", ["--method", "wanda", "--sparsity", "0.5"]),
+    ],
+    "sparsegpt-50-streamed": [
+        (
+            "layerprune streamed",
+            "layerprune",
+            ["--pruner", "sparsegpt", "--sparsity", "0.5", "--max-memory", STREAM],
+        ),
+        ("llm-compressor", "llm-compressor", ["--method", "sparsegpt", "--sparsity", "0.5"]),
+    ],
     "magnitude-50": [
         ("layerprune", "layerprune", ["--pruner", "magnitude", "--sparsity", "0.5"]),
         ("llm-compressor", "llm-compressor", ["--method", "magnitude", "--sparsity", "0.5"]),
@@ -111,7 +128,7 @@ ROWS = {
         ("layerprune magnitude-sp", "layerprune", ["--pruner", "magnitude-sp", "--width", "TP"]),
     ],
 }
-TIMED = ("wanda-50", "sparsegpt-50")
+TIMED = ("wanda-50", "sparsegpt-50", "wanda-50-streamed", "sparsegpt-50-streamed")
 RUNNERS = {
     "layerprune": HERE / "peers" / "run_layerprune.py",
     "llm-compressor": HERE / "peers" / "run_llmcompressor.py",
