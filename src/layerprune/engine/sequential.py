@@ -106,7 +106,7 @@ class LayerInputs:
 
     Inside `batch()`, the forward stops as soon as every hooked layer has had its input: the block's
     output of a calibration pass is never used, so the last layer's matmul (the MLP's down
-    projection in a Llama block: a fifth of the block's linear work) and what follows it are not
+    projection in a Llama block: a quarter of the block's linear work) and what follows it are not
     computed. A layer called again after that point would be missed, so a block whose layers do not
     all run in a batch (an MoE with experts no token chose) simply runs to its end."""
 
