@@ -8,6 +8,7 @@
     lp.apply(lm, plan)                                 # checked against the model, pruned in place
     lp.recover(lm, "fixture:train", steps=200)         # LoRA (peft), merged back; method="full": CPT
     lp.export(lm, "pruned/", plan)                     # a standard checkpoint, written atomically
+    lp.export_gguf("pruned/", "pruned.gguf")           # GGUF for llama.cpp, by llama.cpp's converter
     lp.perplexity(lm, "fixture:test", seqlen=128).ppl
 
 The folders show the pipeline: scorers/, planners/, pruners/, evaluation/, reports/; the verbs above
@@ -25,6 +26,7 @@ _LAZY = {
     "apply": "layerprune.api",
     "recover": "layerprune.recovery",
     "export": "layerprune.checkpoint",
+    "export_gguf": "layerprune.api",
     "perplexity": "layerprune.evaluation.perplexity",
     "report": "layerprune.reports.compare",
     # the types a user keeps or passes

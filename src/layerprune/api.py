@@ -23,7 +23,7 @@ from .models.loading import LoadedModel, load
 from .plans import DepthPlan, Plan, SparsityPlan, WidthPlan
 from .scorers.base import Scores
 
-__all__ = ["load", "calibration", "score", "plan", "apply", "export", "perplexity", "info"]
+__all__ = ["load", "calibration", "score", "plan", "apply", "export", "export_gguf", "perplexity", "info"]
 
 
 def score(
@@ -227,6 +227,7 @@ def _plan_width(lm, width, scores, calib, progress, options) -> WidthPlan:
     options = accepted(make_plan, options, "a width plan", generic=("batch_size",))
     search_keys = (
         "allocation", "p_min", "p_max", "operators", "llm", "log", "store", "fitness_samples", "fitness_seqlen",
+        "deploy", "channel_multiple", "pruner",
     )  # fmt: skip
     check_request(width, **{k: options[k] for k in search_keys if k in options})
     if not isinstance(lm, LoadedModel):
@@ -318,6 +319,21 @@ def _plan_windows(lm, plan: SparsityPlan | WidthPlan, calib) -> Windows | None:
             f"the plan records no calibration for {plan.pruner}; re-make it with `layerprune plan`"
         )
     return windows_from_protocol(lm, plan.calibration, calib, what="the plan")
+
+
+def export_gguf(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    outtype: str = "f32",
+    converter: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a model folder (what `export` wrote) to GGUF with llama.cpp's own converter:
+    depth-pruned and uniform-width models as their architecture, DeciLM ones as `deci`."""
+    from .models.llamacpp import to_gguf
+
+    return to_gguf(model_dir, out, outtype=outtype, converter=converter, overwrite=overwrite)
 
 
 def info(lm: LoadedModel) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .io import atomic_dir, atomic_write_json, check_output_outside
+from .models.decilm import DEPLOY_KEY, config_dict
 from .models.gguf import SOURCE_FILE
 from .plans import Plan
 from .provenance import stamp
@@ -46,6 +47,8 @@ def export(
                 state[k] = converted[key]
             model.config.dtype = dtype
             model.save_pretrained(tmp, state_dict=state)
+            if getattr(model.config, DEPLOY_KEY, None) == "decilm":  # per-block widths the engines load
+                atomic_write_json(tmp / "config.json", config_dict(lm.adapter, dtype))
         lm.tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp / "plan.json")

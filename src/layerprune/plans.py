@@ -237,30 +237,70 @@ class SparsityPlan(Plan):
 
 @dataclass(kw_only=True)
 class WidthPlan(Plan):
-    """Per block, the fraction of attention heads (in whole KV groups) and of MLP channels removed."""
+    """Per block, the fraction of attention heads (in whole KV groups) and of MLP channels removed.
+
+    `deploy` ("decilm"): the plan keeps to what the DeciLM / Nemotron-NAS format carries
+    (`models/width.py` `Deployable`): an attention rate is 0 or 1 (removed whole, never in block 0),
+    MLP channels are kept in multiples of `channel_multiple`, and an MLP rate of 1 (with an attention
+    rate of 1) deletes the block."""
 
     kind: ClassVar[str] = "width"
     attn: list[float]
     mlp: list[float]
     pruner: str = "wanda-sp"
+    deploy: str | None = None
+    channel_multiple: int | None = None
 
     def validate(self, where: str = "plan") -> None:
         super().validate(where)
         L = self.num_blocks
+        if self.deploy not in (None, "decilm"):
+            raise LayerpruneError(f'{where}: deploy is {self.deploy!r}; use "decilm" or null')
+        m = self.channel_multiple
+        if self.deploy and (isinstance(m, bool) or not isinstance(m, int) or m < 256 or m % 256):
+            raise LayerpruneError(
+                f"{where}: channel_multiple {m!r} must be a multiple of 256 (DeciLM widths come from "
+                "ffn_mult rounded up to a multiple of 256)"
+            )
+        top = 1 if self.deploy else 1 - 1e-12
         for part in ("attn", "mlp"):
             rates = getattr(self, part)
             if not isinstance(rates, list) or len(rates) != L:
                 raise LayerpruneError(f"{where}: '{part}' must list one rate per block ({L})")
             for i, r in enumerate(rates):
-                if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+                if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= top:
                     raise LayerpruneError(
-                        f"{where}: {part} rate of block {i} is {r!r}; each must be in [0, 1)"
+                        f"{where}: {part} rate of block {i} is {r!r}; each must be in "
+                        + ("[0, 1]" if self.deploy else "[0, 1)")
+                    )
+        if self.deploy:
+            for i, (a, r) in enumerate(zip(self.attn, self.mlp)):
+                if a not in (0, 1):
+                    raise LayerpruneError(
+                        f"{where}: a deployable plan keeps or removes attention whole: block {i}'s rate is {a}, use 0 or 1"
+                    )
+                if a and i == 0:
+                    raise LayerpruneError(
+                        f"{where}: a deployable plan never removes block 0's attention; set it to 0"
+                    )
+                if r == 1 and not a:
+                    raise LayerpruneError(
+                        f"{where}: block {i} removes its MLP but keeps its attention, which llama.cpp's deci "
+                        "runtime computes wrongly; remove both (the block) or keep some MLP channels"
                     )
 
     def check(self, lm, where: str = "plan") -> None:
-        super().check(lm, where)
+        super().check(lm, where)  # deployable plans: the architecture is checked where they are applied
         for i, (a, m) in enumerate(zip(self.attn, self.mlp)):
             groups, channels = lm.adapter.width_units(i)
+            if self.deploy:
+                kept = channels - round(m * channels)
+                if kept and kept % self.channel_multiple:
+                    raise LayerpruneError(
+                        f"{where}: block {i} keeps {kept} MLP channels, not a multiple of {self.channel_multiple}; "
+                        "re-make the plan with --deploy decilm"
+                    )
+                continue
             if round(a * groups) >= groups:
                 raise LayerpruneError(
                     f"{where}: an attention rate of {a} removes all {groups} KV groups of block {i}; keep at "

@@ -13,10 +13,10 @@ import argparse
 import sys
 
 from ..errors import LayerpruneError
-from . import apply, demo, evaluate, info, plan, recover, report, score, spread
+from . import apply, demo, evaluate, export, info, plan, recover, report, score, spread
 from .common import Parser
 
-SUBCOMMANDS = (info, evaluate, score, plan, apply, recover, demo, report)  # the order of --help
+SUBCOMMANDS = (info, evaluate, score, plan, apply, recover, export, demo, report)  # the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:

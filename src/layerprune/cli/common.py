@@ -182,6 +182,19 @@ def _searches(p) -> None:
         help="fraction of the blocks' prunable parameters to remove, in (0, 1)",
     )
     g.add_argument(
+        "--deploy",
+        choices=("decilm",),
+        default=None,
+        help="keep every block to what DeciLM / Nemotron-NAS carries (vLLM, llama.cpp, mlx-lm load it): "
+        "attention whole or removed, MLP widths in multiples of --channel-multiple",
+    )
+    g.add_argument(
+        "--channel-multiple",
+        type=int,
+        default=None,
+        help="with --deploy: MLP channels are kept in multiples of this (default 256; a multiple of 256)",
+    )
+    g.add_argument(
         "--operators",
         choices=("classic", "llm"),
         default=None,

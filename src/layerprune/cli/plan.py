@@ -29,7 +29,7 @@ PLAN_OPTIONS = (
     "lower_bound", "filter_zeros", "hyper_m", "batch_size", "store", "operators", "population", "crossovers",
     "mutations", "iterations", "p_min", "p_max", "log", "fitness_samples", "fitness_seqlen",
     "granularity", "levels", "max_levels", "levels_db", "levels_inputs", "fitness", "generations", "offspring", "survivors",
-    "random_initial", "seed_scores", "unit",
+    "random_initial", "seed_scores", "unit", "deploy", "channel_multiple",
 )  # fmt: skip
 
 

@@ -104,8 +104,16 @@ class ModelAdapter:
         return list(self.spec.linears)
 
     def linears(self, i: int) -> dict[str, nn.Module]:
+        """Block i's linear layers by role; those of a part replaced by a no-op are absent."""
         block = self.blocks[i]
-        return {role: get_module(block, path) for role, path in self.spec.linears.items()}
+        out = {}
+        for role, path in self.spec.linears.items():
+            try:
+                out[role] = get_module(block, path)
+            except AttributeError:
+                if not any(isinstance(m, ZeroBranch) for m in block.modules()):
+                    raise
+        return out
 
     def layer_names(self) -> list[str]:
         """'block.role' for every prunable linear layer, block order then role order (q,k,v,o,...)."""

@@ -103,7 +103,16 @@ def load_config(name: str, quiet: bool = False):
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    source, _ = resolve(name, quiet=quiet)
+    source, path = resolve(name, quiet=quiet)
+    if path is not None and (path / "config.json").is_file():
+        from ..io import read_json
+        from .decilm import MODEL_TYPE, llama_config
+
+        doc = read_json(path / "config.json", "config", "save_pretrained")
+        if doc.get("model_type") == MODEL_TYPE:  # DeciLM / Nemotron-NAS: read natively, no remote code
+            config = llama_config(doc, f"{name}/config.json")
+            spec_for(config)
+            return config
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -205,7 +214,7 @@ def load(
     from .offload import parse_size
 
     max_memory = parse_size(max_memory)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if quiet:
@@ -222,13 +231,17 @@ def load(
         if offloaded is not None:
             return offloaded
     try:
-        if getattr(config, "layerprune_block_configs", None):  # width-pruned, shapes differ per block
+        if getattr(config, "layerprune_deploy", None) == "decilm":
+            from .decilm import load_model
+
+            model = load_model(source, config, dtype)
+        elif getattr(config, "layerprune_block_configs", None):  # width-pruned, shapes differ per block
             from .shrink import load_shrunk
 
             model = load_shrunk(source, config, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = _tokenizer(source, config)
     except OSError as e:
         raise LayerpruneError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
@@ -237,6 +250,25 @@ def load(
     return LoadedModel(
         name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config), origin=source_of(path)
     )
+
+
+def _tokenizer(source: str, config):
+    """The tokenizer; never remote code. For a DeciLM checkpoint transformers reads its config.json
+    as a generic config first and warns that it is one (and of its rope_scaling key): silenced."""
+    import contextlib
+    import warnings
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    quiet = getattr(config, "layerprune_deploy", None) == "decilm"
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        if quiet:
+            warnings.simplefilter("ignore", FutureWarning)
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            stack.callback(hf_logging.set_verbosity, level)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def _silence_removed_parts(adapter: ModelAdapter) -> None:
@@ -254,7 +286,7 @@ def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> Lo
 
     from .offload import checkpoint_bytes, load_offloaded
 
-    if getattr(config, "layerprune_block_configs", None):
+    if getattr(config, "layerprune_block_configs", None) or getattr(config, "layerprune_deploy", None):
         raise LayerpruneError(f"{name} was width-pruned (per-block shapes); load it without --max-memory")
     if path is None:  # a hub id: its files, fetched once into the hub cache
         from huggingface_hub import snapshot_download
@@ -268,7 +300,7 @@ def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> Lo
         return None
     model, adapter, _ = load_offloaded(path, config, device, compute, max_memory, sizes)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except OSError as e:
         raise LayerpruneError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}") from None
     _silence_removed_parts(adapter)

@@ -151,6 +151,131 @@ def achieved(decision: list[tuple[int, int]], blocks: list[BlockBudget]) -> list
     return [(g * b.group_params + c * b.channel_params) / b.params for (g, c), b in zip(decision, blocks)]
 
 
+# ---- deployable decisions (--deploy decilm) ---------------------------------------------------------
+# A deployable plan may miss its target by at most this fraction of the blocks' prunable parameters.
+DEPLOY_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class Deployable:
+    """What a per-block serving format can carry (DeciLM / Nemotron-NAS: `models/decilm.py`).
+
+    Per block: attention kept whole or removed whole (never in block 0: the first block's attention
+    is what fills the residual stream), query heads unchanged; MLP channels kept in multiples of
+    `channel_multiple`, or the whole MLP removed together with the attention (the block is then
+    deleted). An MLP removed under a kept attention is not offered: llama.cpp's `deci` runtime
+    then drops the attention's output too (src/models/deci.cpp: a block with n_ff == 0 `continue`s
+    before the residual add).
+
+    A rate becomes the option whose removed parameters are nearest to it, counted in MLP steps
+    (`channel_multiple` channels); among options equally near, the one whose removed units the
+    structured scores rate lowest (a whole attention against MLP channels of the same cost); then,
+    when a target is given, blocks move one option at a time, those furthest below (above) their
+    own rate first (then the one whose scores change least), while that brings the total nearer
+    the target."""
+
+    channel_multiple: int = 256
+
+    def options(self, i: int, b: BlockBudget) -> list[tuple[int, int]]:
+        """(groups removed, channels removed) that block i may take, by removed parameters."""
+        m = self.channel_multiple
+        if b.channels % m:
+            raise LayerpruneError(
+                f"block {i} has {b.channels} MLP channels, not a multiple of --channel-multiple {m}; "
+                "a deployable plan cannot state its width (use a divisor of it that is a multiple of 256)"
+            )
+        kept = range(b.channels, 0, -m)
+        out = [(0, b.channels - k) for k in kept]
+        if i > 0:
+            out += [(b.groups, b.channels - k) for k in kept] + [(b.groups, b.channels)]
+        cost = lambda o: o[0] * b.group_params + o[1] * b.channel_params  # noqa: E731
+        return sorted(out, key=lambda o: (cost(o), o))
+
+    def decision(
+        self,
+        rates: list[float],
+        blocks: list[BlockBudget],
+        table: dict | None = None,
+        target: float | None = None,
+        position: bool = False,
+    ) -> list[tuple[int, int]]:
+        """(groups removed, channels removed) per block: every one an option of `options`.
+
+        `position` (the search's genome): the rate picks the nearest cost, and where several options
+        cost the same (a whole attention against as many parameters of MLP channels), where the rate
+        lies within half a step of that cost picks among them, lowest-scoring first: every option
+        stays reachable by moving a rate, as a per-block choice in Puzzle's search is."""
+        if len(rates) != len(blocks):
+            raise LayerpruneError(f"{len(rates)} rates for {len(blocks)} blocks; give one rate per block")
+        menus, chosen = [], []  # per block: [(cost, lost score, option)], and the chosen one
+        for i, (r, b) in enumerate(zip(rates, blocks)):
+            lost = _removed_scores(table, i, b) if table is not None else (lambda o: 0.0)
+            menu = [(o[0] * b.group_params + o[1] * b.channel_params, lost(o), o) for o in self.options(i, b)]
+            step = self.channel_multiple * b.channel_params
+            menus.append(menu)
+            if not position:
+                chosen.append(
+                    min(
+                        menu,
+                        key=lambda e, r=r, b=b, step=step: (round(abs(e[0] - r * b.params) / step), e[1:]),
+                    )
+                )
+                continue
+            level = min({e[0] for e in menu}, key=lambda c, r=r, b=b: (abs(c - r * b.params), c))
+            same = sorted((e for e in menu if e[0] == level), key=lambda e: e[1:])
+            offset = (r * b.params - level) / step + 0.5  # 0..1 within the step around the level
+            chosen.append(same[min(max(int(offset * len(same)), 0), len(same) - 1)])
+        if target is not None:
+            goal = target * sum(b.params for b in blocks)
+            total = sum(e[0] for e in chosen)
+            while True:
+                up = total < goal
+                moves = []
+                for i, e in enumerate(chosen):
+                    further = [f for f in menus[i] if (f[0] > e[0] if up else f[0] < e[0])]
+                    if not further:
+                        continue
+                    edge = min(f[0] for f in further) if up else max(f[0] for f in further)
+                    nxt = min((f for f in further if f[0] == edge), key=lambda f: f[1:])
+                    new = total - e[0] + nxt[0]
+                    if abs(new - goal) < abs(total - goal):
+                        behind = rates[i] * blocks[i].params - e[0]  # > 0: below its own rate
+                        # furthest from its own rate first; then the cheapest in scores (then block order)
+                        moves.append((-behind if up else behind, abs(nxt[1] - e[1]), i, nxt, new))
+                if not moves:
+                    break
+                *_, i, nxt, total = min(moves, key=lambda m: m[:3])
+                chosen[i] = nxt
+        return [e[2] for e in chosen]
+
+    def check_target(self, target: float, blocks: list[BlockBudget], decision) -> None:
+        """One line naming targets that can be met, when the decision misses `target`."""
+        total = sum(b.params for b in blocks)
+        got = sum(g * b.group_params + c * b.channel_params for (g, c), b in zip(decision, blocks)) / total
+        if abs(got - target) <= DEPLOY_TOLERANCE:
+            return
+        steps = sorted({round(self.channel_multiple * b.channel_params / total, 4) for b in blocks})
+        raise LayerpruneError(
+            f"--width {target} cannot be met with MLP widths in multiples of {self.channel_multiple} "
+            f"(the nearest deployable target is {got:.4f}; steps of {steps[0]:.4f}); use --width {got:.4f}"
+            + (" or a smaller --channel-multiple" if self.channel_multiple > 256 else "")
+        )
+
+
+def _removed_scores(table: dict, i: int, b: BlockBudget):
+    """Summed structured scores of what an option of block i removes: its g lowest groups and c
+    lowest channels."""
+    gs = sorted(table["groups"][i])
+    cs = sorted(table["channels"][i])
+    pre_g = [0.0]
+    for v in gs:
+        pre_g.append(pre_g[-1] + v)
+    pre_c = [0.0]
+    for v in cs:
+        pre_c.append(pre_c[-1] + v)
+    return lambda o: pre_g[o[0]] + pre_c[o[1]]
+
+
 def decision_of(plan, blocks: list[BlockBudget]) -> list[tuple[int, int]]:
     """The groups and channels a width plan removes, block by block (its rates times the sizes)."""
     return [(round(a * b.groups), round(m * b.channels)) for a, m, b in zip(plan.attn, plan.mlp, blocks)]
@@ -159,7 +284,8 @@ def decision_of(plan, blocks: list[BlockBudget]) -> list[tuple[int, int]]:
 def masks_for(decision: list[tuple[int, int]], table: dict):
     """Keep all but the g lowest-scoring groups and the c lowest-scoring channels of each block.
 
-    `table`: {"groups": [...], "channels": [...]} per block, e.g. the `extra` of structured scores."""
+    `table`: {"groups": [...], "channels": [...]} per block, e.g. the `extra` of structured scores.
+    A decision removing all of a part (deployable plans) gives an empty list: the part is removed."""
     masks = []
     for (g, c), gs, cs in zip(decision, table["groups"], table["channels"]):
         keep_g = sorted(sorted(range(len(gs)), key=lambda j: (gs[j], j))[g:])
@@ -169,8 +295,13 @@ def masks_for(decision: list[tuple[int, int]], table: dict):
 
 
 # ---- masks ---------------------------------------------------------------------------------------
-def check_masks(adapter: ModelAdapter, masks: Sequence[WidthMask]) -> list[WidthMask]:
-    """The masks with sorted indices; LayerpruneError naming the block and the fix otherwise."""
+def check_masks(
+    adapter: ModelAdapter, masks: Sequence[WidthMask], allow_removed: bool = False
+) -> list[WidthMask]:
+    """The masks with sorted indices; LayerpruneError naming the block and the fix otherwise.
+
+    `allow_removed`: an empty list removes the whole part (deployable plans: `masked` silences it;
+    `pruners/width.py` replaces it by a no-op)."""
     adapter.require_split()
     masks = list(masks)
     L = adapter.num_blocks
@@ -191,7 +322,7 @@ def check_masks(adapter: ModelAdapter, masks: Sequence[WidthMask]) -> list[Width
                 raise LayerpruneError(f"block {i}: the kept {what} repeat an index; list each once")
             if idx and (idx[0] < 0 or idx[-1] >= n):
                 raise LayerpruneError(f"block {i}: kept {what} {idx} out of range: the block has 0..{n - 1}")
-            if not idx:
+            if not idx and not allow_removed:
                 unit = "KV group" if what == "groups" else "MLP channel"
                 raise LayerpruneError(f"block {i}: the mask removes every {unit}; keep at least one")
             kept.append(idx)
@@ -226,21 +357,29 @@ def _zero_inputs(idx: torch.Tensor, fill: torch.Tensor | None = None):
     return hook
 
 
+def _zero_output(module, args, output):
+    return torch.zeros_like(output)
+
+
 @contextlib.contextmanager
 def masked(adapter: ModelAdapter, masks: Sequence[WidthMask], means: dict | None = None) -> Iterator[None]:
     """Within the context, removed groups and channels contribute nothing. No weight is copied.
+    A part whose mask is empty (deployable plans) outputs zeros, its projection's bias included.
 
     `means` ({"attn": [...], "mlp": [...]}: per block, the calibration mean of every input feature
     of the o / down projection, as FLAP scores record them): removed features read their mean
     instead of zero, which is exactly FLAP's bias compensation (W[:, removed] @ mean[removed])."""
     adapter = as_adapter(adapter)
-    masks = check_masks(adapter, masks)
+    masks = check_masks(adapter, masks, allow_removed=True)
     handles = []
     try:
         for i, m in enumerate(masks):
             for part, keep in zip(PARTS, (m.groups, m.channels)):
                 lay = layout(adapter, i, part)
                 role = adapter.spec.output_roles[part]
+                if keep == []:
+                    handles.append(adapter.linears(i)[role].register_forward_hook(_zero_output))
+                    continue
                 axis, idx = lay[role]
                 gone = removed(keep, idx.shape[0])
                 if not gone:

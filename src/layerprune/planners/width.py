@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 from ..errors import LayerpruneError
-from ..models.width import BlockBudget, achieved, budgets, counts, layout
+from ..models.width import BlockBudget, Deployable, achieved, budgets, counts, layout
 from .width_search import fitness_calibration, search_rates
 
 ALLOCATIONS = ("uniform", "owl", "alpha", "search", "flap")
@@ -101,9 +101,31 @@ def check_request(
     store=None,
     fitness_samples=None,
     fitness_seqlen=None,
+    deploy=None,
+    channel_multiple=None,
+    pruner=None,
 ):
-    """What can be refused before any data is read: the target, the allocation, the search bounds."""
+    """What can be refused before any data is read: the target, the allocation, the search bounds,
+    the deployment format."""
     check_target(width)
+    if deploy not in (None, "decilm"):
+        raise LayerpruneError(f"--deploy {deploy}: the one deployable format is decilm")
+    if deploy is None and channel_multiple is not None:
+        raise LayerpruneError("--channel-multiple sizes a deployable plan; add --deploy decilm")
+    if deploy and (allocation == "flap" or pruner == "flap"):
+        raise LayerpruneError(
+            "--deploy decilm: FLAP's bias compensation has no place in a DeciLM model; use another "
+            "allocation and --pruner wanda-sp or magnitude-sp"
+        )
+    if deploy:
+        from ..models.decilm import FFN_MULTIPLE
+
+        m = FFN_MULTIPLE if channel_multiple is None else channel_multiple
+        if isinstance(m, bool) or not isinstance(m, int) or m < FFN_MULTIPLE or m % FFN_MULTIPLE:
+            raise LayerpruneError(
+                f"--channel-multiple {m}: DeciLM widths come from ffn_mult rounded up to a multiple of "
+                f"{FFN_MULTIPLE}; use {FFN_MULTIPLE} or a multiple of it"
+            )
     if allocation not in ALLOCATIONS:
         raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
     if allocation == "search":
@@ -174,6 +196,8 @@ def make_plan(
     epsilon: float = 0.2,
     lam: float = 0.08,
     batch_size: int = 16,
+    deploy: str | None = None,
+    channel_multiple: int | None = None,
     progress: bool = True,
 ):
     """A width plan for `width` of the blocks' prunable parameters removed.
@@ -183,14 +207,18 @@ def make_plan(
     unless given) drawn from the same text source, seed and BOS policy as `windows`, so that a
     search on the user's own text never reaches for a default corpus; `store`: an EvalStore path or
     object for the search's fitness evaluations. `pruner` (the scores' method when `scores` are
-    given): `flap` for the flap allocation, `wanda-sp` for the others, by default."""
+    given): `flap` for the flap allocation, `wanda-sp` for the others, by default. `deploy`
+    ("decilm"): every decision, the search's candidates included, keeps to what the DeciLM format
+    carries (`models/width.py` `Deployable`, MLP widths in multiples of `channel_multiple`, 256 by
+    default), and the blocks' removed parameters meet `width` to within DEPLOY_TOLERANCE."""
     from ..plans import WidthPlan
     from ..provenance import stamp
     from ..scorers.run import model_info, run
 
     check_request(
         width, allocation, p_min=p_min, p_max=p_max, operators=operators, llm=llm, log=log, store=store,
-        fitness_samples=fitness_samples, fitness_seqlen=fitness_seqlen,
+        fitness_samples=fitness_samples, fitness_seqlen=fitness_seqlen, deploy=deploy,
+        channel_multiple=channel_multiple, pruner=pruner,
     )  # fmt: skip
     if scores is None:
         pruner = pruner or ("flap" if allocation == "flap" else "wanda-sp")
@@ -208,6 +236,19 @@ def make_plan(
     blocks = budgets(lm.adapter)
     params: dict = {"target": width, "allocation": allocation, "pruner": pruner}
     extra: dict = {}
+    rule = decide = None
+    if deploy:
+        from ..models.decilm import FFN_MULTIPLE, check_deployable
+
+        channel_multiple = channel_multiple or FFN_MULTIPLE
+        check_deployable(lm.adapter, channel_multiple)
+        rule = Deployable(channel_multiple)
+        rule.check_target(width, blocks, rule.decision([width] * len(blocks), blocks, table, width))
+
+        def decide(rates):  # the search's candidates: a rate's place within its step picks among equal costs
+            return rule.decision(rates, blocks, table, width, position=allocation == "search")
+
+        params.update(deploy=deploy, channel_multiple=channel_multiple)
     if allocation == "search":
         if fitness_windows is None:
             fitness_windows = fitness_calibration(lm, windows, fitness_samples, fitness_seqlen)
@@ -222,7 +263,7 @@ def make_plan(
         rates, extra = search_rates(
             lm, width, table, blocks, fitness_windows, seeds=seeds, store=store, operators=operators, llm=llm,
             population=population, crossovers=crossovers, mutations=mutations, iterations=iterations, seed=seed,
-            p_min=p_min, p_max=p_max, log=log, batch_size=batch_size, progress=progress,
+            p_min=p_min, p_max=p_max, log=log, batch_size=batch_size, progress=progress, decide=decide,
         )  # fmt: skip
         params.update(operators=operators, population=population, crossovers=crossovers, mutations=mutations,
                       iterations=iterations, seed=seed, p_min=extra["p_min"], p_max=extra["p_max"])  # fmt: skip
@@ -236,7 +277,10 @@ def make_plan(
             params["epsilon"] = epsilon
         if allocation == "owl":
             params["owl_lambda"] = lam
-    if allocation != "flap":
+    if decide is not None:
+        decision = decide(rates)
+        rule.check_target(width, blocks, decision)
+    elif allocation != "flap":
         decision = counts(rates, blocks)
     got = achieved(decision, blocks)
     total = sum(b.params for b in blocks)
@@ -253,6 +297,8 @@ def make_plan(
         attn=[g / b.groups for (g, _), b in zip(decision, blocks)],
         mlp=[c / b.channels for (_, c), b in zip(decision, blocks)],
         pruner=pruner,
+        deploy=deploy,
+        channel_multiple=channel_multiple if deploy else None,
         scores=scores.importance,
         calibration=scores.calibration,
         seed=seed if allocation == "search" else (scores.calibration or {}).get("seed"),

@@ -30,16 +30,18 @@ class Fitness:
     """Calibration perplexity of the model under the structured mask of a rate vector, in place,
     through an evaluation store when one is given (a killed search resumes without re-evaluating)."""
 
-    def __init__(self, lm, table: dict, windows, *, store=None, batch_size: int = 16):
+    def __init__(self, lm, table: dict, windows, *, store=None, batch_size: int = 16, decide=None):
         self.lm, self.table, self.windows = lm, table, windows
         self.blocks = budgets(lm.adapter)
+        # rates -> (groups, channels) removed per block; a deployable search snaps to what the format carries
+        self.decide = decide or (lambda rates: counts(rates, self.blocks))
         self.store, self.batch_size = store, batch_size
         self.tokens = int(windows.input_ids.shape[0] * (windows.input_ids.shape[1] - 1))
         self.evaluations = 0  # real evaluations in this run (all ranks' under torchrun)
         self.forward_seconds: list[float] = []  # each real evaluation's masked forward, for overhead figures
 
     def key(self, rates: list[float]) -> str:
-        return decision_key(counts(rates, self.blocks))
+        return decision_key(self.decide(rates))
 
     def __call__(self, batch: list[list[float]]) -> list[float]:
         """Perplexity of each candidate; under torchrun the candidates that rank 0's store lacks are
@@ -71,8 +73,7 @@ class Fitness:
 
     def nll(self, rates: list[float]) -> float:
         """Summed calibration NLL of one candidate, evaluated for real (no store)."""
-        decision = counts(rates, self.blocks)
-        masks = masks_for(decision, self.table)
+        masks = masks_for(self.decide(rates), self.table)
         t0 = time.perf_counter()
         # FLAP scores: removed features read their calibration mean (the bias compensation)
         with masked(self.lm.adapter, masks, self.table.get("means")):
@@ -94,7 +95,7 @@ def fitness_calibration(lm, windows, samples: int | None = None, seqlen: int | N
 
 
 def search_rates(lm, width, table, blocks, fitness_windows, *, seeds, store, operators, llm, population,
-                 crossovers, mutations, iterations, seed, p_min, p_max, log, batch_size, progress):  # fmt: skip
+                 crossovers, mutations, iterations, seed, p_min, p_max, log, batch_size, progress, decide=None):  # fmt: skip
     """Self-Pruner's search of per-block rates with mean `width`, seeded with `seeds` (name -> rates);
     the best rates and what the plan records of the search."""
     fw = fitness_windows
@@ -105,7 +106,7 @@ def search_rates(lm, width, table, blocks, fitness_windows, *, seeds, store, ope
                 if is_main()
                 else None
             )
-        fitness = Fitness(lm, table, fw, store=store, batch_size=batch_size)
+        fitness = Fitness(lm, table, fw, store=store, batch_size=batch_size, decide=decide)
         p_min = DEFAULT_P_MIN if p_min is None else p_min
         p_max = DEFAULT_P_MAX if p_max is None else p_max
         t0 = time.perf_counter()

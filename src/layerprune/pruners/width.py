@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LayerpruneError
 from ..models.adapter import ModelAdapter
+from ..models.decilm import check_deployable, to_decilm
 from ..models.shrink import ensure_bias, shrink, sync_config
 from ..models.width import WidthMask, budgets, check_masks, decision_of, layout, masks_for, removed
 from ..plans import WidthPlan
@@ -79,6 +80,37 @@ def add_output_biases(adapter: ModelAdapter, deltas: Sequence[dict]) -> None:
             layer.bias.add_(d[part].to(layer.bias.device, layer.bias.dtype))
 
 
+def _apply_deployable(lm, plan, masks: list[WidthMask], before: int) -> dict:
+    """A deployable plan: narrow the MLPs, then remove whole parts and blocks (models/decilm.py)."""
+    check_deployable(lm.adapter, plan.channel_multiple)
+    if plan.pruner == "flap":
+        raise LayerpruneError(
+            "FLAP's bias compensation has no place in a DeciLM model; use --pruner wanda-sp"
+        )
+    removed = {}
+    for i, m in enumerate(masks):
+        parts = {p for p, keep in zip(PARTS, (m.groups, m.channels)) if keep == []}
+        if parts:
+            removed[i] = parts
+    narrowed = [WidthMask(None, None if m.channels == [] else m.channels) for m in masks]
+    blocks = shrink(lm, narrowed)
+    deleted = to_decilm(lm.adapter, removed)
+    lm.modified()
+    after = sum(p.numel() for p in lm.model.parameters())
+    return {
+        "pruner": plan.pruner,
+        "bias_compensation": False,
+        "format": "decilm",
+        "parameters_before": before,
+        "parameters_after": after,
+        "removed_fraction_of_model": 1 - after / before,
+        "standard_config": False,
+        "removed_parts": [f"{i}.{p}" for i, ps in sorted(removed.items()) for p in sorted(ps)],
+        "deleted_blocks": deleted,
+        "blocks": blocks,
+    }
+
+
 @torch.no_grad()
 def apply_plan(lm, plan, windows, *, batch_size: int = 8, progress: bool = True) -> dict:
     """Apply a width plan to the loaded model: score groups and channels with the plan's pruner on
@@ -91,6 +123,8 @@ def apply_plan(lm, plan, windows, *, batch_size: int = 8, progress: bool = True)
     scores = run(lm, plan.pruner, windows, batch_size=batch_size, progress=progress)
     decision = decision_of(plan, budgets(lm.adapter))
     masks = masks_for(decision, scores.extra)
+    if plan.deploy:
+        return _apply_deployable(lm, plan, masks, before)
     compensate = plan.pruner == "flap"
     if compensate:
         lm.adapter.require_in_memory("FLAP's bias compensation")

@@ -1,0 +1,128 @@
+"""GGUF output through llama.cpp's own converter (`convert_hf_to_gguf.py`, with the `gguf` package
+of the same llama.cpp), for every pruned model: depth-pruned and uniformly narrowed models convert as
+`llama` (or whatever their architecture is), DeciLM ones (`--deploy decilm`) as `deci`.
+
+The converter is found, in order, at `converter=` (a llama.cpp folder, or the script in it),
+`$LAYERPRUNE_LLAMA_CPP`, or a llama.cpp that `bench/serve.py` unpacked into the layerprune cache
+(`$LAYERPRUNE_CACHE/llama.cpp/<version>/src/vendor/llama.cpp`, from the llama-cpp-python source
+distribution, which vendors it). It runs in a subprocess (`_convert_gguf.py`); the output is
+written next to its destination under a temporary name and renamed when complete.
+
+Refused before converting: a model that is not a checkpoint folder, an output inside the model,
+a layerprune per-block checkpoint (`layerprune_block_configs`: no engine reads it; re-make the plan
+with --deploy decilm), a depth plan's silenced parts (their zeroed weights would be computed), and a
+DeciLM block that keeps its attention without an MLP (llama.cpp's `deci` runtime drops that
+attention's output).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import LayerpruneError
+from ..io import check_output_outside
+
+ENV = "LAYERPRUNE_LLAMA_CPP"
+SCRIPT = "convert_hf_to_gguf.py"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+
+
+def cache_root() -> Path:
+    from .gguf import CACHE_ENV
+
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "layerprune")) / "llama.cpp"
+
+
+def find_converter(converter: str | Path | None = None) -> Path:
+    """The llama.cpp folder whose convert_hf_to_gguf.py to run; one line naming the fix otherwise."""
+    if converter is not None:
+        path = Path(converter).expanduser()
+        path = path.parent if path.name == SCRIPT else path
+        if not (path / SCRIPT).is_file():
+            raise LayerpruneError(f"--converter {converter}: no {SCRIPT} there; pass a llama.cpp folder")
+        return path
+    if os.environ.get(ENV):
+        return find_converter(os.environ[ENV])
+    found = sorted(cache_root().glob(f"*/src/vendor/llama.cpp/{SCRIPT}"))
+    if found:
+        return found[-1].parent
+    raise LayerpruneError(
+        "GGUF export needs llama.cpp's converter: pass --converter LLAMA_CPP_DIR (a llama.cpp checkout), set "
+        f"{ENV}, or run `python bench/serve.py --setup` once (it unpacks llama-cpp-python's source into the cache)"
+    )
+
+
+def check_convertible(model_dir: Path) -> dict:
+    """The model's config.json, if llama.cpp can serve the model as it is; LayerpruneError otherwise."""
+    from ..io import read_json
+
+    if not (model_dir / "config.json").is_file():
+        raise LayerpruneError(f"{model_dir} has no config.json: pass a model folder that layerprune wrote")
+    doc = read_json(model_dir / "config.json", "config", "layerprune apply")
+    if doc.get("layerprune_block_configs"):
+        raise LayerpruneError(
+            f"{model_dir} has per-block widths in layerprune's own format, which no engine reads; "
+            "re-make the plan with --deploy decilm (DeciLM blocks convert to llama.cpp's deci)"
+        )
+    if doc.get("layerprune_removed_parts"):
+        raise LayerpruneError(
+            f"{model_dir} keeps zeroed attention / MLP parts that llama.cpp would compute; prune whole blocks "
+            "(--unit block), or use a width plan with --deploy decilm to remove parts"
+        )
+    for i, b in enumerate(doc.get("block_configs") or []):
+        if not (b.get("attention") or {}).get("no_op") and (b.get("ffn") or {}).get("no_op"):
+            raise LayerpruneError(
+                f"{model_dir}: block {i} keeps its attention without an MLP, whose output llama.cpp's deci "
+                "runtime drops (src/models/deci.cpp); remove both or neither"
+            )
+    return doc
+
+
+def to_gguf(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    outtype: str = "f32",
+    converter: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = True,
+) -> Path:
+    """Convert a model folder to one .gguf file with llama.cpp's converter; the file's path."""
+    model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
+    if outtype not in OUTTYPES:
+        raise LayerpruneError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
+    if out.suffix.lower() != ".gguf":
+        raise LayerpruneError(f"{out}: name the output file *.gguf")
+    if out.exists() and not overwrite:
+        raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
+    check_output_outside(out, model_dir)
+    check_convertible(model_dir)
+    root = find_converter(converter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    cmd = [sys.executable, "-m", "layerprune.models._convert_gguf", str(root), str(model_dir),
+           "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
+            raise LayerpruneError(
+                f"llama.cpp's converter failed on {model_dir}: {lines[-1] if lines else f'exit {r.returncode}'}"
+            )
+        if not quiet:
+            print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", file=sys.stderr)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def architecture(gguf_file: str | Path) -> str:
+    """general.architecture of a GGUF file (through the gguf package)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_file)).fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
