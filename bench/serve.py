@@ -48,7 +48,7 @@ VERSION = "0.3.36"  # llama-cpp-python, and the llama.cpp it vendors
 RESULTS = HERE / "results" / "serve.json"
 WORK = HERE / "work" / "serve"
 CALIB, HELDOUT = "fixture:val", "fixture:test"
-WIDTHS = (0.2, 0.3)
+WIDTHS = (0.3, 0.2)
 HELDOUT_WINDOWS = 64
 AGREEMENT = (8, 256)  # windows x tokens
 
@@ -147,7 +147,7 @@ def make_model(key: str, how: dict, dense, calib, depth_scores) -> tuple[Path, d
             options["log"] = str(WORK / f"{key}.search.jsonl")
         plan = lp.plan(lm, width=how["target"], calib=calib, progress=False, **options)
     plan_seconds = time.perf_counter() - t0
-    report = lp.apply(lm, plan, calib, progress=False)
+    report = lp.apply(lm, plan, None if how["kind"] == "depth" else calib, progress=False)
     lp.export(lm, folder, plan, {"pruning": report, "plan_seconds": plan_seconds}, overwrite=True)
     return folder, json.loads((folder / "report.json").read_text())
 

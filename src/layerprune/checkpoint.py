@@ -132,16 +132,28 @@ def model_card(plan: Plan | None, report: dict) -> str:
     for r in report.get("evaluation", []):
         p = r["protocol"]
         lines.append(f"- Perplexity on {p['dataset']} (seqlen {p['seqlen']}, BOS {p['bos']}): {r['ppl']:.4f}")
-    lines += [
-        "",
-        "Loads with plain transformers:",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-        "```",
-        "",
-        "`plan.json` is the decision that produced it and `report.json` the full record.",
-        "",
-    ]
+    if plan is not None and getattr(plan, "deploy", None) == "decilm":
+        lines += [
+            "",
+            "A DeciLM / Nemotron-NAS checkpoint (`block_configs`: per block, attention kept or removed, MLP",
+            "width from `ffn_mult`). vLLM serves it as `DeciLMForCausalLM` (with NVIDIA's `configuration_decilm.py`",
+            "beside it, see layerprune's README), mlx-lm as `nemotron-nas`, llama.cpp after",
+            "`layerprune export this/folder --gguf model.gguf` (architecture `deci`); layerprune reads it natively:",
+            "",
+            "```python",
+            "import layerprune as lp",
+            'lm = lp.load("path/to/this/folder")',
+            "```",
+        ]
+    else:
+        lines += [
+            "",
+            "Loads with plain transformers:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+            "```",
+        ]
+    lines += ["", "`plan.json` is the decision that produced it and `report.json` the full record.", ""]
     return "\n".join(lines)

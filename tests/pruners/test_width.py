@@ -305,7 +305,7 @@ def test_bad_masks():
     with pytest.raises(LayerpruneError, match="removes every KV group"):
         shrink(adapter, [WidthMask([], None)] + full[1:])
     with pytest.raises(LayerpruneError, match="removes every MLP channel"):
-        masked(adapter, full[:3] + [WidthMask(None, [])]).__enter__()
+        shrink(adapter, full[:3] + [WidthMask(None, [])])
     with pytest.raises(LayerpruneError, match="3 width masks for 4 blocks"):
         shrink(adapter, full[:3])
     with pytest.raises(LayerpruneError, match="out of range"):
@@ -325,3 +325,24 @@ def test_mamba_has_no_width():
     ):
         with pytest.raises(LayerpruneError, match="no attention / MLP split"):
             call()
+
+
+def test_masked_with_an_empty_list_removes_the_whole_part():
+    """Deployable plans remove whole parts: under `masked` an empty list is the part contributing
+    nothing, bias included; the reference zeroes the part's output projection, weight and bias."""
+    model = tiny_model("qwen2")  # biased q, k, v
+    adapter = ModelAdapter(model)
+    with torch.no_grad():
+        for i in range(adapter.num_blocks):
+            adapter.linears(i)["o"].bias = torch.nn.Parameter(torch.randn(model.config.hidden_size))
+    x = ids(4)
+    masks = [WidthMask()] * 4
+    masks[1], masks[2] = WidthMask([], None), WidthMask(None, [])
+    with masked(adapter, masks):
+        got = logits(model, x)
+    with torch.no_grad():
+        for layer in (adapter.linears(1)["o"], adapter.linears(2)["down"]):
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+    assert torch.allclose(got, logits(model, x), atol=1e-6)

@@ -34,9 +34,20 @@ def cmd_apply(args) -> int:
         lm, args.output, plan, {"pruning": counts, "evaluation": evaluation}, overwrite=args.overwrite
     )
     if plan.kind == "width":
+        if counts.get("format") == "decilm":
+            what = (
+                f"DeciLM / nemotron-nas: vLLM, llama.cpp (layerprune export --gguf) and mlx-lm load it; "
+                f"removed {', '.join(counts['removed_parts']) or 'no whole parts'}"
+            )
+        elif counts["standard_config"]:
+            what = "standard config"
+        else:
+            what = (
+                "per-block shapes: reload with layerprune.load, or re-plan with --deploy decilm for engines"
+            )
         print(
             f"{counts['pruner']} removed KV groups and channels: {counts['parameters_before']:,} -> "
-            f"{counts['parameters_after']:,} parameters ({'standard config' if counts['standard_config'] else 'per-block shapes: reload with layerprune.load'})"
+            f"{counts['parameters_after']:,} parameters ({what})"
         )
     elif plan.kind == "depth":
         print(

@@ -20,13 +20,11 @@ bias (zero on q, k, v, gate, up), so a uniform result is still a standard checkp
 block's shape lists the parts whose output projection gained a bias (`"output_bias": ["attn",
 "mlp"]`), which makes the checkpoint a per-block one, rebuilt by `load_shrunk`.
 
-Why not DeciLM / Nemotron-NAS `block_configs`: there a block is `attention: {no_op,
-replace_with_linear, n_heads_in_group}` and `ffn: {no_op, replace_with_linear, ffn_mult}`. Every
-attention block keeps the config's `num_attention_heads` query heads; only the group size (so the
-number of KV heads) varies. Removing KV groups here removes their query heads with them, which
-changes the number of query heads per block: not expressible. And the MLP width is derived from
-`ffn_mult` (2 * ffn_mult * hidden / 3, rounded up to a multiple of 256), so arbitrary channel counts
-are not expressible either. We therefore write no DeciLM format. (It also needs remote code.)
+DeciLM / Nemotron-NAS `block_configs`, which serving engines load, cannot state what this format
+states: there every attention block keeps the config's query heads (only the KV group size varies),
+while removing a KV group here removes its query heads with it, and MLP widths come from `ffn_mult`
+in multiples of 256. Plans made with `--deploy decilm` keep to what DeciLM states and are written in
+it (`models/decilm.py`); the others keep this format.
 """
 
 from __future__ import annotations
