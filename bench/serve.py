@@ -230,6 +230,29 @@ def speed(root: Path, models: dict[str, Path], rounds: int, threads: int) -> dic
     return out
 
 
+def markdown(doc: dict) -> str:
+    """The README's table from serve.json."""
+    models, served = doc.get("models", {}), doc.get("served", {})
+    dense = models.get("dense", {})
+    out = ["| model | parameters | held-out ppl | deployable / unrestricted ppl | llama.cpp | top-1 agreement | "
+           "max Δ log-prob | prompt tok/s (× dense) | generation tok/s (× dense) |", "|---" * 9 + "|"]  # fmt: skip
+    for key, m in models.items():
+        s = served.get(key, {})
+        cmp = doc.get("deployable_vs_unrestricted", {}).get(key)
+        sp = s.get("speed", {})
+        cells = [
+            key, f"{m['parameters'] / 1e6:.1f} M ({m['parameters'] / dense['parameters']:.3f})", f"{m['heldout_ppl']:.2f}",
+            f"{cmp['ppl_ratio']:.3f}" if cmp else "",
+            "refused" if "refused" in s else ("✓" if s else ""),
+            f"{s['top1_agreement']:.4f}" if "top1_agreement" in s else "",
+            f"{s['max_abs_logprob_difference']:.1e}" if "top1_agreement" in s else "",
+            f"{sp['pp128_tokens_per_s']:.0f} ({sp['pp128_vs_dense']:.2f})" if sp else "",
+            f"{sp['tg64_tokens_per_s']:.1f} ({sp['tg64_vs_dense']:.2f})" if sp else "",
+        ]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setup", action="store_true", help="build llama.cpp into the cache and stop")
@@ -238,8 +261,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-speed", action="store_true", help="skip llama-bench")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the README's table from the results and stop"
+    )
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.output.read_text())))
+        return 0
     root = setup()
     if args.setup:
         print(f"llama.cpp {VERSION} built in {root}")

@@ -330,29 +330,6 @@ def load_model(source: str, config, dtype: torch.dtype | str | None = None) -> n
     """Load a DeciLM checkpoint natively (`llama_config` gave `config`), strictly."""
     from transformers import LlamaForCausalLM
 
-    def __init__(self, config, *args, **kw):
-        LlamaForCausalLM.__init__(self, config, *args, **kw)
-        build_blocks(self)
+    from .shrink import load_rebuilt
 
-    cls = type(
-        "LlamaForCausalLM",
-        (LlamaForCausalLM,),
-        {"__init__": __init__, "__module__": LlamaForCausalLM.__module__},
-    )
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
-        model, info = cls.from_pretrained(source, config=config, output_loading_info=True, **kwargs)
-    except RuntimeError as e:
-        if "mismatch" not in str(e):
-            raise
-        raise LayerpruneError(
-            f"{source}: the weights do not have the shapes its block_configs state; the checkpoint is damaged "
-            "or its config was edited"
-        ) from None
-    bad = {k: list(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
-    if bad or info.get("error_msgs"):
-        raise LayerpruneError(
-            f"{source}: the weights do not match its block_configs ({bad or info['error_msgs']}); the "
-            "checkpoint is damaged or was edited"
-        )
-    return model.eval()
+    return load_rebuilt(LlamaForCausalLM, build_blocks, source, config, dtype, "block_configs")

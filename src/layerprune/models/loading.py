@@ -105,11 +105,13 @@ def load_config(name: str, quiet: bool = False):
 
     source, path = resolve(name, quiet=quiet)
     if path is not None and (path / "config.json").is_file():
-        from ..io import read_json
         from .decilm import MODEL_TYPE, llama_config
 
-        doc = read_json(path / "config.json", "config", "save_pretrained")
-        if doc.get("model_type") == MODEL_TYPE:  # DeciLM / Nemotron-NAS: read natively, no remote code
+        try:
+            doc = json.loads((path / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            doc = None  # transformers' reading below says what is wrong
+        if isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE:  # DeciLM / Nemotron-NAS: read natively, no remote code
             config = llama_config(doc, f"{name}/config.json")
             spec_for(config)
             return config

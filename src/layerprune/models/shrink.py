@@ -219,10 +219,21 @@ def load_shrunk(source: str, config, dtype: torch.dtype | str | None = None, **k
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return load_rebuilt(
+        base, lambda model: shrink_to_block_configs(model, str(source)), source, config, dtype,
+        BLOCK_CONFIGS_KEY, **kwargs,
+    )  # fmt: skip
+
+
+def load_rebuilt(base, rebuild, source: str, config, dtype=None, what: str = "config", **kwargs) -> nn.Module:
+    """from_pretrained of `base` through a subclass whose construction ends with `rebuild(model)`
+    (blocks given their shapes on the meta device, before any weight is read), strictly: a missing,
+    unexpected or mismatched weight is one line saying the checkpoint does not match its `what`.
+    The subclass keeps the class's name and module, so the model saves as the original class."""
 
     def __init__(self, config, *args, **kw):
         base.__init__(self, config, *args, **kw)
-        shrink_to_block_configs(self, str(source))
+        rebuild(self)
 
     cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
     cls.__qualname__ = base.__qualname__
@@ -234,13 +245,13 @@ def load_shrunk(source: str, config, dtype: torch.dtype | str | None = None, **k
         if "mismatch" not in str(e):
             raise
         raise LayerpruneError(
-            f"{source}: the weights do not have the shapes its {BLOCK_CONFIGS_KEY} state; "
+            f"{source}: the weights do not have the shapes its {what} state; "
             "the checkpoint is damaged or its config was edited"
         ) from None
     bad = {k: list(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
     if bad or info.get("error_msgs"):
         raise LayerpruneError(
-            f"{source}: the weights do not match its {BLOCK_CONFIGS_KEY} "
+            f"{source}: the weights do not match its {what} "
             f"({bad or info['error_msgs']}); the checkpoint is damaged or was edited"
         )
     return model.eval()
