@@ -243,7 +243,7 @@ def markdown(doc: dict) -> str:
         cells = [
             key, f"{m['parameters'] / 1e6:.1f} M ({m['parameters'] / dense['parameters']:.3f})", f"{m['heldout_ppl']:.2f}",
             f"{cmp['ppl_ratio']:.3f}" if cmp else "",
-            "refused" if "refused" in s else ("✓" if s else ""),
+            "refused" if "refused" in s else ("✓" if s else "— (layerprune's per-block format)"),
             f"{s['top1_agreement']:.4f}" if "top1_agreement" in s else "",
             f"{s['max_abs_logprob_difference']:.1e}" if "top1_agreement" in s else "",
             f"{sp['pp128_tokens_per_s']:.0f} ({sp['pp128_vs_dense']:.2f})" if sp else "",
