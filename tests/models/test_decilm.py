@@ -294,3 +294,20 @@ def test_architectures_that_are_not_llama_blocks_are_refused(tokenizer):
     lm = LoadedModel("tiny", model, tokenizer, ModelAdapter(model), None)
     with pytest.raises(LayerpruneError, match="DeciLM blocks are Llama blocks; opt"):
         make_plan(lm, 0.2, "uniform", pruner="magnitude-sp", deploy="decilm", progress=False)
+
+
+def test_encoded_decisions_decode_to_themselves():
+    """A deployable search starts from the allocations' deployable decisions: their genomes decode back."""
+    import random
+
+    rng = random.Random(0)
+    blocks = [BlockBudget(groups=3, group_params=300, channels=1536, channel_params=3) for _ in range(6)]
+    table = {
+        "groups": [[rng.random() for _ in range(3)] for _ in blocks],
+        "channels": [[rng.random() * 0.2 for _ in range(1536)] for _ in blocks],
+    }
+    rule = Deployable(256)
+    for _ in range(20):
+        decision = [rng.choice(rule.options(i, b)) for i, b in enumerate(blocks)]
+        rates = rule.encode(decision, blocks, table)
+        assert rule.decision(rates, blocks, table, position=True) == decision

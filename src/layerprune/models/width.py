@@ -198,6 +198,7 @@ class Deployable:
         table: dict | None = None,
         target: float | None = None,
         position: bool = False,
+        first: int = 0,
     ) -> list[tuple[int, int]]:
         """(groups removed, channels removed) per block: every one an option of `options`.
 
@@ -210,7 +211,10 @@ class Deployable:
         menus, chosen = [], []  # per block: [(cost, lost score, option)], and the chosen one
         for i, (r, b) in enumerate(zip(rates, blocks)):
             lost = _removed_scores(table, i, b) if table is not None else (lambda o: 0.0)
-            menu = [(o[0] * b.group_params + o[1] * b.channel_params, lost(o), o) for o in self.options(i, b)]
+            menu = [
+                (o[0] * b.group_params + o[1] * b.channel_params, lost(o), o)
+                for o in self.options(i + first, b)
+            ]
             step = self.channel_multiple * b.channel_params
             menus.append(menu)
             if not position:
@@ -248,6 +252,29 @@ class Deployable:
                 chosen[i] = nxt
         return [e[2] for e in chosen]
 
+    def encode(self, decision, blocks: list[BlockBudget], table: dict | None = None) -> list[float]:
+        """Rates that `decision(..., position=True)` turns back into `decision` (without a target):
+        each block's rate at the middle of its option's share of the step, so that a deployable
+        search starts from the allocations' deployable decisions themselves."""
+        rates = []
+        for i, (o, b) in enumerate(zip(decision, blocks)):
+            lost = _removed_scores(table, i, b) if table is not None else (lambda o: 0.0)
+            cost = o[0] * b.group_params + o[1] * b.channel_params
+            menu = [
+                (g * b.group_params + c * b.channel_params, lost((g, c)), (g, c))
+                for g, c in self.options(i, b)
+            ]
+            same = sorted((e for e in menu if e[0] == cost), key=lambda e: e[1:])
+            j = [e[2] for e in same].index(tuple(o))
+            step = self.channel_multiple * b.channel_params
+            rate = (cost + ((j + 0.5) / len(same) - 0.5) * step) / b.params
+            if self.decision(
+                [rate], [b], None if table is None else _one(table, i), position=True, first=i
+            ) != [tuple(o)]:
+                rate = cost / b.params  # levels nearer than half a step: the level itself
+            rates.append(rate)
+        return rates
+
     def check_target(self, target: float, blocks: list[BlockBudget], decision) -> None:
         """One line naming targets that can be met, when the decision misses `target`."""
         total = sum(b.params for b in blocks)
@@ -260,6 +287,11 @@ class Deployable:
             f"(the nearest deployable target is {got:.4f}; steps of {steps[0]:.4f}); use --width {got:.4f}"
             + (" or a smaller --channel-multiple" if self.channel_multiple > 256 else "")
         )
+
+
+def _one(table: dict, i: int) -> dict:
+    """The score table of block i alone."""
+    return {"groups": [table["groups"][i]], "channels": [table["channels"][i]]}
 
 
 def _removed_scores(table: dict, i: int, b: BlockBudget):

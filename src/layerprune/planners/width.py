@@ -260,6 +260,11 @@ def make_plan(
                 )
             except LayerpruneError:
                 continue  # an allocation that is infeasible at this width does not seed the population
+        if rule is not None:  # the allocations' own deployable decisions, as genomes that decode to them
+            seeds = {
+                k: rule.encode(rule.decision(r, blocks, table, width), blocks, table)
+                for k, r in seeds.items()
+            }
         rates, extra = search_rates(
             lm, width, table, blocks, fitness_windows, seeds=seeds, store=store, operators=operators, llm=llm,
             population=population, crossovers=crossovers, mutations=mutations, iterations=iterations, seed=seed,
