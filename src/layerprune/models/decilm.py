@@ -55,7 +55,6 @@ FFN_DEFAULTS = {"ffn_mult": None, "no_op": False, "replace_with_linear": False, 
 # to files that are absent makes transformers ask, or refuse, to run them. layerprune, llama.cpp's
 # converter and mlx-lm read config.json directly; vLLM reads it through the remote DeciLMConfig
 # (the README says how to add it).
-AUTO_MAP_NOTE = "auto_map omitted: no remote code ships with the checkpoint"
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -94,7 +93,18 @@ def check_deployable(
             f"{where}: the model attends through a {window}-token sliding window, which DeciLM's Llama blocks "
             "do not have; drop --deploy"
         )
-    if multiple is not None and (multiple < FFN_MULTIPLE or multiple % FFN_MULTIPLE):
+    if multiple is not None:
+        check_channel_multiple(multiple)
+
+
+def check_channel_multiple(multiple) -> None:
+    """--channel-multiple must be a multiple of 256: the engines round ffn_mult's width to one."""
+    if (
+        isinstance(multiple, bool)
+        or not isinstance(multiple, int)
+        or multiple < FFN_MULTIPLE
+        or multiple % FFN_MULTIPLE
+    ):
         raise LayerpruneError(
             f"--channel-multiple {multiple}: DeciLM widths come from ffn_mult rounded up to a multiple of "
             f"{FFN_MULTIPLE}; use {FFN_MULTIPLE} or a multiple of it"

@@ -117,15 +117,10 @@ def check_request(
             "--deploy decilm: FLAP's bias compensation has no place in a DeciLM model; use another "
             "allocation and --pruner wanda-sp or magnitude-sp"
         )
-    if deploy:
-        from ..models.decilm import FFN_MULTIPLE
+    if deploy and channel_multiple is not None:
+        from ..models.decilm import check_channel_multiple
 
-        m = FFN_MULTIPLE if channel_multiple is None else channel_multiple
-        if isinstance(m, bool) or not isinstance(m, int) or m < FFN_MULTIPLE or m % FFN_MULTIPLE:
-            raise LayerpruneError(
-                f"--channel-multiple {m}: DeciLM widths come from ffn_mult rounded up to a multiple of "
-                f"{FFN_MULTIPLE}; use {FFN_MULTIPLE} or a multiple of it"
-            )
+        check_channel_multiple(channel_multiple)
     if allocation not in ALLOCATIONS:
         raise LayerpruneError(f"unknown allocation '{allocation}'; use one of {', '.join(ALLOCATIONS)}")
     if allocation == "search":
