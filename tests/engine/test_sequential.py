@@ -115,3 +115,61 @@ def test_disk_offload_gives_the_same_statistics_and_cleans_up_on_errors(private_
         )
     assert seen == [[".safetensors"] * 3] * 2  # 3 micro-batches on disk while the blocks ran
     assert not activation_folders(private_tmp)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_stats_group_the_layers_fed_one_tensor_and_equal_per_layer_statistics(arch):
+    from layerprune.engine.sequential import ColumnNorms, Hessian, SharedStats
+
+    model = tiny_model(arch, num_layers=2)
+    adapter = ModelAdapter(model)
+    ids = torch.randint(3, 128, (5, 16), generator=torch.Generator().manual_seed(1))
+    groups, checked = [], []
+
+    def on_block(i, calibrate):
+        roles = list(adapter.linears(i))
+        shared = SharedStats(roles, Hessian)
+        alone = {r: (ColumnNorms(), Hessian()) for r in roles}
+
+        def both(role, x):
+            shared(role, x)
+            for stat in alone[role]:
+                stat.add(x)
+
+        calibrate(both)
+        groups.append(shared.groups())
+        for r in roles:  # every layer's own statistic, from its own inputs, equals the shared one
+            assert torch.equal(shared[r].value(), alone[r][1].value())
+            checked.append(r)
+        with pytest.raises(KeyError):
+            shared["not-a-layer"]
+
+    run_sequential(model, adapter, ids, on_block, batch_size=2, progress=False, modifies=False)
+    assert len(checked) == 2 * len(adapter.linears(0))
+    if arch == "llama":  # q, k, v read one normed state; gate and up another
+        assert groups == [[["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]] * 2
+    else:  # GPT-2's fused c_attn: nothing to share
+        assert all(len(g) == 1 for gs in groups for g in gs)
+
+
+def test_shared_stats_never_group_equal_values_in_other_tensors_or_a_changed_tensor():
+    from layerprune.engine.sequential import ColumnNorms, SharedStats
+
+    x = torch.rand(6, 4)
+    stats = SharedStats(["a", "b", "c", "d", "e"], ColumnNorms)
+    stats("a", x)
+    stats("b", x.clone())  # equal values, another tensor
+    stats("c", x.detach())  # the same tensor as a's, but b came between: its own statistic
+    stats("d", x[:, :4])  # same storage, same view: shared with c, so with c's leader
+    before = x.clone()
+    x.add_(1.0)
+    stats("e", x)  # changed in place since: its own statistic
+    assert stats.groups() == [["a"], ["b"], ["c", "d"], ["e"]]
+    assert torch.equal(stats["e"].norms(), x.pow(2).sum(0).sqrt())
+    assert torch.equal(stats["c"].norms(), before.pow(2).sum(0).sqrt())
+    stats2 = SharedStats(["a", "b"], ColumnNorms)
+    stats2("a", x)
+    stats2("b", x)
+    stats2("a", x)
+    with pytest.raises(RuntimeError, match="shares its input differently"):
+        stats2("b", x.clone())

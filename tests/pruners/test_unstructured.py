@@ -237,3 +237,23 @@ def test_wanda_on_more_rows_than_one_slice_equals_a_row_by_row_reference(nm):
             expect.scatter_(1, torch.sort(groups, dim=1, stable=True).indices[:, :2], True)
             expect = expect.view(-1)
         assert torch.equal(mask[r], expect), r
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_lowest_mask_is_the_first_k_of_a_stable_sort_with_many_ties(per_row):
+    from layerprune.pruners.unstructured import lowest_mask
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randint(0, 5, (7, 23), generator=g).float()  # five values: ties everywhere
+    for k in (0, 1, 9, 11, 23 if per_row else 7 * 23 - 1):
+        mask = lowest_mask(scores, k, per_row)
+        expected = torch.zeros_like(mask)
+        if per_row:
+            for r in range(7):
+                order = sorted(range(23), key=lambda j: (float(scores[r, j]), j))
+                expected[r, order[:k]] = True
+        else:
+            flat = scores.reshape(-1).tolist()
+            for f in sorted(range(len(flat)), key=lambda f: (flat[f], f))[:k]:
+                expected[f // 23, f % 23] = True
+        assert torch.equal(mask, expected), k

@@ -236,8 +236,10 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        xtx = x.T @ x
-        self.H = xtx if self.H is None else self.H + xtx
+        if self.H is None:
+            self.H = x.T @ x
+        else:
+            self.H.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
     def value(self) -> torch.Tensor:
@@ -245,6 +247,51 @@ class Hessian:
             self.H, self.tokens = _over_ranks(self.H, self.tokens)
             self._reduced = True
         return self.H * (2.0 / self.tokens)
+
+
+class SharedStats:
+    """The statistics of a block's layers, one per distinct input: layers handed the very same tensor
+    in a forward (q, k and v read one normed hidden state; gate and up another) share one
+    ColumnNorms or Hessian, accumulated once. A calibration callback: `calibrate(stats)`, then
+    `stats[role]`. Layers that share a statistic are grouped by identity of the tensor (same storage,
+    offset, shape, strides and version, while the previous one is held so its memory cannot be
+    reused by another tensor), and must be grouped alike in every batch."""
+
+    def __init__(self, roles, make: Callable[[], object]):
+        self.make = make
+        self.roles = set(roles)
+        self.stats: dict[str, object] = {}
+        self.leader: dict[str, str] = {}
+        self._last: tuple[str, torch.Tensor, tuple] | None = None
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        # the version as it is now: a held tensor's counter moves with later in-place changes
+        return (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x._version)
+
+    def __call__(self, role: str, x: torch.Tensor) -> None:
+        if role not in self.roles:
+            return
+        last, key = self._last, self._key(x)
+        leader = self.leader.get(last[0], last[0]) if last is not None and last[2] == key else role
+        self._last = (role, x, key)
+        if self.leader.setdefault(role, leader) != leader:
+            raise RuntimeError(f"layer {role} shares its input differently between calibration batches")
+        if leader == role:
+            if role not in self.stats:
+                self.stats[role] = self.make()
+            self.stats[role].add(x)
+
+    def __getitem__(self, role: str):
+        self._last = None
+        return self.stats[self.leader[role]]
+
+    def groups(self) -> list[list[str]]:
+        """The roles that share a statistic, leader first."""
+        out: dict[str, list[str]] = {}
+        for role, leader in self.leader.items():
+            out.setdefault(leader, []).append(role)
+        return list(out.values())
 
 
 def _over_ranks(total: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:

@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..engine.levels import FORMAT, MANIFEST, LevelDatabase, pack, unpack
-from ..engine.sequential import ColumnNorms, Hessian, run_sequential
+from ..engine.sequential import ColumnNorms, Hessian, SharedStats, run_sequential
 from ..errors import LayerpruneError
 from ..registry import SPARSITY_PRUNERS
-from .unstructured import magnitude, sparsegpt, wanda
+from .unstructured import magnitude, sparsegpt, sparsegpt_factor, wanda
 
 
 @torch.no_grad()
@@ -75,8 +75,9 @@ def build_levels(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
 
-        def save_block(i: int, stats: dict | None) -> dict:
+        def save_block(i: int, stats: SharedStats | None) -> dict:
             tensors = {}
+            factors: dict[int, tuple] = {}  # sparsegpt: one factor per shared Hessian, for every level
             for role, layer in adapter.linears(i).items():
                 name = f"{i}.{role}"
                 if name not in sparsities:
@@ -89,7 +90,10 @@ def build_levels(
                     elif pruner == "wanda":
                         entry = pack(wanda(W, stats[role].norms(), s))
                     else:
-                        new, mask = sparsegpt(W, stats[role].value(), s)
+                        H = stats[role]
+                        if id(H) not in factors:
+                            factors[id(H)] = sparsegpt_factor(H.value())
+                        new, mask = sparsegpt(W, None, s, factor=factors[id(H)])
                         entry = new.masked_fill(mask, 0.0).to(W.dtype).contiguous().cpu()
                     tensors[f"{role}@{j}"] = entry
             save_file(tensors, str(tmp / f"block-{i}.safetensors"))
@@ -103,8 +107,8 @@ def build_levels(
 
             def on_block(i: int, calibrate) -> None:
                 roles = [r for r in adapter.linears(i) if f"{i}.{r}" in sparsities]
-                stats = {r: ColumnNorms() if pruner == "wanda" else Hessian() for r in roles}
-                calibrate(lambda role, x: stats[role].add(x) if role in stats else None)
+                stats = SharedStats(roles, ColumnNorms if pruner == "wanda" else Hessian)
+                calibrate(stats)
                 tensors = save_block(i, stats)
                 if inputs == "target":  # the next block sees this one pruned at the target
                     for role in roles:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.sequential import ColumnNorms, Hessian, run_sequential
+from ..engine.sequential import ColumnNorms, Hessian, SharedStats, run_sequential
 from ..errors import LayerpruneError
 from ..registry import SPARSITY_PRUNERS, nm_for
 
@@ -26,15 +26,27 @@ PRUNERS = SPARSITY_PRUNERS  # the names plans and the CLI use (registry.py); imp
 
 
 def lowest_mask(scores: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
-    """True at the k lowest scores of each row (per_row) or of the whole matrix; ties: lower index."""
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, even for W.T
+    """True at the k lowest scores of each row (per_row) or of the whole matrix; ties: lower index.
+
+    Exactly the first k of a stable sort, found by selection (kthvalue) instead of sorting: the
+    scores below the k-th value, then as many of those equal to it as are needed, lowest index first.
+    Four to six times faster than a sort for SparseGPT's per-block masks, two to three for Wanda's
+    rows, on CPU."""
     if k <= 0:
-        return mask
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if per_row:
-        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        return mask.scatter_(1, idx, True)
-    idx = torch.sort(scores.reshape(-1), stable=True).indices[:k]
-    return mask.view(-1).index_fill_(0, idx, True).view_as(scores)
+        kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+        mask = scores < kth
+        ties = scores == kth
+        need = k - mask.sum(1, keepdim=True)
+        return mask.logical_or_(ties.logical_and_(ties.cumsum(1) <= need))
+    flat = scores.reshape(-1)
+    kth = torch.kthvalue(flat, k).values
+    mask = flat < kth
+    need = k - int(mask.sum())
+    if need:
+        mask[(flat == kth).nonzero()[:need, 0]] = True
+    return mask.view(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -65,21 +77,14 @@ def wanda(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float, nm=
     return mask
 
 
-def sparsegpt(
-    weight: torch.Tensor,
-    H: torch.Tensor,
-    sparsity: float,
-    nm=None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new weight, mask). Our implementation of SparseGPT's column-block OBS reconstruction."""
-    W = weight.detach().float().clone()
+def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead) for SparseGPT: U the upper Cholesky factor of the dampened H^-1, dead the inputs
+    that never saw a nonzero value (their diagonal becomes 1, their weights 0). Layers fed the same
+    inputs (q, k and v; gate and up) and every level of one layer share one factor."""
     H = H.clone()
-    cols = W.shape[1]
+    cols = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -87,30 +92,58 @@ def sparsegpt(
         raise LayerpruneError(
             "the layer Hessian is not positive definite: use more calibration text"
         ) from None
+    return U, dead
+
+
+def sparsegpt(
+    weight: torch.Tensor,
+    H: torch.Tensor | None,
+    sparsity: float,
+    nm=None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    *,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new weight, mask). Our implementation of SparseGPT's column-block OBS reconstruction.
+
+    Column i of a block loses r = w_i - q_i (q_i: w_i with its pruned rows zeroed) and the columns
+    after it absorb r * U[i, i:] / U[i, i] (V below: U with unit diagonal, so column i itself
+    becomes q_i, pruned entries exactly 0). The block is worked on transposed, so that a column is a
+    contiguous row and its update one `addr_`; the later blocks get the block's removals at once,
+    R^T V. `factor`: a precomputed sparsegpt_factor(H) (H is then not read)."""
+    U, dead = factor if factor is not None else sparsegpt_factor(H, percdamp)
+    W = weight.detach().float().clone()
+    W[:, dead] = 0.0
+    cols = W.shape[1]
+    d = torch.diag(U)
+    V = U / d[:, None]
+    d2 = d.pow(2)  # [H[j:, j:]^-1]_00
     mask = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        d2 = torch.diag(U1).pow(2)
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
         if nm is None:
-            M1 = lowest_mask(W1.pow(2) / d2[None, :], int(W1.numel() * sparsity), per_row=False)
+            M = lowest_mask(
+                W[:, i1:i2].pow(2) / d2[None, i1:i2], int(W.shape[0] * (i2 - i1) * sparsity), False
+            )
+            Mt = M.T.contiguous()
         else:
-            M1 = torch.zeros_like(W1, dtype=torch.bool)
+            Mt = torch.zeros(i2 - i1, W.shape[0], dtype=torch.bool, device=W.device)
+        Wt = W[:, i1:i2].T.contiguous()  # a column per row
+        Mf = Mt.to(Wt.dtype)
+        Rt = torch.empty_like(Wt)  # what each weight lost: w - q
+        Vb = V[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                M1[:, i : i + nm[1]] = nm_mask(W1[:, i : i + nm[1]].pow(2) / d2[None, i : i + nm[1]], *nm)
-            w = W1[:, i]
-            q = w.masked_fill(M1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-        mask[:, i1:i2] = M1
+                g = slice(i, i + nm[1])
+                Mt[g] = nm_mask((Wt[g].pow(2) / d2[i1 + i : i1 + i + nm[1], None]).T, *nm).T
+                Mf[g] = Mt[g].to(Wt.dtype)
+            r = torch.mul(Wt[i], Mf[i], out=Rt[i])
+            Wt[i:].addr_(Vb[i, i:], r, alpha=-1.0)
+        W[:, i1:i2] = Wt.T
+        if i2 < cols:
+            W[:, i2:] -= Rt.T @ V[i1:i2, i2:]
+        mask[:, i1:i2] = Mt.T
     return W, mask
 
 
@@ -132,7 +165,7 @@ def prune(
         raise LayerpruneError(f"unknown pruner '{pruner}'; use one of {', '.join(PRUNERS)}")
     achieved: dict[str, float] = {}
 
-    def prune_layer(i: int, role: str, layer, stats) -> None:
+    def prune_layer(i: int, role: str, layer, stats, factors=None) -> None:
         name = f"{i}.{role}"
         s = targets[name]
         pattern = nm_for(s, nm) if nm else None
@@ -144,7 +177,9 @@ def prune(
             mask = wanda(W, stats.norms(), s, pattern)
             W.masked_fill_(mask, 0.0)
         else:
-            new, mask = sparsegpt(W, stats.value(), s, pattern)
+            if id(stats) not in factors:
+                factors[id(stats)] = sparsegpt_factor(stats.value())
+            new, mask = sparsegpt(W, None, s, pattern, factor=factors[id(stats)])
             W.copy_(new.masked_fill(mask, 0.0).to(W.dtype))
         achieved[name] = float((W == 0).float().mean())
 
@@ -156,10 +191,11 @@ def prune(
             for role, layer in layers.items():
                 prune_layer(i, role, layer, None)
             return
-        stats = {r: ColumnNorms() if pruner == "wanda" else Hessian() for r in layers}
-        calibrate(lambda role, x: stats[role].add(x) if role in stats else None)
+        stats = SharedStats(layers, ColumnNorms if pruner == "wanda" else Hessian)
+        calibrate(stats)
+        factors: dict[int, tuple] = {}  # sparsegpt: one factor per shared Hessian
         for role, layer in layers.items():
-            prune_layer(i, role, layer, stats[role])
+            prune_layer(i, role, layer, stats[role], factors)
 
     if pruner == "magnitude" or input_ids is None:  # magnitude needs no data
         if pruner != "magnitude":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.sequential import ColumnNorms, run_sequential
+from ..engine.sequential import ColumnNorms, SharedStats, run_sequential
 from .base import MethodScores
 
 
@@ -28,8 +28,8 @@ def score(
     ratios: list[float] = []
 
     def on_block(i, calibrate):
-        norms = {r: ColumnNorms() for r in adapter.roles}
-        calibrate(lambda role, x: norms[role].add(x))
+        norms = SharedStats(adapter.roles, ColumnNorms)
+        calibrate(norms)
         scores = torch.cat(
             [
                 (adapter.weight(layer).abs().float() * norms[r].norms()[None, :]).reshape(-1)

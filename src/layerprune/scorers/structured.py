@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.sequential import ColumnNorms, run_sequential
+from ..engine.sequential import ColumnNorms, SharedStats, run_sequential
 from ..errors import LayerpruneError
 from ..models.width import layout
 from .base import MethodScores
@@ -70,8 +70,8 @@ def structured_scores(model, adapter, windows, *, data: bool, owned: str, batch_
         return out
 
     def on_block(i, calibrate):
-        stats = {r: ColumnNorms() for r in adapter.roles}
-        calibrate(lambda role, x: stats[role].add(x) if role in stats else None)
+        stats = SharedStats(adapter.roles, ColumnNorms)
+        calibrate(stats)
         block_scores(i, stats)
 
     run_sequential(
