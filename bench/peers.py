@@ -68,23 +68,6 @@ ROWS = {
             ["--pruner", "sparsegpt", "--sparsity", "0.5", "--max-memory", STREAM],
         ),
     ],
-    # the streamed mode again, after it changed to malloc_trim per block (the rows above used a fixed mmap threshold)
-    "wanda-50-streamed": [
-        (
-            "layerprune streamed",
-            "layerprune",
-            ["--pruner", "wanda", "--sparsity", "0.5", "--max-memory", STREAM],
-        ),
-        ("llm-compressor", "llm-compressor", ["--method", "wanda", "--sparsity", "0.5"]),
-    ],
-    "sparsegpt-50-streamed": [
-        (
-            "layerprune streamed",
-            "layerprune",
-            ["--pruner", "sparsegpt", "--sparsity", "0.5", "--max-memory", STREAM],
-        ),
-        ("llm-compressor", "llm-compressor", ["--method", "sparsegpt", "--sparsity", "0.5"]),
-    ],
     "magnitude-50": [
         ("layerprune", "layerprune", ["--pruner", "magnitude", "--sparsity", "0.5"]),
         ("llm-compressor", "llm-compressor", ["--method", "magnitude", "--sparsity", "0.5"]),
@@ -122,13 +105,22 @@ ROWS = {
         ("llm-compressor", "llm-compressor", ["--method", "sparsegpt", "--sparsity", "0.5"]),
         ("reference loop", "reference", ["--method", "sparsegpt", "--sparsity", "0.5"]),
     ],
+    # the pitfall: every Linear but lm_head, where lm_head's weight is the input embedding
+    "wanda-50-all-linears": [
+        ("layerprune", "layerprune", ["--pruner", "wanda", "--sparsity", "0.5"]),
+        (
+            "llm-compressor all linears",
+            "llm-compressor",
+            ["--method", "wanda", "--sparsity", "0.5", "--targets", "linear"],
+        ),
+    ],
     "width-20": [  # layerprune's widths are set from what Torch-Pruning removed (same block parameters)
         ("torch-pruning", "torch-pruning", ["--ratio", str(TP_RATIO)]),
         ("layerprune wanda-sp", "layerprune", ["--pruner", "wanda-sp", "--width", "TP"]),
         ("layerprune magnitude-sp", "layerprune", ["--pruner", "magnitude-sp", "--width", "TP"]),
     ],
 }
-TIMED = ("wanda-50", "sparsegpt-50", "wanda-50-streamed", "sparsegpt-50-streamed")
+TIMED = ("wanda-50", "sparsegpt-50")
 RUNNERS = {
     "layerprune": HERE / "peers" / "run_layerprune.py",
     "llm-compressor": HERE / "peers" / "run_llmcompressor.py",
@@ -238,8 +230,12 @@ def evaluate(folder: Path, heldout_windows: int) -> dict:
     params = {id(p): p for p in lm.model.parameters()}.values()
     blocks = [p for b in lm.adapter.blocks for p in b.parameters()]
     linears = [m.weight for b in lm.adapter.blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    emb, head = lm.model.get_input_embeddings().weight, lm.model.get_output_embeddings().weight
     row = {
         "heldout_ppl": ppl,
+        "embedding_sparsity": float((emb == 0).float().mean()),
+        "lm_head_sparsity": float((head == 0).float().mean()),
+        "lm_head_tied_to_embedding": head.data_ptr() == emb.data_ptr(),
         "params": sum(p.numel() for p in params),
         "block_params": sum(p.numel() for p in blocks),
         "block_linear_sparsity": sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears),

@@ -90,6 +90,8 @@ def main() -> None:
         "--sparsegpt-max-levels", type=int, default=4, help="SparseGPT: its levels are full weights"
     )
     ap.add_argument("--heldout-windows", type=int, default=8)
+    ap.add_argument("--fitness-samples", type=int, default=16, help="sparsity searches: fitness windows")
+    ap.add_argument("--fitness-seqlen", type=int, default=128, help="sparsity searches: their length")
     ap.add_argument(
         "--redo", default="", help="rows to measure again, e.g. wanda-0.7 (its store resumes the search)"
     )
@@ -157,8 +159,8 @@ def main() -> None:
         levels = args.sparsegpt_max_levels if pruner == "sparsegpt" else args.max_levels
         m = load()
         t0 = time.perf_counter()
-        plan = lp.plan(m, sparsity=target, allocation="search", pruner=pruner, calib=calib, fitness_samples=16,
-                       fitness_seqlen=128, generations=args.generations, offspring=args.offspring, max_levels=levels,
+        plan = lp.plan(m, sparsity=target, allocation="search", pruner=pruner, calib=calib, fitness_samples=args.fitness_samples,
+                       fitness_seqlen=args.fitness_seqlen, generations=args.generations, offspring=args.offspring, max_levels=levels,
                        levels_db=str(work / f"levels-{pruner}-{target}"), store=str(work / f"{key}.sqlite"),
                        log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
         plan_seconds = time.perf_counter() - t0
@@ -188,6 +190,8 @@ def main() -> None:
             "plan_seconds_with_database_and_seeds": plan_seconds,
             "level_database_bytes": e["level_database"]["bytes"], "level_database_kind": e["level_database"]["kind"],
             "database_over_linear_weights": e["level_database"]["bytes"] / model_bytes,
+            "fitness": {"samples": args.fitness_samples, "seqlen": args.fitness_seqlen,
+                        "stage_windows": plan.params.get("stage_windows")},
             "achieved": plan.params["achieved"], "max_levels": levels, "level_step": plan.params["level_step_weights"],
         })  # fmt: skip
         print(

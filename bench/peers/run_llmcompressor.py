@@ -2,7 +2,7 @@
 bench/peers/llmcompressor.txt, never by ours.
 
     python run_llmcompressor.py --model DIR --ids ids.pt --out OUT --result R.json
-        --method wanda|sparsegpt|magnitude --sparsity S [--nm 2:4] [--owl M,LAMBDA]
+        --method wanda|sparsegpt|magnitude --sparsity S [--nm 2:4] [--owl M,LAMBDA] [--targets linear]
 
 The recipe is the one of llm-compressor's own examples: the modifier with
 targets = the decoder layers (re:model.layers.\\d*$), so lm_head and the tied embedding stay dense;
@@ -29,21 +29,24 @@ from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier  # noqa:
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 LAYERS = [r"re:model.layers.\d*$"]
+# --targets linear: every Linear but lm_head, as a user would write it from the modifier's docs
+ALL_LINEARS = {"targets": ["Linear"], "ignore": ["lm_head"]}
 
 
 def recipe(a):
     structure = a.nm or "0:0"
+    where = ALL_LINEARS if a.targets == "linear" else {"targets": LAYERS}
     owl = {}
     if a.owl:
         m, lam = (float(x) for x in a.owl.split(","))
         owl = {"sparsity_profile": "owl", "owl_m": int(m), "owl_lmbda": lam}
     if a.method == "wanda":
-        return WandaPruningModifier(sparsity=a.sparsity, mask_structure=structure, targets=LAYERS, **owl)
+        return WandaPruningModifier(sparsity=a.sparsity, mask_structure=structure, **where, **owl)
     if a.method == "sparsegpt":
         return SparseGPTModifier(
             sparsity=a.sparsity,
             mask_structure=structure,
-            targets=LAYERS,
+            **where,
             block_size=128,
             dampening_frac=0.01,
             **owl,
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, required=True)
     ap.add_argument("--nm")
     ap.add_argument("--owl")
+    ap.add_argument("--targets", choices=("layers", "linear"), default="layers")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ph = Phases(T0)
