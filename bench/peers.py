@@ -517,7 +517,9 @@ def markdown(doc: dict) -> str:
         "| row | tool | held-out ppl | params (M) | block sparsity | wall s | peak RSS GB | step s | masks = layerprune |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for rid, row in doc.get("rows", {}).items():
+    rows = doc.get("rows", {})
+    for rid in sorted(rows, key=lambda r: list(ROWS).index(r) if r in ROWS else len(ROWS)):
+        row = rows[rid]
         for label, ev in row["eval"].items():
             runs = row["runs"][label]
             wall = statistics.median(r["wall_s"] for r in runs)

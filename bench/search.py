@@ -93,6 +93,11 @@ def main() -> None:
     ap.add_argument("--fitness-samples", type=int, default=16, help="sparsity searches: fitness windows")
     ap.add_argument("--fitness-seqlen", type=int, default=128, help="sparsity searches: their length")
     ap.add_argument(
+        "--suffix",
+        default="",
+        help="appended to the sparsity rows' keys, e.g. -fit512 (a variant beside the row)",
+    )
+    ap.add_argument(
         "--redo", default="", help="rows to measure again, e.g. wanda-0.7 (its store resumes the search)"
     )
     ap.add_argument("--quiet", action="store_true")
@@ -135,7 +140,7 @@ def main() -> None:
     })  # fmt: skip
     calib = lp.calibration(lm, CALIB, samples=16, seqlen=seqlen, kind="sparsity")
     for pruner, target in SPARSITY:
-        key = f"{pruner}-{target}"
+        key = f"{pruner}-{target}{args.suffix}"
         if key in section or (only and key not in only):
             continue
         base = {}
