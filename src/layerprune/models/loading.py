@@ -111,9 +111,8 @@ def load_config(name: str, quiet: bool = False):
             doc = json.loads((path / "config.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             doc = None  # transformers' reading below says what is wrong
-        if (
-            isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE
-        ):  # DeciLM / Nemotron-NAS: read natively, no remote code
+        # DeciLM / Nemotron-NAS: read natively, no remote code
+        if isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE:
             config = llama_config(doc, f"{name}/config.json")
             spec_for(config)
             return config

@@ -191,6 +191,12 @@ class Deployable:
         cost = lambda o: o[0] * b.group_params + o[1] * b.channel_params  # noqa: E731
         return sorted(out, key=lambda o: (cost(o), o))
 
+    def _menu(self, i: int, b: BlockBudget, table: dict | None, at: int) -> list[tuple]:
+        """(removed parameters, lost score, option) for every option of block i; the scores are those
+        of block `at` of `table` (none: 0)."""
+        lost = _removed_scores(table, at, b) if table is not None else (lambda o: 0.0)
+        return [(o[0] * b.group_params + o[1] * b.channel_params, lost(o), o) for o in self.options(i, b)]
+
     def decision(
         self,
         rates: list[float],
@@ -210,11 +216,7 @@ class Deployable:
             raise LayerpruneError(f"{len(rates)} rates for {len(blocks)} blocks; give one rate per block")
         menus, chosen = [], []  # per block: [(cost, lost score, option)], and the chosen one
         for i, (r, b) in enumerate(zip(rates, blocks)):
-            lost = _removed_scores(table, i, b) if table is not None else (lambda o: 0.0)
-            menu = [
-                (o[0] * b.group_params + o[1] * b.channel_params, lost(o), o)
-                for o in self.options(i + first, b)
-            ]
+            menu = self._menu(i + first, b, table, i)
             step = self.channel_multiple * b.channel_params
             menus.append(menu)
             if not position:
@@ -258,12 +260,8 @@ class Deployable:
         search starts from the allocations' deployable decisions themselves."""
         rates = []
         for i, (o, b) in enumerate(zip(decision, blocks)):
-            lost = _removed_scores(table, i, b) if table is not None else (lambda o: 0.0)
             cost = o[0] * b.group_params + o[1] * b.channel_params
-            menu = [
-                (g * b.group_params + c * b.channel_params, lost((g, c)), (g, c))
-                for g, c in self.options(i, b)
-            ]
+            menu = self._menu(i, b, table, i)
             same = sorted((e for e in menu if e[0] == cost), key=lambda e: e[1:])
             j = [e[2] for e in same].index(tuple(o))
             step = self.channel_multiple * b.channel_params

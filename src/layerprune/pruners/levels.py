@@ -31,7 +31,7 @@ from ..engine.levels import FORMAT, MANIFEST, LevelDatabase, pack, unpack
 from ..engine.sequential import ColumnNorms, Hessian, SharedStats, run_sequential
 from ..errors import LayerpruneError
 from ..registry import SPARSITY_PRUNERS
-from .unstructured import magnitude, sparsegpt, sparsegpt_factor, wanda
+from .unstructured import magnitude, shared_factor, sparsegpt, wanda
 
 
 @torch.no_grad()
@@ -90,10 +90,7 @@ def build_levels(
                     elif pruner == "wanda":
                         entry = pack(wanda(W, stats[role].norms(), s))
                     else:
-                        H = stats[role]
-                        if id(H) not in factors:
-                            factors[id(H)] = sparsegpt_factor(H.value())
-                        new, mask = sparsegpt(W, None, s, factor=factors[id(H)])
+                        new, mask = sparsegpt(W, None, s, factor=shared_factor(stats[role], factors))
                         entry = new.masked_fill(mask, 0.0).to(W.dtype).contiguous().cpu()
                     tensors[f"{role}@{j}"] = entry
             save_file(tensors, str(tmp / f"block-{i}.safetensors"))

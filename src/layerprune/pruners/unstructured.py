@@ -95,6 +95,14 @@ def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Ten
     return U, dead
 
 
+def shared_factor(hessian, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparsegpt_factor of a Hessian statistic, computed once per statistic object: layers that share
+    one through SharedStats, and every level of a layer, reuse it from `cache`."""
+    if id(hessian) not in cache:
+        cache[id(hessian)] = sparsegpt_factor(hessian.value())
+    return cache[id(hessian)]
+
+
 def sparsegpt(
     weight: torch.Tensor,
     H: torch.Tensor | None,
@@ -177,9 +185,7 @@ def prune(
             mask = wanda(W, stats.norms(), s, pattern)
             W.masked_fill_(mask, 0.0)
         else:
-            if id(stats) not in factors:
-                factors[id(stats)] = sparsegpt_factor(stats.value())
-            new, mask = sparsegpt(W, None, s, pattern, factor=factors[id(stats)])
+            new, mask = sparsegpt(W, None, s, pattern, factor=shared_factor(stats, factors))
             W.copy_(new.masked_fill(mask, 0.0).to(W.dtype))
         achieved[name] = float((W == 0).float().mean())
 
