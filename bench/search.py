@@ -18,7 +18,9 @@ disk against the model's linear weights (fp32).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ SPARSITY = [
 ]
 DEPTH = (6, 9)
 DEPTH_BASELINES = ("ppl", "sleb", "shapley", "bi", "angular")
+EXHAUSTIVE = 2000  # --transfer evaluates every removal set when there are at most this many
 
 
 def markdown(doc: dict) -> str:
@@ -76,6 +79,77 @@ def markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
+def transfer(lm, load, row: dict, baselines: dict, seqlen: int) -> dict:
+    """Does the fitness rank the depth sets as the held-out text does? Each set (the searched one
+    and every baseline's) on the search's own fitness windows (16 x 128 of the calibration text, the
+    same draw), on 16 x 512 of it (the context, if shorter), and held out on the protocol's 8 windows and on 64."""
+    from layerprune.engine.masked import MaskEvaluator
+    from layerprune.planners.width_search import fitness_calibration
+    from layerprune.plans import DepthPlan
+    from layerprune.scorers.run import model_info
+
+    k = row["remove"]
+    sets = {"searched": row["blocks"]}
+    for method in row["baselines_heldout_ppl"]:
+        got = baselines.get("depth", {}).get(f"{method}-{k}")
+        if got is not None:
+            sets[method] = got["blocks"]
+    base = lp.calibration(lm, CALIB, kind="depth")  # the windows the search's fitness is drawn like
+    L = lm.adapter.num_blocks
+    masks = [[0 if str(j) in s else 1 for j in range(L)] for s in sets.values()]
+    out = {name: {"blocks": blocks} for name, blocks in sets.items()}
+    long = min(512, lm.adapter.context_length or 512)
+    for label, n, sl in (("fitness_ppl_16x128", 16, 128), (f"calibration_ppl_16x{long}", 16, long)):
+        fw = fitness_calibration(lm, base, n, sl)
+        ev = MaskEvaluator(
+            lm.model, lm.adapter, fw.input_ids, granularity="block", batch_size=8, progress=False
+        )
+        for name, v in zip(sets, ev.ppl(masks)):
+            out[name][label] = v
+    if math.comb(L, k) <= EXHAUSTIVE:  # every set: is the search's set the fitness optimum, and where
+        # does the held-out text rank the fitness optimum and the searched set?
+        from scipy.stats import spearmanr
+
+        from layerprune.data.text import load_text
+        from layerprune.data.windows import default_bos, eval_windows
+
+        fw = fitness_calibration(lm, base, 16, 128)
+        held = eval_windows(
+            lm.tokenizer, load_text(HELDOUT, "test"), seqlen, default_bos(lm.tokenizer, lm.adapter), 8
+        )
+        combos = list(itertools.combinations(range(L), k))
+        every = [[0 if j in c else 1 for j in range(L)] for c in combos]
+        fit, hel = (
+            MaskEvaluator(
+                lm.model, lm.adapter, w.input_ids, granularity="block", batch_size=8, progress=False
+            ).ppl(every)
+            for w in (fw, held)
+        )
+        fit, hel = list(fit), list(hel)
+        searched = combos.index(tuple(sorted(int(b) for b in row["blocks"])))
+        best_fit = min(range(len(combos)), key=fit.__getitem__)
+        best_held = min(range(len(combos)), key=hel.__getitem__)
+        out["exhaustive"] = {
+            "sets": len(combos),
+            "fitness_optimum": {"blocks": [str(j) for j in combos[best_fit]], "fitness_ppl_16x128": fit[best_fit],
+                                "heldout_ppl_8": hel[best_fit]},
+            "heldout_optimum": {"blocks": [str(j) for j in combos[best_held]], "fitness_ppl_16x128": fit[best_held],
+                                "heldout_ppl_8": hel[best_held]},
+            "searched_fitness_rank": 1 + sum(v < fit[searched] for v in fit),
+            "searched_heldout_rank": 1 + sum(v < hel[searched] for v in hel),
+            "fitness_vs_heldout_spearman": float(spearmanr(fit, hel).statistic),
+            "note": "held-out here through the mask evaluator on the protocol's 8 windows (the same NLL as apply + perplexity)",
+        }  # fmt: skip
+    for name, blocks in sets.items():
+        m = load()
+        plan = DepthPlan(model=model_info(lm), method="manual", remove=list(blocks))
+        lp.apply(m, plan)
+        for windows in (8, 64):
+            ppl = lp.perplexity(m, HELDOUT, seqlen=seqlen, max_windows=windows, progress=False).ppl
+            out[name][f"heldout_ppl_{windows}"] = ppl
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -93,12 +167,21 @@ def main() -> None:
     ap.add_argument("--fitness-samples", type=int, default=16, help="sparsity searches: fitness windows")
     ap.add_argument("--fitness-seqlen", type=int, default=128, help="sparsity searches: their length")
     ap.add_argument(
+        "--granularity", default="layer", help="sparsity searches: one level per linear layer or per block"
+    )
+    ap.add_argument(
         "--suffix",
         default="",
         help="appended to the sparsity rows' keys, e.g. -fit512 (a variant beside the row)",
     )
     ap.add_argument(
         "--redo", default="", help="rows to measure again, e.g. wanda-0.7 (its store resumes the search)"
+    )
+    ap.add_argument(
+        "--transfer",
+        action="store_true",
+        help="depth rows: every set (searched, baselines) on the search's fitness windows, on 16 x 512 "
+        "of the calibration text and on 8 / 64 held-out windows; written into the row, then stop",
     )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
@@ -125,10 +208,10 @@ def main() -> None:
     def heldout(lm) -> float:
         return lp.perplexity(lm, HELDOUT, seqlen=seqlen, max_windows=args.heldout_windows, progress=False).ppl
 
-    def put(key, row):  # re-read first: the other model's run may write the same file meanwhile
+    def put(key, row):  # re-read first and write this row only: another run may write the file meanwhile
         section[key] = row
         fresh = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        fresh[args.model] = section
+        fresh.setdefault(args.model, {}).update({"protocol": section["protocol"], key: row})
         write(fresh, RESULTS)
 
     lm = load()
@@ -138,6 +221,11 @@ def main() -> None:
         "apply_calibration": {"samples": 16, "seqlen": seqlen}, "fitness": {"samples": 16, "seqlen": 128},
         "offspring": args.offspring, "survivors": [4, 1], "linear_weights_bytes_fp32": model_bytes,
     })  # fmt: skip
+    if args.transfer:
+        for key in [k for k in section if k.startswith("depth-") and (not only or k in only)]:
+            put(key, {**section[key], "transfer": transfer(lm, load, section[key], baselines, seqlen)})
+            print(key, json.dumps(section[key]["transfer"], indent=1), flush=True)
+        return
     calib = lp.calibration(lm, CALIB, samples=16, seqlen=seqlen, kind="sparsity")
     for pruner, target in SPARSITY:
         key = f"{pruner}-{target}{args.suffix}"
@@ -166,7 +254,8 @@ def main() -> None:
         t0 = time.perf_counter()
         plan = lp.plan(m, sparsity=target, allocation="search", pruner=pruner, calib=calib, fitness_samples=args.fitness_samples,
                        fitness_seqlen=args.fitness_seqlen, generations=args.generations, offspring=args.offspring, max_levels=levels,
-                       levels_db=str(work / f"levels-{pruner}-{target}"), store=str(work / f"{key}.sqlite"),
+                       granularity=args.granularity,
+                       levels_db=str(work / f"levels-{pruner}-{target}{'' if args.granularity == 'layer' else '-block'}"), store=str(work / f"{key}.sqlite"),
                        log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
         plan_seconds = time.perf_counter() - t0
         plan.save(work / f"{key}.plan.json")
@@ -195,6 +284,7 @@ def main() -> None:
             "plan_seconds_with_database_and_seeds": plan_seconds,
             "level_database_bytes": e["level_database"]["bytes"], "level_database_kind": e["level_database"]["kind"],
             "database_over_linear_weights": e["level_database"]["bytes"] / model_bytes,
+            "granularity": args.granularity,
             "fitness": {"samples": args.fitness_samples, "seqlen": args.fitness_seqlen,
                         "stage_windows": plan.params.get("stage_windows")},
             "achieved": plan.params["achieved"], "max_levels": levels, "level_step": plan.params["level_step_weights"],
