@@ -46,6 +46,7 @@ SPARSITY = [
 DEPTH = (6, 9)
 DEPTH_BASELINES = ("ppl", "sleb", "shapley", "bi", "angular")
 EXHAUSTIVE = 2000  # --transfer evaluates every removal set when there are at most this many
+FITNESS_SIZES = (16, 64)  # ... under fitness sets of these many 128-token windows
 
 
 def markdown(doc: dict) -> str:
@@ -113,33 +114,35 @@ def transfer(lm, load, row: dict, baselines: dict, seqlen: int) -> dict:
         from layerprune.data.text import load_text
         from layerprune.data.windows import default_bos, eval_windows
 
-        fw = fitness_calibration(lm, base, 16, 128)
         held = eval_windows(
             lm.tokenizer, load_text(HELDOUT, "test"), seqlen, default_bos(lm.tokenizer, lm.adapter), 8
         )
         combos = list(itertools.combinations(range(L), k))
         every = [[0 if j in c else 1 for j in range(L)] for c in combos]
-        fit, hel = (
-            MaskEvaluator(
-                lm.model, lm.adapter, w.input_ids, granularity="block", batch_size=8, progress=False
-            ).ppl(every)
-            for w in (fw, held)
-        )
-        fit, hel = list(fit), list(hel)
+
+        def ppl_of_every(ids):
+            ev = MaskEvaluator(lm.model, lm.adapter, ids, granularity="block", batch_size=8, progress=False)
+            return list(ev.ppl(every))
+
+        hel = ppl_of_every(held.input_ids)
         searched = combos.index(tuple(sorted(int(b) for b in row["blocks"])))
-        best_fit = min(range(len(combos)), key=fit.__getitem__)
         best_held = min(range(len(combos)), key=hel.__getitem__)
-        out["exhaustive"] = {
+        rank = lambda v, i: 1 + sum(x < v[i] for x in v)  # noqa: E731
+        ex = out["exhaustive"] = {
             "sets": len(combos),
-            "fitness_optimum": {"blocks": [str(j) for j in combos[best_fit]], "fitness_ppl_16x128": fit[best_fit],
-                                "heldout_ppl_8": hel[best_fit]},
-            "heldout_optimum": {"blocks": [str(j) for j in combos[best_held]], "fitness_ppl_16x128": fit[best_held],
-                                "heldout_ppl_8": hel[best_held]},
-            "searched_fitness_rank": 1 + sum(v < fit[searched] for v in fit),
-            "searched_heldout_rank": 1 + sum(v < hel[searched] for v in hel),
-            "fitness_vs_heldout_spearman": float(spearmanr(fit, hel).statistic),
-            "note": "held-out here through the mask evaluator on the protocol's 8 windows (the same NLL as apply + perplexity)",
+            "heldout_optimum": {"blocks": [str(j) for j in combos[best_held]], "heldout_ppl_8": hel[best_held]},
+            "searched_heldout_rank": rank(hel, searched),
+            "note": "held-out through the mask evaluator on the protocol's 8 windows (the NLL of apply + perplexity); "
+                    "fitness_N: the search's fitness on N windows of 128 tokens of the calibration text (N = 16: its own)",
         }  # fmt: skip
+        for n in FITNESS_SIZES:
+            fit = ppl_of_every(fitness_calibration(lm, base, n, 128).input_ids)
+            best = min(range(len(combos)), key=fit.__getitem__)
+            ex[f"fitness_{n}"] = {
+                "optimum": [str(j) for j in combos[best]], "optimum_heldout_ppl_8": hel[best],
+                "optimum_heldout_rank": rank(hel, best), "searched_rank": rank(fit, searched),
+                "spearman_to_heldout": float(spearmanr(fit, hel).statistic),
+            }  # fmt: skip
     for name, blocks in sets.items():
         m = load()
         plan = DepthPlan(model=model_info(lm), method="manual", remove=list(blocks))
