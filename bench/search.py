@@ -153,6 +153,29 @@ def transfer(lm, load, row: dict, baselines: dict, seqlen: int) -> dict:
     return out
 
 
+def shift(lm, row: dict, windows: int, seqlen: int) -> dict:
+    """Is the gap between fitness and held-out a difference between the two texts? Every set of the
+    row's transfer on the first `windows` windows of `seqlen` tokens of the calibration text and of the
+    held-out text (the mask evaluator: the NLL of apply + perplexity)."""
+    from layerprune.data.text import load_text
+    from layerprune.data.windows import default_bos, eval_windows
+    from layerprune.engine.masked import MaskEvaluator
+
+    sets = {name: r["blocks"] for name, r in row["transfer"].items() if name != "exhaustive"}
+    L = lm.adapter.num_blocks
+    masks = [[0 if str(j) in s else 1 for j in range(L)] for s in sets.values()]
+    out = {name: {} for name in sets}
+    bos = default_bos(lm.tokenizer, lm.adapter)
+    for label, source, split in (("calibration", CALIB, "val"), ("heldout", HELDOUT, "test")):
+        w = eval_windows(lm.tokenizer, load_text(source, split), seqlen, bos, windows)
+        ev = MaskEvaluator(
+            lm.model, lm.adapter, w.input_ids, granularity="block", batch_size=8, progress=False
+        )
+        for name, v in zip(sets, ev.ppl(masks)):
+            out[name][f"{label}_ppl_{w.input_ids.shape[0]}x{seqlen}"] = v
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -185,6 +208,14 @@ def main() -> None:
         action="store_true",
         help="depth rows: every set (searched, baselines) on the search's fitness windows, on 16 x 512 "
         "of the calibration text and on 8 / 64 held-out windows; written into the row, then stop",
+    )
+    ap.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        metavar="N",
+        help="depth rows with a transfer: every set on N windows of the calibration text and N of the "
+        "held-out text; written into the row as transfer_shift, then stop",
     )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
@@ -228,6 +259,15 @@ def main() -> None:
         for key in [k for k in section if k.startswith("depth-") and (not only or k in only)]:
             put(key, {**section[key], "transfer": transfer(lm, load, section[key], baselines, seqlen)})
             print(key, json.dumps(section[key]["transfer"], indent=1), flush=True)
+        return
+    if args.shift:
+        for key in [
+            k
+            for k in section
+            if k.startswith("depth-") and "transfer" in section[k] and (not only or k in only)
+        ]:
+            put(key, {**section[key], "transfer_shift": shift(lm, section[key], args.shift, seqlen)})
+            print(key, json.dumps(section[key]["transfer_shift"], indent=1), flush=True)
         return
     calib = lp.calibration(lm, CALIB, samples=16, seqlen=seqlen, kind="sparsity")
     for pruner, target in SPARSITY:
