@@ -350,3 +350,29 @@ def test_the_surrogate_fits_a_real_llm_game_whose_utilities_span_six_decades():
     top = set(torch.argsort(direct, descending=True)[:2].tolist())
     assert set(torch.argsort(phi, descending=True)[:2].tolist()) == top == {0, 1}
     assert scipy.stats.spearmanr(phi.numpy(), direct.numpy()).statistic > 0.6
+
+
+def test_the_surrogate_is_the_same_bits_under_any_thread_count_and_restores_the_callers():
+    """torchrun gives each rank one thread, a lone process all cores: the surrogate's fit and its
+    predictions must not depend on that (a float reduction's order does), and the caller's thread
+    count comes back. Reference: the fit made inside an explicit single-thread region."""
+    from layerprune.scorers.shapley.game import stratified_contributions
+    from layerprune.scorers.shapley.surrogate import fit_surrogate
+
+    L = 30
+    masks = torch.tensor(stratified_masks(L, [28, 26, 24, 21, 19], 200, seed=0), dtype=torch.float64)
+    values = torch.exp(-(1 - masks).sum(1) / 10)
+    fresh = torch.tensor(stratified_masks(L, [28, 26, 24, 21, 19], 4000, seed=1), dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            fit = fit_surrogate(masks, values, epochs=300)
+            assert torch.get_num_threads() == threads
+            runs.append((fit(fresh), stratified_contributions(fit, fresh)))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for pred, phi in runs[1:]:
+        assert torch.equal(pred, runs[0][0]) and torch.equal(phi, runs[0][1])

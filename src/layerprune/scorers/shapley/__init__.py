@@ -32,7 +32,7 @@ from .game import (
     stratified_contributions,
 )
 from .masks import check_strata, default_strata, stratified_masks
-from .surrogate import fit_surrogate
+from .surrogate import fit_surrogate, one_thread
 
 ESTIMATORS = ("stratified", "shapley", "kernel", "exact")
 EXACT_MAX_L = 16
@@ -124,20 +124,22 @@ def score(
             fresh = stratified_masks(
                 L, strata, min(surrogate_samples, sum(math.comb(L, k) for k in strata)), seed + 1
             )
-            phi = stratified_contributions(fit, torch.tensor(fresh, dtype=torch.float64))
+            with one_thread():  # the same bits under torchrun's one thread per rank
+                phi = stratified_contributions(fit, torch.tensor(fresh, dtype=torch.float64))
         else:
             mode = sampler if sampler != "auto" else ("enumerate" if L <= EXACT_MAX_L else "permutation")
             extra["sampler"] = mode
-            if mode == "enumerate":
-                phi = exact_shapley(fit(all_masks(L)), L)
-            elif mode == "permutation":
-                phi = permutation_shapley(fit, L, surrogate_samples, g)
-            elif mode == "kernel":
-                phi = kernel_shap(fit, L, surrogate_samples, g)
-            else:
-                raise LayerpruneError(
-                    f"unknown sampler '{sampler}'; use auto, enumerate, permutation or kernel"
-                )
+            with one_thread():
+                if mode == "enumerate":
+                    phi = exact_shapley(fit(all_masks(L)), L)
+                elif mode == "permutation":
+                    phi = permutation_shapley(fit, L, surrogate_samples, g)
+                elif mode == "kernel":
+                    phi = kernel_shap(fit, L, surrogate_samples, g)
+                else:
+                    raise LayerpruneError(
+                        f"unknown sampler '{sampler}'; use auto, enumerate, permutation or kernel"
+                    )
     extra["evaluations"] = evaluator.distinct_masks
     extra["evaluations_this_run"] = evaluator.evaluations
     extra["block_calls"] = evaluator.runner.block_calls  # (block, micro-batch) forwards run

@@ -17,17 +17,32 @@ Schedules:
 - "reference": the reference's epochs, batch and learning rate, exactly.
 A held-out fraction of the masks measures the fit: R^2 and Spearman's rho (ties: mean ranks) on
 masks it never saw.
-Training is seeded and runs on CPU (a second or two); prediction is batched.
+Training is seeded and runs on CPU (a second or two); prediction is batched. Both run on one thread
+(`one_thread`): a float reduction's order depends on the thread count, and torchrun gives each rank
+one thread where a lone process has all cores, so a fit on "all threads" differed between the two
+in the 12th digit. On one thread the fit and every prediction are the same bits in any process.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ...errors import LayerpruneError
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread inside (a decorator too), the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -40,6 +55,7 @@ class SurrogateFit:
     heldout_index: torch.Tensor | None = None  # rows of the fitted masks that measured r2 / spearman
     lr: float | None = None  # the learning rate whose fit was kept
 
+    @one_thread()
     @torch.no_grad()
     def __call__(self, masks: torch.Tensor) -> torch.Tensor:
         out = [self.model(chunk.float()).squeeze(-1).double() for chunk in masks.split(65536)]
@@ -91,6 +107,7 @@ def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - ((pred - target) ** 2).sum() / ((target - target.mean()) ** 2).sum())
 
 
+@one_thread()
 def fit_surrogate(
     masks: torch.Tensor,
     values: torch.Tensor,
