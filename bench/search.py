@@ -153,26 +153,33 @@ def transfer(lm, load, row: dict, baselines: dict, seqlen: int) -> dict:
     return out
 
 
-def shift(lm, row: dict, windows: int, seqlen: int) -> dict:
-    """Is the gap between fitness and held-out a difference between the two texts? Every set of the
-    row's transfer on the first `windows` windows of `seqlen` tokens of the calibration text and of the
-    held-out text (the mask evaluator: the NLL of apply + perplexity)."""
+def sets_ppl(lm, sets: dict, source: str, windows: int, seqlen: int) -> tuple[str, dict]:
+    """Perplexity without each removal set on the first `windows` windows of `seqlen` tokens of the
+    text (the mask evaluator: the NLL of apply + perplexity); the label names the windows."""
     from layerprune.data.text import load_text
     from layerprune.data.windows import default_bos, eval_windows
     from layerprune.engine.masked import MaskEvaluator
 
-    sets = {name: r["blocks"] for name, r in row["transfer"].items() if name != "exhaustive"}
     L = lm.adapter.num_blocks
     masks = [[0 if str(j) in s else 1 for j in range(L)] for s in sets.values()]
+    w = eval_windows(
+        lm.tokenizer, load_text(source, source.rsplit(":", 1)[-1]), seqlen,
+        default_bos(lm.tokenizer, lm.adapter), windows,
+    )  # fmt: skip
+    ev = MaskEvaluator(lm.model, lm.adapter, w.input_ids, granularity="block", batch_size=8, progress=False)
+    return f"{w.input_ids.shape[0]}x{seqlen}", dict(zip(sets, ev.ppl(masks)))
+
+
+def shift(lm, row: dict, windows: int, seqlen: int) -> dict:
+    """Is the gap between fitness and held-out a difference between the two texts? Every set of the
+    row's transfer on the first `windows` windows of `seqlen` tokens of the calibration text and of the
+    held-out text."""
+    sets = {name: r["blocks"] for name, r in row["transfer"].items() if name != "exhaustive"}
     out = {name: {} for name in sets}
-    bos = default_bos(lm.tokenizer, lm.adapter)
-    for label, source, split in (("calibration", CALIB, "val"), ("heldout", HELDOUT, "test")):
-        w = eval_windows(lm.tokenizer, load_text(source, split), seqlen, bos, windows)
-        ev = MaskEvaluator(
-            lm.model, lm.adapter, w.input_ids, granularity="block", batch_size=8, progress=False
-        )
-        for name, v in zip(sets, ev.ppl(masks)):
-            out[name][f"{label}_ppl_{w.input_ids.shape[0]}x{seqlen}"] = v
+    for label, source in (("calibration", CALIB), ("heldout", HELDOUT)):
+        size, ppl = sets_ppl(lm, sets, source, windows, seqlen)
+        for name, v in ppl.items():
+            out[name][f"{label}_ppl_{size}"] = v
     return out
 
 
@@ -216,6 +223,23 @@ def main() -> None:
         metavar="N",
         help="depth rows with a transfer: every set on N windows of the calibration text and N of the "
         "held-out text; written into the row as transfer_shift, then stop",
+    )
+    ap.add_argument("--depth-fitness-samples", type=int, default=16, help="depth searches: fitness windows")
+    ap.add_argument("--depth-fitness-seqlen", type=int, default=128, help="depth searches: their length")
+    ap.add_argument(
+        "--depth-survivors", default="4", help="depth searches: children kept after each stage but the last"
+    )
+    ap.add_argument(
+        "--depth-seed-plans",
+        action="store_true",
+        help="depth searches start from the baselines' removal sets in real.json (as plans) instead of "
+        "shapley / sleb score files and ppl / bi computed on the fitness windows",
+    )
+    ap.add_argument(
+        "--large-heldout",
+        type=int,
+        default=128,
+        help="depth rows: every set also held out on this many windows (0: not)",
     )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
@@ -337,7 +361,7 @@ def main() -> None:
             flush=True,
         )
     for k in DEPTH if real else (3, 4):
-        key = f"depth-{k}"
+        key = f"depth-{k}{args.suffix}"
         if key in section or (only and key not in only):
             continue
         base = {}
@@ -358,15 +382,34 @@ def main() -> None:
             for p in (HERE / "work" / "real" / f"depth-{m}.json" for m in ("shapley", "sleb"))
             if real and p.exists()
         ]
+        sets = {}  # each baseline's removal set, where real.json has it
+        for method in DEPTH_BASELINES:
+            got = baselines.get("depth", {}).get(f"{method}-{k}")
+            if got is not None:
+                sets[method] = got["blocks"]
+        if args.depth_seed_plans:
+            from layerprune.plans import DepthPlan
+            from layerprune.scorers.run import model_info
+
+            seeds = [
+                DepthPlan(model=model_info(lm), method=name, remove=blocks) for name, blocks in sets.items()
+            ]
         m = load()
-        plan = lp.plan(m, remove=k, allocation="search", calib=CALIB, fitness_samples=16, fitness_seqlen=128,
-                       seed_scores=seeds, generations=args.depth_generations, offspring=args.offspring, survivors=(4,),
-                       store=str(work / f"{key}.sqlite"), log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
+        survivors = tuple(int(x) for x in args.depth_survivors.split(","))
+        plan = lp.plan(m, remove=k, allocation="search", calib=CALIB, fitness_samples=args.depth_fitness_samples,
+                       fitness_seqlen=args.depth_fitness_seqlen, seed_scores=seeds, generations=args.depth_generations,
+                       offspring=args.offspring, survivors=survivors, store=str(work / f"{key}.sqlite"),
+                       log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
         plan.save(work / f"{key}.plan.json")
         lp.apply(m, plan)
         ppl = heldout(m)
         e = plan.extra
         best_name = min(base, key=base.get) if base else None
+        large = {}
+        if args.large_heldout:  # the protocol's 8 windows are 4 K tokens of one stretch of the text
+            sets = {"searched": plan.remove, **sets}
+            size, large = sets_ppl(lm, sets, HELDOUT, args.large_heldout, seqlen)
+            best_large = min((n for n in large if n != "searched"), key=large.get, default=None)
         put(key, {
             "remove": k, "blocks": plan.remove, "searched_heldout_ppl": ppl, "baselines_heldout_ppl": base,
             "best_baseline": best_name, "ratio_to_best_baseline": ppl / base[best_name] if base else None,
@@ -374,6 +417,11 @@ def main() -> None:
             "evaluations": e["evaluations"], "generations": plan.params["generations"],
             "search_seconds": e["search_seconds"], "fitness_seconds": e["fitness_seconds_total"],
             "overhead": e["search_seconds"] / e["fitness_seconds_total"] if e["fitness_seconds_total"] else None,
+            "fitness": {"samples": args.depth_fitness_samples, "seqlen": args.depth_fitness_seqlen,
+                        "survivors": list(survivors), "stage_windows": plan.params["stage_windows"],
+                        "seeds": "baseline plans" if args.depth_seed_plans else "scores"},
+            **({f"heldout_ppl_{size}": large, f"ratio_to_best_baseline_{size}": large["searched"] / large[best_large]}
+               if large and best_large else {}),
         })  # fmt: skip
         print(
             f"{key}: searched {plan.remove} {ppl:.2f} vs {best_name} {base.get(best_name, float('nan')):.2f}",

@@ -19,8 +19,9 @@ from .checkpoint import export
 from .data import CalibrationSpec, Windows, calibration, resolve_calibration
 from .errors import LayerpruneError
 from .evaluation.perplexity import perplexity
+from .io import read_json
 from .models.loading import LoadedModel, load
-from .plans import DepthPlan, Plan, SparsityPlan, WidthPlan
+from .plans import READABLE_FORMATS, DepthPlan, Plan, SparsityPlan, WidthPlan
 from .scorers.base import Scores
 
 __all__ = ["load", "calibration", "score", "plan", "apply", "export", "export_gguf", "perplexity", "info"]
@@ -202,17 +203,27 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
         )
     base = resolve_calibration(lm, calib, "depth")
     fw = fitness_calibration(lm, base, o.fitness_samples or 16, o.fitness_seqlen or 128)
-    seeds = {}
+    seeds, plans = {}, {}
     for s in [scores, *o.seed_scores]:
         if s is None:
             continue
-        s = Scores.load(s) if isinstance(s, (str, Path)) else s
-        seeds[s.method] = s
-    for method in ("ppl", "bi"):
-        if method not in seeds:
+        if isinstance(s, (str, Path)):
+            doc = read_json(s, "seed file", "layerprune score or layerprune plan")
+            s = Plan.load(s) if doc.get("format") in READABLE_FORMATS else Scores.load(s)
+        if isinstance(s, Plan):
+            if not isinstance(s, DepthPlan):
+                raise LayerpruneError(
+                    f"a {s.kind} plan cannot seed a depth search; give depth plans or scores"
+                )
+            name = s.method if s.method not in plans and s.method not in seeds else f"{s.method}-{len(plans)}"
+            plans[name] = s
+        else:
+            seeds[s.method] = s
+    for method in ("ppl", "bi"):  # computed on the fitness windows unless a seed of that name is given
+        if method not in seeds and method not in plans:
             seeds[method] = run(lm, method, fw, unit=o.unit, progress=progress)
     return search_plan(
-        lm, count, fw, unit=o.unit, seeds=seeds, protect=o.protect, generations=o.generations,
+        lm, count, fw, unit=o.unit, seeds=seeds, seed_plans=plans, protect=o.protect, generations=o.generations,
         offspring=o.offspring, survivors=tuple(o.survivors), random_initial=o.random_initial,
         seed=o.seed, store=o.store, operators=o.operators, llm=o.llm, log=o.log, batch_size=o.batch_size,
         progress=progress,

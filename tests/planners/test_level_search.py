@@ -300,3 +300,67 @@ def test_a_killed_depth_search_resumes_from_its_store(tmp_path, monkeypatch):
     assert (
         stored > 0 and resumed.extra["evaluations_this_run"] == whole.extra["evaluations_this_run"] - stored
     )
+
+
+def _depth_plan(lm, blocks, method="given", unit="block"):
+    from layerprune.plans import DepthPlan
+    from layerprune.scorers.run import model_info
+
+    return DepthPlan(model=model_info(lm), method=method, remove=[str(b) for b in blocks], unit=unit)
+
+
+def test_a_depth_search_starts_from_given_plans_as_they_are():
+    """Seed plans enter as their own removal sets: with no generation the search returns the best
+    of them, its fitness the brute-force NLL per token of that set."""
+    from layerprune.engine.masked import MaskEvaluator
+
+    lm, w = tiny_lm(blocks=5), windows()
+    ev = MaskEvaluator(lm.model, lm.adapter, w.input_ids, progress=False)
+    sets = [(0, 4), (1, 3), (2, 3)]
+    nll = ev.nll([[0 if j in s else 1 for j in range(5)] for s in sets])
+    plans = {f"p{s}": _depth_plan(lm, s) for s in sets}
+    plan = depth_search(lm, 2, w, seed_plans=plans, generations=0, progress=False)
+    best = min(range(3), key=nll.__getitem__)
+    assert plan.remove == [str(b) for b in sets[best]] and plan.extra["start"] == f"p{sets[best]}"
+    assert plan.extra["seeds_fitness"] == pytest.approx(
+        {f"p{s}": v / ev.tokens for s, v in zip(sets, nll)}, rel=1e-9
+    )
+
+
+def test_a_seed_plan_the_search_cannot_start_from_is_refused():
+    lm, w = tiny_lm(blocks=5), windows()
+    cases = [
+        (_depth_plan(lm, (1, 2, 3)), {}, "removes 3 units, not 2"),
+        (_depth_plan(tiny_lm(blocks=5, seed=1), (1, 2)), {}, "made for model"),
+        (_depth_plan(lm, (0, 2)), {"protect": "0"}, "removes protected units"),
+        (_depth_plan(lm, ("1.attn", "2.mlp"), unit="module"), {}, "search with --unit module"),
+    ]
+    for p, options, message in cases:
+        with pytest.raises(LayerpruneError, match=message):
+            depth_search(lm, 2, w, seed_plans={"x": p}, generations=0, progress=False, **options)
+
+
+def test_seed_plan_files_replace_the_computed_ppl_and_bi_seeds(tmp_path, monkeypatch):
+    """`plan --remove K --allocation search --seed-scores a.json b.json` with depth plans: no scorer
+    runs when plans named ppl and bi are given; a sparsity plan is refused."""
+    import layerprune as lp
+    import layerprune.scorers.run
+
+    lm = lp.load("fixture", quiet=True)
+    files = []
+    for method, blocks in (("ppl", (3, 7)), ("bi", (5, 8))):
+        files.append(_depth_plan(lm, blocks, method).save(tmp_path / f"{method}.json"))
+
+    def no_scorer(*a, **k):
+        raise AssertionError("a seed was scored although a plan of its name was given")
+
+    monkeypatch.setattr(layerprune.scorers.run, "run", no_scorer)
+    plan = lp.plan(lm, remove=2, allocation="search", calib="fixture:val", fitness_samples=2, fitness_seqlen=32,
+                   seed_scores=files, generations=0, progress=False)  # fmt: skip
+    assert set(plan.extra["seeds_fitness"]) == {"ppl", "bi"}
+    assert plan.remove in (["3", "7"], ["5", "8"])
+    sparse = lp.plan(lm, sparsity=0.5, allocation="uniform", pruner="magnitude", progress=False)
+    sparse.save(tmp_path / "sparse.json")
+    with pytest.raises(LayerpruneError, match="cannot seed a depth search"):
+        lp.plan(lm, remove=2, allocation="search", calib="fixture:val", fitness_samples=2, fitness_seqlen=32,
+                seed_scores=[tmp_path / "sparse.json"], generations=0, progress=False)  # fmt: skip

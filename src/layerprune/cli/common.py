@@ -284,7 +284,8 @@ def _searches(p) -> None:
         nargs="+",
         type=Path,
         default=None,
-        help="depth: more scores (e.g. shapley) whose removal sets seed the search; ppl and bi are computed",
+        help="depth: more scores (e.g. shapley) or depth plans of K units whose removal sets seed the "
+        "search; ppl and bi are computed unless given",
     )
     g.add_argument("--generations", type=non_negative_int, default=None, help="generations (default 50)")
     g.add_argument(

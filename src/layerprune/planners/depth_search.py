@@ -5,7 +5,8 @@ Fitness: calibration NLL per token without the set, through the mask evaluator (
 hidden states of common prefixes) and an evaluation store (a killed search resumes); stage s of
 the multi-step selection uses the first `stage_windows[s]` fitness windows. The search starts from
 the best of the removal sets that the given scores choose (the K least important allowed units of
-ppl, bi, Shapley... scores) and optional random sets.
+ppl, bi, Shapley... scores), the sets of given depth plans (`plan --remove K` of any method, made
+before: their units as they are), and optional random sets.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class DepthSearch(LevelSearch):
 
     unit: str = "block"
     protect: str | None = None
-    seed_scores: tuple = ()  # more scores (files or Scores) whose removal sets seed the search
+    seed_scores: tuple = ()  # more scores or depth plans (files or objects) whose removal sets seed the search
     survivors: tuple = (4,)
     random_initial: int = 0
     batch_size: int = 16
@@ -46,7 +47,35 @@ def seed_set(scores: Scores, remove: int, allowed: list[int]) -> tuple[int, ...]
     return tuple(1 if j in chosen else 0 for j in range(len(imp)))
 
 
+def plan_set(plan, lm, units: list[Unit], allowed: list[int], remove: int, name: str) -> tuple[int, ...]:
+    """A depth plan's removal set as 0/1 levels over `units`, refused where the search cannot start
+    from it: another model, another unit, another count, or a protected unit removed."""
+    plan.check(lm, f"the seed plan {name}")
+    if plan.unit != ("module" if any(u.part != "block" for u in units) else "block"):
+        raise LayerpruneError(
+            f"the seed plan {name} removes {plan.unit} units; search with --unit {plan.unit} or give a plan of "
+            f"{'attention / MLP' if plan.unit == 'block' else 'whole block'} units"
+        )
+    chosen = set(plan.units())
+    if len(chosen) != remove:
+        raise LayerpruneError(
+            f"the seed plan {name} removes {len(chosen)} units, not {remove}; search with --remove {len(chosen)} "
+            f"or give plans of {remove} units"
+        )
+    index = {u: j for j, u in enumerate(units)}
+    missing = sorted(str(u) for u in chosen if u not in index)
+    if missing:
+        raise LayerpruneError(f"the seed plan {name} removes {missing}, not units of this search; re-make it")
+    protected = sorted(str(u) for u in chosen if index[u] not in set(allowed))
+    if protected:
+        raise LayerpruneError(
+            f"the seed plan {name} removes protected units {protected}; protect fewer (--protect) or drop that plan"
+        )
+    return tuple(1 if u in chosen else 0 for u in units)
+
+
 def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds: dict[str, Scores] | None = None,
+                seed_plans: dict | None = None,
                 protect=None, generations: int = 50, offspring: int = 16, survivors=(4,), random_initial: int = 0,
                 seed: int = 0, store=None, operators: str = "classic", llm=None, log: str | None = None,
                 batch_size: int = 16, progress: bool = True):  # fmt: skip
@@ -81,6 +110,8 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
                 f"the {name} scores rank {s.unit} units, not {unit} units; score with --unit {unit}"
             )
         named[name] = seed_set(s, remove, allowed)
+    for name, p in (seed_plans or {}).items():
+        named[name] = plan_set(p, lm, units, allowed, remove, name)
     if not named and not random_initial:
         random_initial = 8  # no scores to start from: the best of a few random sets
     stages = stage_windows(fitness_windows.input_ids.shape[0], len(survivors) + 1)
