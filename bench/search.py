@@ -69,13 +69,21 @@ def markdown(doc: dict) -> str:
         depth = {k: r for k, r in rows.items() if k.startswith("depth-")}
         if depth:
             names = list(next(iter(depth.values()))["baselines_heldout_ppl"])
-            out += ["", "| row | " + " | ".join(names) + " | searched | searched / best | blocks | evaluations | search s | overhead |",
-                    "|---" * (len(names) + 7) + "|"]  # fmt: skip
+            out += ["", "| row | fitness | " + " | ".join(names) + " | searched | searched / best | on 128 windows: searched / best "
+                    "| blocks | evaluations | search s | overhead |", "|---" * (len(names) + 9) + "|"]  # fmt: skip
             for key, r in depth.items():
                 b = r["baselines_heldout_ppl"]
-                out.append(f"| {key} | " + " | ".join(f"{b[n]:.2f}" for n in names) + f" | {r['searched_heldout_ppl']:.2f} | "
-                           f"{r['ratio_to_best_baseline']:.3f} | {' '.join(r['blocks'])} | {r['evaluations']} | "
-                           f"{r['search_seconds']:.0f} | {r['overhead']:.3f} |")  # fmt: skip
+                f = r.get("fitness", {"samples": 16, "seqlen": 128})
+                large = r.get("heldout_ppl_128x512") or {
+                    n: v["heldout_ppl_128x512"] for n, v in r.get("transfer_shift", {}).items()
+                }  # the first rows: measured afterwards by --shift 128
+                best = min((v for n, v in large.items() if n != "searched"), default=None)
+                wide = (
+                    f"{large['searched']:.2f} / {best:.2f} = {large['searched'] / best:.3f}" if best else "–"
+                )
+                out.append(f"| {key} | {f['samples']} × {f['seqlen']} | " + " | ".join(f"{b[n]:.2f}" for n in names) +
+                           f" | {r['searched_heldout_ppl']:.2f} | {r['ratio_to_best_baseline']:.3f} | {wide} | "
+                           f"{' '.join(r['blocks'])} | {r['evaluations']} | {r['search_seconds']:.0f} | {r['overhead']:.3f} |")  # fmt: skip
         out.append("")
     return "\n".join(out)
 
@@ -205,7 +213,7 @@ def main() -> None:
     ap.add_argument(
         "--suffix",
         default="",
-        help="appended to the sparsity rows' keys, e.g. -fit512 (a variant beside the row)",
+        help="appended to the rows' keys, e.g. -fit512 (a variant beside the row)",
     )
     ap.add_argument(
         "--redo", default="", help="rows to measure again, e.g. wanda-0.7 (its store resumes the search)"
