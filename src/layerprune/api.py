@@ -185,7 +185,7 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
     """EvoPress for depth: the removal set searched, seeded from ppl and bi scores (and `scores`)."""
     from .options import accepted
     from .planners.depth import units_to_remove
-    from .planners.depth_search import DepthSearch, search_plan
+    from .planners.depth_search import DEPTH_FITNESS_SAMPLES, DEPTH_FITNESS_SEQLEN, DepthSearch, search_plan
     from .planners.search.levels import check_request
     from .planners.width_search import fitness_calibration
     from .scorers.run import run
@@ -202,7 +202,13 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
             f"cannot remove {count} of the {n_units} {o.unit} units of {lm.name}; use --remove {n_units - 1} or less"
         )
     base = resolve_calibration(lm, calib, "depth")
-    fw = fitness_calibration(lm, base, o.fitness_samples or 16, o.fitness_seqlen or 128)
+    seqlen = o.fitness_seqlen or min(DEPTH_FITNESS_SEQLEN, lm.adapter.context_length or DEPTH_FITNESS_SEQLEN)
+    try:
+        fw = fitness_calibration(lm, base, o.fitness_samples or DEPTH_FITNESS_SAMPLES, seqlen)
+    except LayerpruneError as e:  # the default fitness (32 x 512) asks for more text than the scores do
+        raise LayerpruneError(
+            f"{e} (for the search's fitness: --fitness-samples, --fitness-seqlen)"
+        ) from None
     seeds, plans = {}, {}
     for s in [scores, *o.seed_scores]:
         if s is None:

@@ -364,3 +364,20 @@ def test_seed_plan_files_replace_the_computed_ppl_and_bi_seeds(tmp_path, monkeyp
     with pytest.raises(LayerpruneError, match="cannot seed a depth search"):
         lp.plan(lm, remove=2, allocation="search", calib="fixture:val", fitness_samples=2, fitness_seqlen=32,
                 seed_scores=[tmp_path / "sparse.json"], generations=0, progress=False)  # fmt: skip
+
+
+def test_the_default_depth_fitness_is_32_windows_of_512_tokens_at_most_the_context(tmp_path):
+    """The fixture's context is 256: 32 x 256 by default; a text too short for it names the flags."""
+    import layerprune as lp
+
+    lm = lp.load("fixture", quiet=True)
+    plan = lp.plan(lm, remove=2, allocation="search", calib="fixture:val", generations=0, progress=False)
+    assert plan.calibration["samples"] == 32 and plan.calibration["seqlen"] == 256
+    assert plan.params["stage_windows"] == [2, 8, 32] and plan.params["survivors"] == [4, 1]
+    small = tmp_path / "small.txt"  # enough for the seeds' 10 x 128, not for 32 x 256
+    small.write_text(lp.load_text("fixture:val", "val").text[:16000])
+    with pytest.raises(LayerpruneError, match="--fitness-samples, --fitness-seqlen"):
+        lp.plan(lm, remove=2, allocation="search", calib=str(small), generations=0, progress=False)
+    plan = lp.plan(lm, remove=2, allocation="search", calib=str(small), fitness_samples=4, generations=0,
+                   progress=False)  # fmt: skip
+    assert plan.calibration["samples"] == 4 and plan.calibration["dataset"] == str(small)

@@ -229,13 +229,13 @@ def _searches(p) -> None:
         "--fitness-samples",
         type=positive_int,
         default=None,
-        help="search fitness: calibration samples drawn from --calib (default 10)",
+        help="search fitness: calibration samples drawn from --calib (default 10 width, 16 sparsity, 32 depth)",
     )
     g.add_argument(
         "--fitness-seqlen",
         type=positive_int,
         default=None,
-        help="search fitness: tokens per sample (default 128)",
+        help="search fitness: tokens per sample (default 128; depth: 512, at most the context)",
     )
     g = p.add_argument_group(
         "search of sparsity levels or of a depth set (EvoPress): --sparsity S or --remove K with --allocation search"
@@ -295,7 +295,7 @@ def _searches(p) -> None:
         "--survivors",
         type=int_list,
         default=None,
-        help="children kept after each stage but the last (default 4,1 sparsity; 4 depth)",
+        help="children kept after each stage but the last (default 4,1)",
     )
     g.add_argument(
         "--random-initial",
