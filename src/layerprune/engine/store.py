@@ -9,6 +9,7 @@ make a resumed run wrong. SQLite in WAL mode: one writer, cheap commits, safe ag
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -43,18 +44,7 @@ class EvalStore:
         self.path = Path(path)
         self.model_fp, self.data_fp = model_fp, data_fp
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # Several runs may share a store (two scorers, a search and its resume): writers wait
-            # for each other (busy timeout) instead of failing with "database is locked".
-            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
-            self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise LayerpruneError(
-                f"{self.path} is not an evaluation store ({e}); choose another --store path"
-            ) from None
+        self.db = self._open()
         meta = dict(self.db.execute("SELECT key, value FROM meta"))
         if not meta:  # OR IGNORE: another run may create the store at the same moment; the first wins
             with self.db:
@@ -73,6 +63,29 @@ class EvalStore:
                 f"store {self.path} holds evaluations of model {meta.get('model_fp')} on data {meta.get('data_fp')}, "
                 f"not of this model ({model_fp}) and data ({data_fp}); use a new --store path"
             )
+
+    def _open(self) -> sqlite3.Connection:
+        """Several runs may share a store (two scorers, a search and its resume): writers wait for
+        each other (busy timeout) instead of failing with "database is locked". Switching a new file
+        to WAL while another connection does the same can fail at once, without the busy handler
+        (SQLite's deadlock rule): the whole opening is then tried again until the same timeout."""
+        deadline, attempt = time.monotonic() + BUSY_TIMEOUT_S, 0
+        while True:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+            try:
+                db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(SCHEMA)
+                return db
+            except sqlite3.DatabaseError as e:
+                db.close()
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise LayerpruneError(
+                        f"{self.path} is not an evaluation store ({e}); choose another --store path"
+                    ) from None
+            time.sleep(min(0.5, 0.01 * 2**attempt) * (0.5 + random.random()))
+            attempt += 1
 
     def get(self, key: str) -> tuple[float, int] | None:
         row = self.db.execute(
