@@ -185,7 +185,13 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
     """EvoPress for depth: the removal set searched, seeded from ppl and bi scores (and `scores`)."""
     from .options import accepted
     from .planners.depth import units_to_remove
-    from .planners.depth_search import DEPTH_FITNESS_SAMPLES, DEPTH_FITNESS_SEQLEN, DepthSearch, search_plan
+    from .planners.depth_search import (
+        DEPTH_FITNESS_SAMPLES,
+        DEPTH_FITNESS_SEQLEN,
+        DepthSearch,
+        plan_sets,
+        search_plan,
+    )
     from .planners.search.levels import check_request
     from .planners.width_search import fitness_calibration
     from .scorers.run import run
@@ -225,6 +231,9 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
             plans[name] = s
         else:
             seeds[s.method] = s
+    plan_sets(
+        lm, plans, count, o.unit, o.protect
+    )  # a plan the search cannot start from: refused before scoring
     for method in ("ppl", "bi"):  # computed on the fitness windows unless a seed of that name is given
         if method not in seeds and method not in plans:
             seeds[method] = run(lm, method, fw, unit=o.unit, progress=progress)

@@ -359,6 +359,10 @@ def test_seed_plan_files_replace_the_computed_ppl_and_bi_seeds(tmp_path, monkeyp
                    seed_scores=files, generations=0, progress=False)  # fmt: skip
     assert set(plan.extra["seeds_fitness"]) == {"ppl", "bi"}
     assert plan.remove in (["3", "7"], ["5", "8"])
+    # a plan the search cannot start from is refused before any seed is scored (no_scorer never runs)
+    with pytest.raises(LayerpruneError, match="removes 2 units, not 3"):
+        lp.plan(lm, remove=3, allocation="search", calib="fixture:val", fitness_samples=2, fitness_seqlen=32,
+                seed_scores=[files[0]], generations=0, progress=False)  # fmt: skip
     sparse = lp.plan(lm, sparsity=0.5, allocation="uniform", pruner="magnitude", progress=False)
     sparse.save(tmp_path / "sparse.json")
     with pytest.raises(LayerpruneError, match="cannot seed a depth search"):

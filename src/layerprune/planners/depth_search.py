@@ -81,6 +81,30 @@ def plan_set(plan, lm, units: list[Unit], allowed: list[int], remove: int, name:
     return tuple(1 if u in chosen else 0 for u in units)
 
 
+def search_units(lm, remove: int, unit: str, protect) -> tuple[list[Unit], list[int], list[int]]:
+    """The search's units, the protected blocks and the indices of the units it may remove."""
+    if unit not in ("block", "module"):
+        raise LayerpruneError(f"unknown unit '{unit}'; use block or module")
+    units, L = lm.adapter.units(unit), lm.adapter.num_blocks
+    if unit == "block" and remove >= L:
+        raise LayerpruneError(
+            f"cannot remove {remove} of {L} blocks; keep at least one (use --remove {L - 1} or less)"
+        )
+    protected = protected_blocks(protect, L, "search")
+    allowed = [j for j, u in enumerate(units) if u.block not in protected]
+    if remove > len(allowed):
+        raise LayerpruneError(
+            f"only {len(allowed)} units are not protected, fewer than the {remove} to remove; protect fewer or remove fewer"
+        )
+    return units, protected, allowed
+
+
+def plan_sets(lm, plans: dict, remove: int, unit: str, protect) -> dict[str, tuple[int, ...]]:
+    """Each seed plan's removal set as 0/1 levels; checked before anything is computed."""
+    units, _, allowed = search_units(lm, remove, unit, protect)
+    return {name: plan_set(p, lm, units, allowed, remove, name) for name, p in plans.items()}
+
+
 def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds: dict[str, Scores] | None = None,
                 seed_plans: dict | None = None,
                 protect=None, generations: int = 50, offspring: int = 16, survivors=(4, 1), random_initial: int = 0,
@@ -92,20 +116,8 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
     from .search import plot_history
 
     a = lm.adapter
-    if unit not in ("block", "module"):
-        raise LayerpruneError(f"unknown unit '{unit}'; use block or module")
-    units = a.units(unit)
     L = a.num_blocks
-    if unit == "block" and remove >= L:
-        raise LayerpruneError(
-            f"cannot remove {remove} of {L} blocks; keep at least one (use --remove {L - 1} or less)"
-        )
-    protected = protected_blocks(protect, L, "search")
-    allowed = [j for j, u in enumerate(units) if u.block not in protected]
-    if remove > len(allowed):
-        raise LayerpruneError(
-            f"only {len(allowed)} units are not protected, fewer than the {remove} to remove; protect fewer or remove fewer"
-        )
+    units, protected, allowed = search_units(lm, remove, unit, protect)
     space = LevelSpace(
         tuple(0 for _ in units), tuple(1 if j in allowed else 0 for j in range(len(units))), remove
     )
@@ -117,8 +129,7 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
                 f"the {name} scores rank {s.unit} units, not {unit} units; score with --unit {unit}"
             )
         named[name] = seed_set(s, remove, allowed)
-    for name, p in (seed_plans or {}).items():
-        named[name] = plan_set(p, lm, units, allowed, remove, name)
+    named.update(plan_sets(lm, seed_plans or {}, remove, unit, protect))
     if not named and not random_initial:
         random_initial = 8  # no scores to start from: the best of a few random sets
     stages = stage_windows(fitness_windows.input_ids.shape[0], len(survivors) + 1)
