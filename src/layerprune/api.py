@@ -227,13 +227,11 @@ def _plan_depth_search(lm, remove, ratio, scores, calib, progress, options):
                 raise LayerpruneError(
                     f"a {s.kind} plan cannot seed a depth search; give depth plans or scores"
                 )
-            name = s.method if s.method not in plans and s.method not in seeds else f"{s.method}-{len(plans)}"
-            plans[name] = s
+            plans[s.method if s.method not in plans else f"{s.method}-{len(plans)}"] = s
         else:
             seeds[s.method] = s
-    plan_sets(
-        lm, plans, count, o.unit, o.protect
-    )  # a plan the search cannot start from: refused before scoring
+    # a plan the search cannot start from is refused before any seed is scored
+    plan_sets(lm, plans, count, o.unit, o.protect)
     for method in ("ppl", "bi"):  # computed on the fitness windows unless a seed of that name is given
         if method not in seeds and method not in plans:
             seeds[method] = run(lm, method, fw, unit=o.unit, progress=progress)

@@ -54,11 +54,13 @@ def seed_set(scores: Scores, remove: int, allowed: list[int]) -> tuple[int, ...]
     return tuple(1 if j in chosen else 0 for j in range(len(imp)))
 
 
-def plan_set(plan, lm, units: list[Unit], allowed: list[int], remove: int, name: str) -> tuple[int, ...]:
+def plan_set(
+    plan, lm, unit: str, units: list[Unit], allowed: list[int], remove: int, name: str
+) -> tuple[int, ...]:
     """A depth plan's removal set as 0/1 levels over `units`, refused where the search cannot start
     from it: another model, another unit, another count, or a protected unit removed."""
     plan.check(lm, f"the seed plan {name}")
-    if plan.unit != ("module" if any(u.part != "block" for u in units) else "block"):
+    if plan.unit != unit:
         raise LayerpruneError(
             f"the seed plan {name} removes {plan.unit} units; search with --unit {plan.unit} or give a plan of "
             f"{'attention / MLP' if plan.unit == 'block' else 'whole block'} units"
@@ -73,7 +75,8 @@ def plan_set(plan, lm, units: list[Unit], allowed: list[int], remove: int, name:
     missing = sorted(str(u) for u in chosen if u not in index)
     if missing:
         raise LayerpruneError(f"the seed plan {name} removes {missing}, not units of this search; re-make it")
-    protected = sorted(str(u) for u in chosen if index[u] not in set(allowed))
+    removable = set(allowed)
+    protected = sorted(str(u) for u in chosen if index[u] not in removable)
     if protected:
         raise LayerpruneError(
             f"the seed plan {name} removes protected units {protected}; protect fewer (--protect) or drop that plan"
@@ -102,7 +105,7 @@ def search_units(lm, remove: int, unit: str, protect) -> tuple[list[Unit], list[
 def plan_sets(lm, plans: dict, remove: int, unit: str, protect) -> dict[str, tuple[int, ...]]:
     """Each seed plan's removal set as 0/1 levels; checked before anything is computed."""
     units, _, allowed = search_units(lm, remove, unit, protect)
-    return {name: plan_set(p, lm, units, allowed, remove, name) for name, p in plans.items()}
+    return {name: plan_set(p, lm, unit, units, allowed, remove, name) for name, p in plans.items()}
 
 
 def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds: dict[str, Scores] | None = None,
@@ -129,7 +132,10 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
                 f"the {name} scores rank {s.unit} units, not {unit} units; score with --unit {unit}"
             )
         named[name] = seed_set(s, remove, allowed)
-    named.update(plan_sets(lm, seed_plans or {}, remove, unit, protect))
+    for name, p in (seed_plans or {}).items():  # a plan named like a score seed keeps both
+        named[name if name not in named else f"{name}-plan"] = plan_set(
+            p, lm, unit, units, allowed, remove, name
+        )
     if not named and not random_initial:
         random_initial = 8  # no scores to start from: the best of a few random sets
     stages = stage_windows(fitness_windows.input_ids.shape[0], len(survivors) + 1)
