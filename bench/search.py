@@ -55,17 +55,28 @@ def markdown(doc: dict) -> str:
     for model, rows in doc.items():
         if not isinstance(rows, dict) or "protocol" not in rows:
             continue
-        out += [f"{model}:", "", "| row | uniform | OWL | AlphaPruning | searched | searched / best | stitched | started from | "
-                "evaluations | search s | overhead | level database / linear weights |", "|---" * 12 + "|"]  # fmt: skip
+        out += [f"{model}:", "", "| row | fitness | uniform | OWL | AlphaPruning | searched | searched / best | stitched | started from | "
+                "evaluations | search s | overhead | level database / linear weights |", "|---" * 13 + "|"]  # fmt: skip
         for key, r in rows.items():
             if key == "protocol" or "target" not in r:
                 continue
             b = r["baselines_heldout_ppl"]
             st = r.get("stitched_heldout_ppl")
-            out.append(f"| {key} | {b['uniform']:.2f} | {b['owl']:.2f} | {b['alpha']:.2f} | {r['searched_heldout_ppl']:.2f} | "
+            f = {"kind": "kl", "samples": 16, "seqlen": 128, **r.get("fitness", {})}
+            out.append(f"| {key} | {f['kind'].upper()} {f['samples']} × {f['seqlen']} | {b['uniform']:.2f} | {b['owl']:.2f} | {b['alpha']:.2f} | {r['searched_heldout_ppl']:.2f} | "
                        f"{r['ratio_to_best_baseline']:.3f} | {'–' if st is None else f'{st:.2f}'} | {r['started_from']} | "
                        f"{r['evaluations']} | {r['search_seconds']:.0f} | "
                        f"{r['overhead']:.3f} | {r['database_over_linear_weights']:.2f} |")  # fmt: skip
+        for key, r in rows.items():  # --bound: what any allocation could give, and on unseen windows
+            if "bound" not in r:
+                continue
+            a = r["bound"]["allocations"]
+            cols = [c for c in next(iter(a.values())) if c.startswith(("applied_", "stitched_heldout"))]
+            out += ["", f"{key}, bound ({r['bound']['generations']} generations, NLL on the protocol's held-out windows): "
+                    "held-out perplexity of each allocation", "",
+                    "| allocation | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]  # fmt: skip
+            for name, v in a.items():
+                out.append(f"| {name} | " + " | ".join(f"{v[c]:.2f}" for c in cols) + " |")
         depth = {k: r for k, r in rows.items() if k.startswith("depth-")}
         if depth:
             names = list(next(iter(depth.values()))["baselines_heldout_ppl"])
@@ -191,6 +202,89 @@ def shift(lm, row: dict, windows: int, seqlen: int) -> dict:
     return out
 
 
+def bound(lm, load, section: dict, key: str, calib, work: Path, seqlen: int, args) -> dict:
+    """How much can any allocation give, and does it hold on text no search saw? Not a method: the row's
+    search (its level database, grid and seeds) with the fitness = NLL on the protocol's 8 held-out windows
+    themselves, `--bound-generations` generations. Then every allocation (uniform, OWL, AlphaPruning, the
+    searched plans of `--bound-plans`, the bound's) applied as `apply` does and stitched from the database,
+    on the protocol's windows (0-7), on the next `--bound-unseen` windows of the held-out text (seen by no
+    search, the bound's included), and stitched on the row's fitness windows (16 x 128, 16 x 512)."""
+    from dataclasses import replace
+
+    from layerprune.data.text import load_text
+    from layerprune.data.windows import default_bos, eval_windows
+    from layerprune.engine.levels import LevelDatabase
+    from layerprune.evaluation.perplexity import perplexity_of_windows
+    from layerprune.planners import sparsity as sp
+    from layerprune.planners.sparsity_search import level_grid, search_plan
+    from layerprune.planners.width_search import fitness_calibration
+    from layerprune.plans import Plan
+
+    row = section[key]
+    pruner, target, levels = row["pruner"], row["target"], row["max_levels"]
+    n = args.heldout_windows
+    w = eval_windows(
+        lm.tokenizer, load_text(HELDOUT, "test"), seqlen, default_bos(lm.tokenizer, lm.adapter), n + args.bound_unseen
+    )  # fmt: skip
+    if w.input_ids.shape[0] < n + args.bound_unseen:
+        raise SystemExit(
+            f"{HELDOUT} has {w.input_ids.shape[0]} windows of {seqlen}; use a smaller --bound-unseen"
+        )
+    seen = eval_windows(
+        lm.tokenizer, load_text(HELDOUT, "test"), seqlen, default_bos(lm.tokenizer, lm.adapter), n
+    )  # the protocol's windows, with their own fingerprint (the store's)
+    sets = {
+        f"heldout_0-{n - 1}": seen,
+        f"heldout_{n}-{n + args.bound_unseen - 1}": replace(w, input_ids=w.input_ids[n:]),
+    }
+    fits = {f"fitness_16x{sl}": fitness_calibration(lm, calib, 16, sl) for sl in (128, 512)}
+    db = LevelDatabase(work / f"levels-{pruner}-{target}")  # built by the row's search
+    grid = level_grid(lm, target, max_levels=levels)
+    db.check(lm, pruner, grid.layer_sparsities(), row.get("level_inputs", "target"))
+    seeds = {
+        "owl": sp.make_plan(lm, target, "owl", pruner, calib, progress=False).layers,
+        "alpha": sp.make_plan(lm, target, "alpha", pruner, calib, progress=False).layers,
+    }
+    name = f"{key}-bound"
+    t0 = time.perf_counter()
+    plan = search_plan(lm, grid, db, pruner, calib, seen, seeds=seeds, fitness="nll", generations=args.bound_generations,
+                       offspring=args.offspring, store=str(work / f"{name}.sqlite"), log=str(work / f"{name}.jsonl"),
+                       progress=not args.quiet)  # fmt: skip
+    plan.save(work / f"{name}.plan.json")
+    out = {"generations": args.bound_generations, "search_seconds": time.perf_counter() - t0,
+           "best_fitness_nll": plan.extra["best_fitness"], "seeds_fitness_nll": plan.extra["seeds_fitness"],
+           "evaluations": plan.extra["evaluations"], "allocations": {}}  # fmt: skip
+    plans = {a: None for a in ("uniform", "owl", "alpha")}
+    for k in filter(None, args.bound_plans.split(",")):
+        plans[k] = Plan.load(work / f"{k}.plan.json")
+    plans["bound"] = plan
+    for label, p in plans.items():
+        if p is None:
+            p = lp.plan(
+                lm,
+                sparsity=target,
+                allocation=label,
+                pruner=pruner,
+                calib=calib,
+                progress=False,
+                clip=label == "alpha",
+            )
+        r = {}
+        # a heuristic's targets at the nearest levels (as it seeds the search)
+        on_grid = grid.targets(grid.genome_of(p.layers))
+        db.assign(lm.adapter, {n: (s if s > 1e-12 else None) for n, s in on_grid.items()})
+        for k, ws in {**sets, **fits}.items():
+            r[f"stitched_{k}"] = perplexity_of_windows(lm.model, lm.adapter, ws, progress=False).ppl
+        db.restore(lm.adapter)
+        m = load()
+        lp.apply(m, p, calib, progress=False)
+        for k, ws in sets.items():
+            r[f"applied_{k}"] = perplexity_of_windows(m.model, m.adapter, ws, progress=False).ppl
+        out["allocations"][label] = r
+        print(name, label, json.dumps(r), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -207,6 +301,12 @@ def main() -> None:
     ap.add_argument("--heldout-windows", type=int, default=8)
     ap.add_argument("--fitness-samples", type=int, default=16, help="sparsity searches: fitness windows")
     ap.add_argument("--fitness-seqlen", type=int, default=128, help="sparsity searches: their length")
+    ap.add_argument(
+        "--fitness",
+        default="kl",
+        choices=("kl", "nll"),
+        help="sparsity searches: KL to the dense model or NLL",
+    )
     ap.add_argument(
         "--granularity", default="layer", help="sparsity searches: one level per linear layer or per block"
     )
@@ -248,6 +348,21 @@ def main() -> None:
         type=int,
         default=128,
         help="depth rows: every set also held out on this many windows (0: not)",
+    )
+    ap.add_argument(
+        "--bound",
+        action="store_true",
+        help="sparsity rows: the search with its fitness on the held-out windows themselves (a bound, not a "
+        "method) and every allocation on held-out windows no search saw; written into the row, then stop",
+    )
+    ap.add_argument("--bound-generations", type=int, default=40)
+    ap.add_argument(
+        "--bound-unseen", type=int, default=32, help="--bound: held-out windows after the protocol's"
+    )
+    ap.add_argument(
+        "--bound-plans",
+        default="",
+        help="--bound: searched rows whose plans are compared, e.g. sparsegpt-0.7-nll",
     )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
@@ -302,6 +417,10 @@ def main() -> None:
             print(key, json.dumps(section[key]["transfer_shift"], indent=1), flush=True)
         return
     calib = lp.calibration(lm, CALIB, samples=16, seqlen=seqlen, kind="sparsity")
+    if args.bound:
+        for key in [k for k in section if k in (only or ())]:
+            put(key, {**section[key], "bound": bound(lm, load, section, key, calib, work, seqlen, args)})
+        return
     for pruner, target in SPARSITY:
         key = f"{pruner}-{target}{args.suffix}"
         if key in section or (only and key not in only):
@@ -327,8 +446,8 @@ def main() -> None:
         levels = args.sparsegpt_max_levels if pruner == "sparsegpt" else args.max_levels
         m = load()
         t0 = time.perf_counter()
-        plan = lp.plan(m, sparsity=target, allocation="search", pruner=pruner, calib=calib, fitness_samples=args.fitness_samples,
-                       fitness_seqlen=args.fitness_seqlen, generations=args.generations, offspring=args.offspring, max_levels=levels,
+        plan = lp.plan(m, sparsity=target, allocation="search", pruner=pruner, calib=calib, fitness=args.fitness,
+                       fitness_samples=args.fitness_samples, fitness_seqlen=args.fitness_seqlen, generations=args.generations, offspring=args.offspring, max_levels=levels,
                        granularity=args.granularity,
                        levels_db=str(work / f"levels-{pruner}-{target}{'' if args.granularity == 'layer' else '-block'}"), store=str(work / f"{key}.sqlite"),
                        log=str(work / f"{key}.jsonl"), progress=not args.quiet)  # fmt: skip
@@ -351,7 +470,7 @@ def main() -> None:
             "pruner": pruner, "target": target, "searched_heldout_ppl": ppl, "baselines_heldout_ppl": base,
             "stitched_heldout_ppl": stitched, "level_inputs": plan.params.get("level_inputs", "target"),
             "best_baseline": best_name, "ratio_to_best_baseline": ppl / base[best_name],
-            "started_from": e["start"], "seeds_fitness": e["seeds_fitness"], "best_fitness_kl": e["best_fitness"],
+            "started_from": e["start"], "seeds_fitness": e["seeds_fitness"], f"best_fitness_{args.fitness}": e["best_fitness"],
             "evaluations": e["evaluations"], "evaluations_this_run": e["evaluations_this_run"],
             "generations": plan.params["generations"], "search_seconds": e["search_seconds"],
             "fitness_seconds": inside, "assign_seconds": e["assign_seconds_total"],
@@ -360,7 +479,7 @@ def main() -> None:
             "level_database_bytes": e["level_database"]["bytes"], "level_database_kind": e["level_database"]["kind"],
             "database_over_linear_weights": e["level_database"]["bytes"] / model_bytes,
             "granularity": args.granularity,
-            "fitness": {"samples": args.fitness_samples, "seqlen": args.fitness_seqlen,
+            "fitness": {"kind": args.fitness, "samples": args.fitness_samples, "seqlen": args.fitness_seqlen,
                         "stage_windows": plan.params.get("stage_windows")},
             "achieved": plan.params["achieved"], "max_levels": levels, "level_step": plan.params["level_step_weights"],
         })  # fmt: skip
