@@ -202,6 +202,12 @@ def shift(lm, row: dict, windows: int, seqlen: int) -> dict:
     return out
 
 
+def heuristic_plan(lm, allocation: str, pruner: str, target: float, calib):
+    """A baseline allocation's plan (AlphaPruning with clip on, as this bench has always made it)."""
+    return lp.plan(lm, sparsity=target, allocation=allocation, pruner=pruner, calib=calib, progress=False,
+                   clip=allocation == "alpha")  # fmt: skip
+
+
 def bound(lm, load, section: dict, key: str, calib, work: Path, seqlen: int, args) -> dict:
     """How much can any allocation give, and does it hold on text no search saw? Not a method: the row's
     search (its level database, grid and seeds) with the fitness = NLL on the protocol's 8 held-out windows
@@ -260,15 +266,7 @@ def bound(lm, load, section: dict, key: str, calib, work: Path, seqlen: int, arg
     plans["bound"] = plan
     for label, p in plans.items():
         if p is None:
-            p = lp.plan(
-                lm,
-                sparsity=target,
-                allocation=label,
-                pruner=pruner,
-                calib=calib,
-                progress=False,
-                clip=label == "alpha",
-            )
+            p = heuristic_plan(lm, label, pruner, target, calib)
         r = {}
         # a heuristic's targets at the nearest levels (as it seeds the search)
         on_grid = grid.targets(grid.genome_of(p.layers))
@@ -430,15 +428,7 @@ def main() -> None:
             row = baselines.get("sparsity", {}).get(f"{allocation}-{pruner}-{target}")
             if row is None:
                 m = load()
-                plan = lp.plan(
-                    m,
-                    sparsity=target,
-                    allocation=allocation,
-                    pruner=pruner,
-                    calib=calib,
-                    progress=False,
-                    clip=allocation == "alpha",
-                )
+                plan = heuristic_plan(m, allocation, pruner, target, calib)
                 lp.apply(m, plan, calib, progress=False)
                 base[allocation] = heldout(m)
             else:
