@@ -362,6 +362,9 @@ def main() -> None:
         default="",
         help="--bound: searched rows whose plans are compared, e.g. sparsegpt-0.7-nll",
     )
+    ap.add_argument(
+        "--device", default="cpu", help="where the model runs (cuda: never measured yet; rows record it)"
+    )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--markdown", action="store_true", help="print the README's tables from search.json and stop"
@@ -382,12 +385,14 @@ def main() -> None:
         section.pop(key, None)
 
     def load():
-        return lp.load(args.model, device="cpu", quiet=True)
+        return lp.load(args.model, device=args.device, quiet=True)
 
     def heldout(lm) -> float:
         return lp.perplexity(lm, HELDOUT, seqlen=seqlen, max_windows=args.heldout_windows, progress=False).ppl
 
     def put(key, row):  # re-read first and write this row only: another run may write the file meanwhile
+        if args.device != "cpu":
+            row = {**row, "device": args.device}
         section[key] = row
         fresh = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         fresh.setdefault(args.model, {}).update({"protocol": section["protocol"], key: row})
