@@ -130,12 +130,7 @@ def transfer(lm, load, row: dict, baselines: dict, seqlen: int) -> dict:
         # does the held-out text rank the fitness optimum and the searched set?
         from scipy.stats import spearmanr
 
-        from layerprune.data.text import load_text
-        from layerprune.data.windows import default_bos, eval_windows
-
-        held = eval_windows(
-            lm.tokenizer, load_text(HELDOUT, "test"), seqlen, default_bos(lm.tokenizer, lm.adapter), 8
-        )
+        held = text_windows(lm, HELDOUT, seqlen, 8)
         combos = list(itertools.combinations(range(L), k))
         every = [[0 if j in c else 1 for j in range(L)] for c in combos]
 
@@ -175,16 +170,11 @@ def transfer(lm, load, row: dict, baselines: dict, seqlen: int) -> dict:
 def sets_ppl(lm, sets: dict, source: str, windows: int, seqlen: int) -> tuple[str, dict]:
     """Perplexity without each removal set on the first `windows` windows of `seqlen` tokens of the
     text (the mask evaluator: the NLL of apply + perplexity); the label names the windows."""
-    from layerprune.data.text import load_text
-    from layerprune.data.windows import default_bos, eval_windows
     from layerprune.engine.masked import MaskEvaluator
 
     L = lm.adapter.num_blocks
     masks = [[0 if str(j) in s else 1 for j in range(L)] for s in sets.values()]
-    w = eval_windows(
-        lm.tokenizer, load_text(source, source.rsplit(":", 1)[-1]), seqlen,
-        default_bos(lm.tokenizer, lm.adapter), windows,
-    )  # fmt: skip
+    w = text_windows(lm, source, seqlen, windows)
     ev = MaskEvaluator(lm.model, lm.adapter, w.input_ids, granularity="block", batch_size=8, progress=False)
     return f"{w.input_ids.shape[0]}x{seqlen}", dict(zip(sets, ev.ppl(masks)))
 
@@ -202,6 +192,15 @@ def shift(lm, row: dict, windows: int, seqlen: int) -> dict:
     return out
 
 
+def text_windows(lm, source: str, seqlen: int, windows: int):
+    """The first `windows` windows of `seqlen` tokens of a text, as `lp.perplexity` reads them."""
+    from layerprune.data.text import load_text
+    from layerprune.data.windows import default_bos, eval_windows
+
+    return eval_windows(lm.tokenizer, load_text(source, source.rsplit(":", 1)[-1]), seqlen,
+                        default_bos(lm.tokenizer, lm.adapter), windows)  # fmt: skip
+
+
 def heuristic_plan(lm, allocation: str, pruner: str, target: float, calib):
     """A baseline allocation's plan (AlphaPruning with clip on, as this bench has always made it)."""
     return lp.plan(lm, sparsity=target, allocation=allocation, pruner=pruner, calib=calib, progress=False,
@@ -217,11 +216,8 @@ def bound(lm, load, section: dict, key: str, calib, work: Path, seqlen: int, arg
     search, the bound's included), and stitched on the row's fitness windows (16 x 128, 16 x 512)."""
     from dataclasses import replace
 
-    from layerprune.data.text import load_text
-    from layerprune.data.windows import default_bos, eval_windows
     from layerprune.engine.levels import LevelDatabase
     from layerprune.evaluation.perplexity import perplexity_of_windows
-    from layerprune.planners import sparsity as sp
     from layerprune.planners.sparsity_search import level_grid, search_plan
     from layerprune.planners.width_search import fitness_calibration
     from layerprune.plans import Plan
@@ -229,16 +225,13 @@ def bound(lm, load, section: dict, key: str, calib, work: Path, seqlen: int, arg
     row = section[key]
     pruner, target, levels = row["pruner"], row["target"], row["max_levels"]
     n = args.heldout_windows
-    w = eval_windows(
-        lm.tokenizer, load_text(HELDOUT, "test"), seqlen, default_bos(lm.tokenizer, lm.adapter), n + args.bound_unseen
-    )  # fmt: skip
+    w = text_windows(lm, HELDOUT, seqlen, n + args.bound_unseen)
     if w.input_ids.shape[0] < n + args.bound_unseen:
         raise SystemExit(
             f"{HELDOUT} has {w.input_ids.shape[0]} windows of {seqlen}; use a smaller --bound-unseen"
         )
-    seen = eval_windows(
-        lm.tokenizer, load_text(HELDOUT, "test"), seqlen, default_bos(lm.tokenizer, lm.adapter), n
-    )  # the protocol's windows, with their own fingerprint (the store's)
+    # the protocol's windows, with their own fingerprint (the store's)
+    seen = text_windows(lm, HELDOUT, seqlen, n)
     sets = {
         f"heldout_0-{n - 1}": seen,
         f"heldout_{n}-{n + args.bound_unseen - 1}": replace(w, input_ids=w.input_ids[n:]),
@@ -247,10 +240,8 @@ def bound(lm, load, section: dict, key: str, calib, work: Path, seqlen: int, arg
     db = LevelDatabase(work / f"levels-{pruner}-{target}")  # built by the row's search
     grid = level_grid(lm, target, max_levels=levels)
     db.check(lm, pruner, grid.layer_sparsities(), row.get("level_inputs", "target"))
-    seeds = {
-        "owl": sp.make_plan(lm, target, "owl", pruner, calib, progress=False).layers,
-        "alpha": sp.make_plan(lm, target, "alpha", pruner, calib, progress=False).layers,
-    }
+    plans = {a: heuristic_plan(lm, a, pruner, target, calib) for a in ("uniform", "owl", "alpha")}
+    seeds = {a: plans[a].layers for a in ("owl", "alpha")}  # the search seeds itself with these allocations
     name = f"{key}-bound"
     t0 = time.perf_counter()
     plan = search_plan(lm, grid, db, pruner, calib, seen, seeds=seeds, fitness="nll", generations=args.bound_generations,
@@ -260,13 +251,10 @@ def bound(lm, load, section: dict, key: str, calib, work: Path, seqlen: int, arg
     out = {"generations": args.bound_generations, "search_seconds": time.perf_counter() - t0,
            "best_fitness_nll": plan.extra["best_fitness"], "seeds_fitness_nll": plan.extra["seeds_fitness"],
            "evaluations": plan.extra["evaluations"], "allocations": {}}  # fmt: skip
-    plans = {a: None for a in ("uniform", "owl", "alpha")}
     for k in filter(None, args.bound_plans.split(",")):
         plans[k] = Plan.load(work / f"{k}.plan.json")
     plans["bound"] = plan
     for label, p in plans.items():
-        if p is None:
-            p = heuristic_plan(lm, label, pruner, target, calib)
         r = {}
         # a heuristic's targets at the nearest levels (as it seeds the search)
         on_grid = grid.targets(grid.genome_of(p.layers))
