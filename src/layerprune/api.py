@@ -155,6 +155,7 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
     path = o.levels_db
     if path is None:
         ident = [lm.fingerprint, o.pruner, windows.fingerprint if windows else None, wanted, o.levels_inputs]
+        ident.append(lm.numerics_key)  # a database per precision: levels of another one are never reused
         digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
         path = cache_dir() / "levels" / digest
 
@@ -349,12 +350,13 @@ def export_gguf(
     model_dir: str | Path,
     out: str | Path,
     *,
-    outtype: str = "f32",
+    outtype: str | None = None,
     converter: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Convert a model folder (what `export` wrote) to GGUF with llama.cpp's own converter:
-    depth-pruned and uniform-width models as their architecture, DeciLM ones as `deci`."""
+    depth-pruned and uniform-width models as their architecture, DeciLM ones as `deci`. `outtype`
+    None: the type the weights are stored in (a bf16 model is not doubled to f32)."""
     from .models.llamacpp import to_gguf
 
     return to_gguf(model_dir, out, outtype=outtype, converter=converter, overwrite=overwrite)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .io import atomic_dir, atomic_write_json, check_output_outside
 from .models.decilm import DEPLOY_KEY, config_dict
 from .models.gguf import SOURCE_FILE
+from .models.loading import dtype_name
 from .plans import Plan
 from .provenance import stamp
 
@@ -45,10 +46,11 @@ def export(
                 if key not in converted:
                     converted[key] = v.detach().to(dtype)
                 state[k] = converted[key]
-            model.config.dtype = dtype
             model.save_pretrained(tmp, state_dict=state)
             if getattr(model.config, DEPLOY_KEY, None) == "decilm":  # per-block widths the engines load
                 atomic_write_json(tmp / "config.json", config_dict(lm.adapter, dtype))
+            else:  # save_pretrained states the in-memory dtype: the file's tensors are in `dtype`
+                _state_dtype(tmp / "config.json", dtype)
         lm.tokenizer.save_pretrained(tmp)
         if plan is not None:
             plan.save(tmp / "plan.json")
@@ -57,12 +59,26 @@ def export(
         if origin:  # weights dequantized from a GGUF: the record travels with every export
             base = {**base, "weights": origin}
             atomic_write_json(tmp / SOURCE_FILE, origin)
-        full = {"base_model": base, "plan": plan.to_dict() if plan else None, **report, **stamp()}
+        full = {
+            "base_model": base,
+            "plan": plan.to_dict() if plan else None,
+            "numerics": {**lm.numerics, "stored": dtype_name(dtype)},  # computed in, and written in
+            **report,
+            **stamp(),
+        }
         atomic_write_json(tmp / "report.json", full)
         (tmp / "README.md").write_text(model_card(plan, full), encoding="utf-8")
         if extras is not None:
             extras(tmp)
     return out
+
+
+def _state_dtype(config: Path, dtype) -> None:
+    """config.json says the dtype its weights are stored in, so a reload with 'auto' computes in it."""
+    doc = json.loads(config.read_text(encoding="utf-8"))
+    doc["dtype"] = dtype_name(dtype)
+    doc.pop("torch_dtype", None)  # the older name of the same field; one statement only
+    atomic_write_json(config, doc)
 
 
 def read_record(model_dir: str | Path | None) -> tuple[Plan | None, dict]:

@@ -93,6 +93,8 @@ def demo(
     sparsity_samples: int | None = None,
     recover_steps: int | None = None,
     quiet: bool = False,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> dict:
     """`model`: smollm2 (the real model, default), fixture, or any model folder; unset sizes take
     SETTINGS ("fixture" for the fixture, "real" otherwise). `eval_windows`: evaluate on the first N
@@ -116,7 +118,7 @@ def demo(
     )
     seqlen, eval_windows, zeroshot_limit = s["seqlen"], s["eval_windows"], s["zeroshot_limit"]
     measure = {"seqlen": seqlen, "eval_windows": eval_windows, "zeroshot_limit": zeroshot_limit}
-    lm = load(model, device="cpu", quiet=quiet)
+    lm = load(model, device=device, dtype=dtype, quiet=quiet)
     L = lm.adapter.num_blocks
     if remove is None:
         remove = 3 if model == "fixture" else max(1, round(0.2 * L))
@@ -154,7 +156,7 @@ def demo(
         flush=True,
     )
 
-    lm = load(model, device="cpu", quiet=True)
+    lm = load(model, device=device, dtype=dtype, quiet=True)
     sparse_name = f"wanda{round(sparsity * 100)}"
     calib = calibration(
         lm, "fixture:val", samples=s["sparsity_samples"], seqlen=s["sparsity_seqlen"], kind="sparsity"
@@ -168,7 +170,7 @@ def demo(
         f"{out}/{sparse_name} (zeros stored densely: same size and speed without sparse kernels)"
     )
 
-    lm = load(str(out / "model"), device="cpu", quiet=True)
+    lm = load(str(out / "model"), device=device, dtype=dtype, quiet=True)
     before = perplexity(lm, "fixture:test", seqlen=seqlen, max_windows=eval_windows, progress=False)
     record = recover(
         lm,
@@ -201,7 +203,7 @@ def demo(
 
     print("[6/7] held-out perplexity (fixture:test) and zero-shot accuracy (bundled lm-eval tasks):")
     for label in ("model", sparse_name, "model+lora"):
-        lm = load(str(out / label), device="cpu", quiet=True)
+        lm = load(str(out / label), device=device, dtype=dtype, quiet=True)
         measured[label] = _evaluate(lm, label, evals, progress=progress, **measure)
 
     from .reports.compare import report

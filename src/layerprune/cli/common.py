@@ -67,12 +67,25 @@ def _model(p, help=MODEL_HELP) -> None:
 
 def _common(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _dtype(p)
     p.add_argument(
         "--max-memory",
         default=None,
         help="e.g. 8GB: a model whose weights exceed it keeps its blocks on disk and reads one at a time",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _dtype(p) -> None:
+    from ..models.loading import DTYPE_CHOICES
+
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="what the model computes in (default auto: the checkpoint's dtype on a GPU, float32 on a CPU); "
+        "statistics stay accumulated in float32 / float64",
+    )
 
 
 def _output(p, what: str, required: bool = True) -> None:
@@ -155,7 +168,13 @@ def _check_output(args, model: str, file: bool = True) -> None:
 def _load(args, model: str | None = None):
     import layerprune as lp
 
-    return lp.load(model or args.model, device=args.device, quiet=args.quiet, max_memory=args.max_memory)
+    return lp.load(
+        model or args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quiet=args.quiet,
+        max_memory=args.max_memory,
+    )
 
 
 def _chart(args, plot, *chart_args, **kwargs) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import non_negative_int, positive_int
+from .common import _dtype, non_negative_int, positive_int
 
 
 def cmd_demo(args) -> int:
@@ -18,6 +18,8 @@ def cmd_demo(args) -> int:
         remove=args.remove,
         recover_steps=args.recover_steps,
         quiet=args.quiet,
+        device=args.device,
+        dtype=args.dtype,
         **sizes,
     )
     return 0
@@ -47,5 +49,7 @@ def add_parser(sub) -> None:
         default=None,
         help="LoRA steps (default 25; 100 on the fixture)",
     )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _dtype(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

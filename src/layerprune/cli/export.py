@@ -9,9 +9,10 @@ def cmd_export(args) -> int:
     out = export_gguf(
         args.model_dir, args.gguf, outtype=args.outtype, converter=args.converter, overwrite=args.overwrite
     )
-    from ..models.llamacpp import architecture
+    from ..models.llamacpp import architecture, stored_outtype
 
-    print(f"wrote {out} (llama.cpp architecture {architecture(out)}, {args.outtype})")
+    outtype = args.outtype or stored_outtype(args.model_dir)
+    print(f"wrote {out} (llama.cpp architecture {architecture(out)}, {outtype})")
     return 0
 
 
@@ -23,9 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (atomically)")
     p.add_argument(
         "--outtype",
-        default="f32",
+        default=None,
         choices=("f32", "f16", "bf16", "q8_0", "auto"),
-        help="tensor type of the GGUF (default f32: the weights as layerprune computed them)",
+        help="tensor type of the GGUF (default: the type the folder's weights are stored in, f32 / bf16 / f16)",
     )
     p.add_argument(
         "--converter",

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import LayerpruneError
 from ..models.adapter import ModelAdapter
+from .store import LEGACY_NUMERICS
 
 FORMAT = "layerprune.levels/1"
 MANIFEST = "manifest.json"
@@ -86,6 +87,12 @@ class LevelDatabase:
             raise LayerpruneError(
                 f"level database {self.path} was built for model {m['name']} (fingerprint {m['fingerprint']}), "
                 f"not for {lm.name} ({lm.fingerprint}); choose a new --levels-db folder"
+            )
+        have = m.get("numerics", LEGACY_NUMERICS)
+        if have != lm.numerics_key:
+            raise LayerpruneError(
+                f"level database {self.path} was computed in {have.replace('@', ' on ')}, not in "
+                f"{lm.numerics_key.replace('@', ' on ')}; choose a new --levels-db folder, or run with its --dtype / --device"
             )
         if pruner is not None and pruner != self.pruner:
             raise LayerpruneError(

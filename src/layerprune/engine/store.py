@@ -2,8 +2,9 @@
 
 Every evaluation is committed as soon as it is known, so a long run (Shapley sampling, a search)
 killed at any moment resumes without redoing a stored evaluation. A store is bound to the model and
-data it was created for; opening it for another pair is an error, since mixing them silently would
-make a resumed run wrong. SQLite in WAL mode: one writer, cheap commits, safe against a kill.
+data it was created for, and to the numerics (compute dtype and device type) it was computed in;
+opening it for another model, data or precision is an error, since mixing them silently would make a
+resumed run wrong. SQLite in WAL mode: one writer, cheap commits, safe against a kill.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 from ..errors import LayerpruneError
 
 BUSY_TIMEOUT_S = 60.0
+# Stores written before the numerics were recorded were computed in float32 on a CPU (the only
+# setting those versions ran: a GPU path had never run).
+LEGACY_NUMERICS = "float32@cpu"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -40,7 +44,15 @@ def mask_key(mask, prefix: str = "b") -> str:
 
 
 class EvalStore:
-    def __init__(self, path: str | Path, model_fp: str, data_fp: str, protocol: dict | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        model_fp: str,
+        data_fp: str,
+        protocol: dict | None = None,
+        numerics: str = LEGACY_NUMERICS,
+    ):
+        """`numerics`: what the values are computed in, e.g. 'bfloat16@cuda' (LoadedModel.numerics_key)."""
         self.path = Path(path)
         self.model_fp, self.data_fp = model_fp, data_fp
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +66,7 @@ class EvalStore:
                         ("model_fp", model_fp),
                         ("data_fp", data_fp),
                         ("protocol", json.dumps(protocol or {})),
+                        ("numerics", numerics),
                         ("created", str(time.time())),
                     ],
                 )
@@ -62,6 +75,12 @@ class EvalStore:
             raise LayerpruneError(
                 f"store {self.path} holds evaluations of model {meta.get('model_fp')} on data {meta.get('data_fp')}, "
                 f"not of this model ({model_fp}) and data ({data_fp}); use a new --store path"
+            )
+        if meta.get("numerics", LEGACY_NUMERICS) != numerics:
+            have, want = meta.get("numerics", LEGACY_NUMERICS), numerics
+            raise LayerpruneError(
+                f"store {self.path} holds evaluations computed in {have.replace('@', ' on ')}, not in "
+                f"{want.replace('@', ' on ')}; use a new --store path, or run with the store's --dtype / --device"
             )
 
     def _open(self) -> sqlite3.Connection:

@@ -9,6 +9,7 @@ def results_document(lm, model: str, perplexity: list[dict], zeroshot: dict | No
         "model": model,
         "model_path": str(lm.path) if lm.path else None,
         "model_fingerprint": lm.fingerprint,
+        "numerics": lm.numerics,
         "parameters": sum(p.numel() for p in lm.model.parameters()),
         **extra,
         "perplexity": perplexity,

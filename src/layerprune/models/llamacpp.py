@@ -125,13 +125,16 @@ def to_gguf(
     model_dir: str | Path,
     out: str | Path,
     *,
-    outtype: str = "f32",
+    outtype: str | None = None,
     converter: str | Path | None = None,
     overwrite: bool = False,
     quiet: bool = True,
 ) -> Path:
-    """Convert a model folder to one .gguf file with llama.cpp's converter; the file's path."""
+    """Convert a model folder to one .gguf file with llama.cpp's converter; the file's path.
+    `outtype` None: the type the folder's weights are stored in (f32, bf16 or f16)."""
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
+    if outtype is None:
+        outtype = stored_outtype(model_dir)
     if outtype not in OUTTYPES:
         raise LayerpruneError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
     if out.suffix.lower() != ".gguf":
@@ -158,6 +161,26 @@ def to_gguf(
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+_ST_OUTTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16"}
+
+
+def stored_outtype(model_dir: Path) -> str:
+    """The GGUF type that keeps a folder's weights as they are stored: its first floating tensor's
+    (f32 when there is none to read: the converter then says what is wrong)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    kind = f.get_slice(key).get_dtype()
+                    if kind in _ST_OUTTYPES:
+                        return _ST_OUTTYPES[kind]
+        except (SafetensorError, OSError):
+            break
+    return "f32"
 
 
 def architecture(gguf_file: str | Path) -> str:

@@ -132,9 +132,38 @@ def load_config(name: str, quiet: bool = False):
     return config
 
 
-def default_dtype(device: str) -> torch.dtype | str:
-    # CPUs without native bf16 (most) run bf16 matmuls tens of times slower: compute in float32 there.
-    return "auto" if device.startswith("cuda") else torch.float32
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """'auto', None, a torch dtype, or its name ('bfloat16', 'bf16', 'torch.float16' ...)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in DTYPES.values():
+            raise LayerpruneError(f"dtype {dtype}: layerprune computes in {', '.join(DTYPE_CHOICES[1:])}")
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise LayerpruneError(f"--dtype {dtype}: use one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
+
+
+def default_dtype(device: str, config=None) -> torch.dtype:
+    """What `--dtype auto` computes in: the checkpoint's dtype on a GPU (what GPU users run); on a CPU
+    float32, since CPUs without native bf16 (most) run bf16 matmuls tens of times slower."""
+    if torch.device(device).type == "cuda":
+        return (_dtype_of(config) if config is not None else None) or torch.float32
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def default_device() -> str:
@@ -201,6 +230,23 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its embedding's; every parameter has it)."""
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def numerics(self) -> dict:
+        """What changes a result's numbers beside the weights: the compute dtype and the device type.
+        Recorded with every score, plan, evaluation and export; part of every cache's key."""
+        return {"dtype": dtype_name(self.dtype), "device": self.device.type}
+
+    @property
+    def numerics_key(self) -> str:
+        """`numerics` as one short key: 'float32@cpu', 'bfloat16@cuda'."""
+        n = self.numerics
+        return f"{n['dtype']}@{n['device']}"
+
 
 def load(
     name: str,
@@ -209,7 +255,8 @@ def load(
     quiet: bool = False,
     max_memory: int | str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer for pruning. Weights in float32 on CPU by default.
+    """Load a causal LM and its tokenizer for pruning. `dtype`: 'auto' (default: the checkpoint's
+    dtype on a GPU, float32 on a CPU), 'float32', 'bfloat16', 'float16' or a torch dtype.
 
     `max_memory` (bytes, or "8GB"): when the weights exceed it, the blocks stay in the checkpoint's
     safetensors shards and come in one at a time (models/offload.py); the embeddings and head plus
@@ -228,7 +275,9 @@ def load(
     config = load_config(name, quiet=quiet)
     source, path = resolve(name, quiet=quiet)
     check_weights(path)
-    dtype = dtype if dtype is not None else default_dtype(device)
+    dtype = parse_dtype(dtype)
+    if dtype is None or dtype == "auto":
+        dtype = default_dtype(device, config)
     if max_memory is not None:
         offloaded = _load_offloaded(name, source, path, config, device, dtype, max_memory)
         if offloaded is not None:

@@ -146,7 +146,9 @@ def search_plan(lm, remove: int, fitness_windows, *, unit: str = "block", seeds:
         if isinstance(store, (str, Path)):
             fw = fitness_windows
             store = (
-                stack.enter_context(EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol))
+                stack.enter_context(
+                    EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol, lm.numerics_key)
+                )
                 if is_main()
                 else None
             )

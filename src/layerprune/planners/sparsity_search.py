@@ -247,7 +247,9 @@ def search_plan(lm, grid: LevelGrid, db, pruner: str, windows, fitness_windows, 
     with contextlib.ExitStack() as stack:
         if isinstance(store, (str, Path)):  # under torchrun rank 0 owns the store
             store = (
-                stack.enter_context(EvalStore(store, lm.fingerprint, data_fp, {"fitness": fitness}))
+                stack.enter_context(
+                    EvalStore(store, lm.fingerprint, data_fp, {"fitness": fitness}, lm.numerics_key)
+                )
                 if is_main()
                 else None
             )

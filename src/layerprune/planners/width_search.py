@@ -102,7 +102,9 @@ def search_rates(lm, width, table, blocks, fitness_windows, *, seeds, store, ope
     with contextlib.ExitStack() as stack:
         if isinstance(store, (str, Path)):  # under torchrun rank 0 owns the store
             store = (
-                stack.enter_context(EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol))
+                stack.enter_context(
+                    EvalStore(store, lm.fingerprint, fw.fingerprint, fw.protocol, lm.numerics_key)
+                )
                 if is_main()
                 else None
             )

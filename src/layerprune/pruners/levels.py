@@ -123,7 +123,12 @@ def build_levels(
                     _restore(adapter, tmp, sparsities)
         manifest = {
             "format": FORMAT,
-            "model": {"name": lm.name, "fingerprint": fingerprint, "num_blocks": adapter.num_blocks},
+            "model": {
+                "name": lm.name,
+                "fingerprint": fingerprint,
+                "num_blocks": adapter.num_blocks,
+                "numerics": lm.numerics_key,
+            },  # fmt: skip
             "pruner": pruner,
             "kind": "weights" if pruner == "sparsegpt" else "masks",
             "calibration": None if windows is None or pruner == "magnitude" else windows.protocol,

@@ -36,6 +36,9 @@ def _fmt_number(header: str, v: float | None) -> str:
 
 def _table(rows: list[dict], columns: dict) -> tuple[list[str], list[list[str]]]:
     heads = ["model", "kind / method", "parameters", "removed"]
+    numerics = any(r.get("numerics") for r in rows)  # reports of older versions do not record it
+    if numerics:
+        heads.append("dtype @ device")
     heads += [c["header"] for c in columns["perplexity"]]
     heads += [f"{c['header']} (%)" for c in columns["zeroshot"]]
     heads += [f"{c['header']} (%)" for c in columns["zeroshot_mean"]]
@@ -49,6 +52,9 @@ def _table(rows: list[dict], columns: dict) -> tuple[list[str], list[list[str]]]
             NO_VALUE if p is None else f"{p:,}" + (f" ({100 * f:.1f}%)" if f is not None else ""),
             r["removed"].get("text", NO_VALUE),
         ]
+        if numerics:
+            n = r.get("numerics") or {}
+            cells.append(f"{n.get('dtype')} @ {n.get('device')}" if n else NO_VALUE)
         cells += [_fmt_ppl(r["perplexity"].get(c["header"])) for c in columns["perplexity"]]
         for c in columns["zeroshot"]:
             z = r["zeroshot"].get(c["header"])

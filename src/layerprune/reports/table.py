@@ -122,6 +122,8 @@ def _row(run: _Run) -> dict:
         for r in _ppl_results(recovery.get("perplexity_before"), f"{where}: recovery.perplexity_before"):
             before[_protocol_key(r)] = r
     zeroshot, latency, eval_params = None, {}, None
+    # what the numbers were computed in: the measurements' own record, else the export's
+    numerics = rep.get("numerics") if isinstance(rep.get("numerics"), dict) else None
     for path, doc in run.evals:
         for r in _ppl_results(doc.get("perplexity"), f"{path}: perplexity"):
             after[_protocol_key(r)] = r
@@ -130,6 +132,7 @@ def _row(run: _Run) -> dict:
         for key in ("latency", "memory"):
             _flat_numbers(doc.get(key), key, latency)
         eval_params = _num(doc.get("parameters")) or eval_params
+        numerics = doc.get("numerics") if isinstance(doc.get("numerics"), dict) else numerics
     ppl = {
         k: {
             "ppl": _num(after[k]["ppl"]) if k in after else None,
@@ -166,6 +169,7 @@ def _row(run: _Run) -> dict:
         "fingerprint": run.fingerprint,
         "base_model": {"name": base.get("name"), "fingerprint": base.get("fingerprint")} if base else None,
         "parameters": int(params) if params is not None else None,
+        "numerics": {k: numerics.get(k) for k in ("dtype", "device")} if numerics else None,
         "base_parameters": int(base_params) if base_params is not None else None,
         "zeroed_fraction": zeroed,
         "removed": removed,

@@ -23,6 +23,7 @@ def model_info(lm) -> dict:
         "fingerprint": lm.fingerprint,
         "architecture": lm.adapter.spec.name,
         "num_blocks": lm.adapter.num_blocks,
+        **lm.numerics,  # dtype and device type: what the numbers were computed in
     }
 
 
@@ -40,7 +41,12 @@ def run(
     fn = scorer(method)
     params = accepted(fn, params, f"scoring method {method}", GENERIC, flags={"ratio": "--target-ratio"})
     if method == "alpha":  # per linear layer, data-free, cached by fingerprint
-        unit, params, windows = "layer", {**params, "fingerprint": lm.fingerprint}, None
+        # the weights' dtype and the device change the spectra: they are part of the cache's key
+        unit, params, windows = (
+            "layer",
+            {**params, "fingerprint": f"{lm.fingerprint}-{lm.numerics_key}"},
+            None,
+        )
     elif FEEDS[method] == "width":  # per attention / MLP part, scores per group and channel inside
         unit = "module"
         windows = None if method in DATA_FREE else windows
@@ -53,7 +59,9 @@ def run(
             from ..engine.store import EvalStore
 
             if is_main():  # under torchrun rank 0 owns the store; the others get its values
-                store = EvalStore(params["store"], lm.fingerprint, windows.fingerprint, windows.protocol)
+                store = EvalStore(
+                    params["store"], lm.fingerprint, windows.fingerprint, windows.protocol, lm.numerics_key
+                )
                 params["store"] = stack.enter_context(store)
             else:
                 params["store"] = None
