@@ -1,0 +1,234 @@
+"""Knowledge distillation from the dense model (Minitron's logit KD): the loss, and a teacher cache.
+
+The loss is the forward KL(teacher || student) of the next-token distributions at temperature T,
+on the positions the language-model loss uses (a label other than IGNORE on the next token),
+multiplied by T^2 so that its gradients keep their size as T changes (Hinton et al.), and mixed
+with the LM loss by `mix` (0: distillation alone, as Minitron):
+
+    loss = (1 - mix) * T^2 * mean_t KL(q_t || p_t) + mix * LM
+
+The teacher runs beside the student, or once beforehand into a cache of its top-k log-probabilities
+per token plus the log of the mass left over (the "rest" bucket): the KL over the k + 1 buckets is
+still a proper divergence (zero only when the student puts the same mass on each bucket), and equals
+the full KL when k is the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LayerpruneError
+
+IGNORE = -100
+CACHE_FORMAT = "layerprune-teacher-cache/1"
+SHARD_EXAMPLES = 256
+
+
+@dataclass
+class TopK:
+    """The teacher's top-k next-token log-probabilities at temperature T, per position."""
+
+    index: torch.Tensor  # (..., k) int64: the token ids
+    logq: torch.Tensor  # (..., k) float32: their log-probabilities
+    rest: torch.Tensor  # (...,) float32: log of the remaining mass (-inf when k is the vocabulary)
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) bool: positions t whose prediction (of token t+1) the LM loss counts."""
+    return labels[:, 1:] != IGNORE
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopK:
+    logq = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    top = logq.topk(min(k, logq.shape[-1]), dim=-1)
+    if top.indices.shape[-1] == logq.shape[-1]:
+        rest = torch.full(logq.shape[:-1], float("-inf"), device=logq.device)
+    else:  # the complement's log-sum-exp: exact where 1 - sum(top) would cancel
+        rest = torch.logsumexp(logq.scatter(-1, top.indices, float("-inf")), dim=-1)
+    return TopK(top.indices, top.values, rest)
+
+
+def kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """KL(q || p) per position over the whole vocabulary (float32)."""
+    logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    logq = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+def kl_topk(student_logits: torch.Tensor, top: TopK, temperature: float = 1.0):
+    """KL over the teacher's k buckets and the rest bucket, per position (float32)."""
+    logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    lp_top = logp.gather(-1, top.index)
+    q = top.logq.exp()  # 0 where a position holds no entry (-inf): a term of 0, not 0 * inf
+    kl = torch.where(q > 0, q * (top.logq - lp_top), torch.zeros_like(q)).sum(-1)
+    if top.index.shape[-1] < logp.shape[-1]:  # else there is no rest bucket (and no gradient through one)
+        lp_rest = torch.logsumexp(logp.scatter(-1, top.index, float("-inf")), dim=-1)
+        q_rest = top.rest.exp()
+        kl = kl + torch.where(q_rest > 0, q_rest * (top.rest - lp_rest), torch.zeros_like(kl))
+    return kl
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: torch.Tensor | TopK,
+    *,
+    temperature: float = 1.0,
+    mix: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss and its parts: `teacher` is the teacher's logits (B, T, V) or its TopK of
+    the student's positions (B, T - 1, k); `labels` the LM labels (B, T)."""
+    mask = target_positions(labels)
+    n = mask.sum().clamp(min=1)
+    s = student_logits[:, :-1]
+    if isinstance(teacher, TopK):
+        kl = kl_topk(s, teacher, temperature)
+    else:
+        kl = kl_full(s, teacher[:, :-1], temperature)
+    kd = torch.where(mask, kl, torch.zeros_like(kl)).sum() / n * temperature**2
+    lm = (
+        torch.nn.functional.cross_entropy(
+            s.float().reshape(-1, s.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        / n
+    )
+    loss = (1 - mix) * kd + mix * lm if mix else kd
+    return loss, {"kd": float(kd.detach()), "lm": float(lm.detach())}
+
+
+def check_teacher(student, teacher) -> None:
+    """One line before any work: a teacher of another vocabulary or tokenizer, or the student itself."""
+    if teacher is student or teacher.model is student.model:
+        raise LayerpruneError("the teacher is the student itself; pass the dense model with --teacher")
+    vs, vt = student.model.config.vocab_size, teacher.model.config.vocab_size
+    if vs != vt:
+        raise LayerpruneError(
+            f"the teacher {teacher.name} has a vocabulary of {vt} tokens, the student {vs}; "
+            "distil from the model the student was pruned from (same tokenizer)"
+        )
+    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise LayerpruneError(
+            f"the teacher {teacher.name} tokenizes differently from the student; "
+            "distil from the model the student was pruned from (same tokenizer)"
+        )
+    if teacher.fingerprint == student.fingerprint:
+        raise LayerpruneError("the teacher is the student itself; pass the dense model with --teacher")
+
+
+# ---- the teacher cache --------------------------------------------------------------------------
+def cache_key(teacher_fp: str, data_protocol: dict, k: int, temperature: float, numerics: str) -> dict:
+    """What a cache must match to be used: the teacher, the data (its examples and seqlen), k, T, and
+    the precision the teacher ran in."""
+    data_fp = hashlib.sha256(json.dumps(data_protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {
+        "teacher": teacher_fp,
+        "data": data_fp,
+        "seqlen": data_protocol.get("seqlen"),
+        "k": k,
+        "temperature": temperature,
+        "numerics": numerics,
+    }
+
+
+class TeacherCache:
+    """A folder of safetensors shards: per example, `index` (L, k) int32, `logq` (L, k) and `rest`
+    (L,) float32 for every position of the example, L = the data's seqlen. Read a batch at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise LayerpruneError(
+                f"{self.path} is not a teacher cache (no readable manifest.json); choose another --teacher-cache"
+            ) from None
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise LayerpruneError(f"{self.path} is not a teacher cache ({CACHE_FORMAT})")
+        self._files: dict[int, object] = {}
+
+    def check(self, key: dict) -> None:
+        have = self.manifest["key"]
+        diff = [f"{n} {have.get(n)} (not {v})" for n, v in key.items() if have.get(n) != v]
+        if diff:
+            raise LayerpruneError(
+                f"teacher cache {self.path} was made for another run: {', '.join(diff)}; "
+                "choose another --teacher-cache folder"
+            )
+
+    def _shard(self, s: int):
+        if s not in self._files:
+            from safetensors import safe_open
+
+            self._files[s] = safe_open(str(self.path / f"shard-{s:05d}.safetensors"), framework="pt")
+        return self._files[s]
+
+    def batch(self, indices: list[int], width: int, device) -> TopK:
+        """The TopK of the student's positions 0 .. width-2 of these examples, stacked."""
+        rows = {"index": [], "logq": [], "rest": []}
+        for i in indices:
+            f = self._shard(i // SHARD_EXAMPLES)
+            j = i % SHARD_EXAMPLES
+            for name in rows:
+                rows[name].append(f.get_slice(name)[j : j + 1, : width - 1])
+        index, logq, rest = (torch.cat(rows[n]) for n in ("index", "logq", "rest"))
+        return TopK(index.to(device, torch.long), logq.to(device), rest.to(device))
+
+
+@torch.no_grad()
+def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, batch_size: int = 8,
+                progress: bool = True) -> TeacherCache:  # fmt: skip
+    """Run the teacher once over every example and store its top-k; reused when it exists and matches."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from ..io import atomic_dir, atomic_write_json
+
+    path = Path(path)
+    key = cache_key(teacher.fingerprint, data.protocol, k, temperature, teacher.numerics_key)
+    if (path / "manifest.json").exists():
+        cache = TeacherCache(path)
+        cache.check(key)
+        return cache
+    seqlen = int(data.protocol.get("seqlen") or max(t.numel() for t in data.input_ids))
+    pad = teacher.tokenizer.pad_token_id
+    pad = pad if pad is not None else (teacher.tokenizer.eos_token_id or 0)
+    teacher.model.eval()
+    n = len(data)
+    bar = tqdm(total=n, desc="teacher cache", unit="example", disable=not progress)
+    with atomic_dir(path, overwrite=path.exists()) as tmp:
+        for s0 in range(0, n, SHARD_EXAMPLES):
+            count = min(SHARD_EXAMPLES, n - s0)
+            index = torch.zeros(count, seqlen, k, dtype=torch.int32)
+            logq = torch.full((count, seqlen, k), float("-inf"))
+            rest = torch.full((count, seqlen), float("-inf"))
+            for b0 in range(0, count, batch_size):
+                idx = list(range(s0 + b0, s0 + min(b0 + batch_size, count)))
+                batch = {name: v.to(teacher.device) for name, v in data.batch(idx, pad).items()}
+                logits = teacher.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+                top = teacher_topk(logits, k, temperature)
+                w = logits.shape[1]
+                rows = slice(b0, b0 + len(idx))
+                index[rows, :w] = top.index.to("cpu", torch.int32)
+                logq[rows, :w] = top.logq.cpu()
+                rest[rows, :w] = top.rest.cpu()
+                bar.update(len(idx))
+            save_file(
+                {"index": index, "logq": logq, "rest": rest},
+                str(tmp / f"shard-{s0 // SHARD_EXAMPLES:05d}.safetensors"),
+            )
+        atomic_write_json(
+            tmp / "manifest.json",
+            {"format": CACHE_FORMAT, "key": key, "examples": n, "teacher_name": teacher.name},
+        )
+    bar.close()
+    return TeacherCache(path)

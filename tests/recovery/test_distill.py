@@ -1,0 +1,97 @@
+"""The distillation loss and the teacher's top-k cache, against float64 computations by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerprune.recovery.distill import IGNORE, TopK, kd_loss, kl_topk, teacher_topk
+
+
+def _softmax64(x: list[float], t: float) -> list[float]:
+    m = max(v / t for v in x)
+    e = [math.exp(v / t - m) for v in x]
+    z = sum(e)
+    return [v / z for v in e]
+
+
+def _reference(student, teacher, labels, t, mix) -> float:
+    """The loss by hand in float64 Python: explicit softmaxes, KL summed over the vocabulary, mean
+    over the positions whose next token is a label, T^2, and the mixed-in cross-entropy at T = 1."""
+    kls, ces = [], []
+    B, T, _ = student.shape
+    for b in range(B):
+        for i in range(T - 1):
+            if labels[b, i + 1] == IGNORE:
+                continue
+            s, te = student[b, i].double().tolist(), teacher[b, i].double().tolist()
+            p, q = _softmax64(s, t), _softmax64(te, t)
+            kls.append(sum(qi * (math.log(qi) - math.log(pi)) for pi, qi in zip(p, q)))
+            p1 = _softmax64(s, 1.0)
+            ces.append(-math.log(p1[int(labels[b, i + 1])]))
+    kd = t * t * sum(kls) / len(kls)
+    lm = sum(ces) / len(ces)
+    return (1 - mix) * kd + mix * lm
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+@pytest.mark.parametrize("mix", [0.0, 0.3])
+def test_kd_loss_equals_explicit_softmaxes_in_float64(t, mix):
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 2, 6, 11
+    student, teacher = torch.randn(B, T, V, generator=g) * 3, torch.randn(B, T, V, generator=g) * 3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 3] = IGNORE  # a prompt token, and padding at the end of a row
+    labels[1, 4:] = IGNORE
+    loss, parts = kd_loss(student, labels, teacher, temperature=t, mix=mix)
+    assert float(loss) == pytest.approx(_reference(student, teacher, labels, t, mix), rel=1e-5)
+    # the full-vocabulary top-k is the same loss
+    top = teacher_topk(teacher[:, :-1], V, t)
+    assert float(kd_loss(student, labels, top, temperature=t, mix=mix)[0]) == pytest.approx(
+        float(loss), rel=1e-5
+    )
+
+
+def test_a_student_equal_to_its_teacher_has_zero_loss_and_zero_gradient():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 9, generator=g)
+    labels = torch.randint(0, 9, (2, 5), generator=g)
+    for teacher in (logits.clone(), teacher_topk(logits[:, :-1], 4, 1.0)):
+        student = logits.clone().requires_grad_(True)
+        loss, _ = kd_loss(student, labels, teacher)
+        loss.backward()
+        assert abs(float(loss.detach())) < 1e-6
+        assert float(student.grad.abs().max()) < 1e-6
+
+
+def test_topk_cache_by_hand():
+    """Vocabulary of 4, k = 2: teacher q = (0.5, 0.3, 0.15, 0.05), student p = (0.25, 0.25, 0.25, 0.25).
+    Buckets {0}, {1}, rest = {2, 3} with q_rest = 0.2, p_rest = 0.5:
+    KL = 0.5 ln(0.5/0.25) + 0.3 ln(0.3/0.25) + 0.2 ln(0.2/0.5)."""
+    q = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    top = teacher_topk(q.log(), 2, 1.0)
+    assert top.index.tolist() == [[0, 1]]
+    assert top.rest.exp().item() == pytest.approx(0.2, rel=1e-6)
+    kl = kl_topk(torch.zeros(1, 4), top, 1.0)
+    expected = 0.5 * math.log(2) + 0.3 * math.log(0.3 / 0.25) + 0.2 * math.log(0.2 / 0.5)
+    assert kl.item() == pytest.approx(expected, rel=1e-6)
+    # a proper divergence: 0 when the student matches every bucket, though not every token
+    p = torch.tensor([[0.5, 0.3, 0.02, 0.18]])
+    assert kl_topk(p.log(), top, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_positions_without_an_entry_contribute_nothing():
+    """A cache row past an example's end holds -inf log-probabilities: no NaN in loss or gradient."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(1, 4, 6, generator=g, requires_grad=True)
+    labels = torch.tensor([[1, 2, IGNORE, IGNORE]])
+    top = teacher_topk(torch.randn(1, 3, 6, generator=g), 3, 1.0)
+    top = TopK(top.index.clone(), top.logq.clone(), top.rest.clone())
+    top.logq[0, 1:] = float("-inf")
+    top.rest[0, 1:] = float("-inf")
+    loss, _ = kd_loss(student, labels, top)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    assert float(student.grad[0, 1:].abs().max()) == 0.0
