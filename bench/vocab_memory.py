@@ -144,16 +144,18 @@ def main() -> dict:
 
 def markdown(doc: dict) -> str:
     lines = [
-        "| vocab | windows × seqlen | old: logits + log-softmax | old peak (measured) | new peak | new / old |",
-        "|---|---|---|---|---|---|",
+        "| vocab | windows × seqlen | old: logits + log-softmax | old peak | new peak | new / old | seconds old / new |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         old = r["old_added_peak_bytes"]
-        old_s = f"{old / MiB:,.0f} MiB" if old is not None else "not run"
+        ran = old is not None
         lines.append(
             f"| {r['vocab'] // 1024} K | {r['batch']} × {r['seqlen']} | "
-            f"{r['old_logits_and_log_softmax_bytes'] / MiB:,.0f} MiB | {old_s} | "
-            f"{r['new_added_peak_bytes'] / MiB:,.0f} MiB | {r['new_over_old_peak']:.3f} |"
+            f"{r['old_logits_and_log_softmax_bytes'] / MiB:,.0f} MiB | "
+            f"{format(old / MiB, ',.0f') + ' MiB' if ran else 'not run'} | {r['new_added_peak_bytes'] / MiB:,.0f} MiB | "
+            f"{r['new_over_old_peak']:.3f}{'' if ran else ' (of the arithmetic)'} | "
+            f"{format(r['old_seconds'], '.1f') if ran else '–'} / {r['new_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
