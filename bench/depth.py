@@ -29,7 +29,7 @@ import torch
 from _results import write
 
 from layerprune.data import calibration
-from layerprune.engine.masked import token_nll
+from layerprune.engine.vocab import token_nll
 from layerprune.evaluation.perplexity import perplexity
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import LoadedModel, load

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from layerprune.data import calibration_windows, default_bos, load_text
-from layerprune.engine.masked import MaskEvaluator, token_nll
+from layerprune.engine.masked import MaskEvaluator
+from layerprune.engine.vocab import token_nll
 from layerprune.io import atomic_write_json
 from layerprune.models.adapter import ModelAdapter
 from layerprune.models.loading import load

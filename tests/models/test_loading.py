@@ -73,3 +73,17 @@ def test_fingerprint_of_a_tensor_past_float32_integer_precision():
     a = model_fingerprint(m)  # raised IndexError (index 65536000 out of bounds) before the clamp
     m.w.data[-1] = 1
     assert model_fingerprint(m) != a
+
+
+def test_mps_is_refused_in_one_line(cli):
+    """MPS has no float64 (the losses and statistics accumulate in it): refused before any load,
+    whether or not this machine has MPS, never a crash deep inside a pruner."""
+    from layerprune.models.loading import check_device
+
+    for device in ("mps", "mps:0"):
+        with pytest.raises(LayerpruneError, match="MPS is not supported.*use --device cpu"):
+            check_device(device)
+    r = cli("eval", "fixture", "--device", "mps", "--ppl", "fixture:test", "--seqlen", "32")
+    assert (
+        r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "MPS is not supported" in r.stderr
+    )

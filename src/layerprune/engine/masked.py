@@ -8,10 +8,8 @@
 - `nll(states)`: the model's own head on hidden states that leave the last block, reached by a
   forward in which every block is skipped and the last one injects the given states. The final
   norm (and anything else between the blocks and the output embedding) runs as the model runs it;
-  the output embedding is then applied in chunks of tokens fused with the log-sum-exp, so the
-  [tokens x vocab] logits never exist at once (the head costs several blocks on a small model).
-  Final-logit softcapping (Gemma) is applied as its config says; a model whose output embedding
-  is not a plain Linear falls back to its full forward.
+  the output embedding is then applied in chunks of tokens fused with the log-sum-exp
+  (engine/vocab.py), so the [tokens x vocab] logits never exist at once.
 Nothing is re-implemented per architecture and no weight is copied.
 
 `evaluate_masks` walks a set of masks as a binary trie over blocks 0..L-1: the hidden states after
@@ -31,6 +29,7 @@ from torch import nn
 
 from ..distributed import spread
 from ..models.adapter import ModelAdapter, SkippedBlock
+from .vocab import window_nll
 
 Mask = tuple[bool, ...]
 
@@ -71,52 +70,6 @@ def _replaced_blocks(adapter: ModelAdapter, stand_ins: Sequence[nn.Module]) -> I
     finally:
         for i, m in enumerate(saved):
             blocks[i] = m
-
-
-class _HeadInput(nn.Module):
-    """Stands in for the output embedding: records its input and stops the forward."""
-
-    def __init__(self, head: nn.Linear):
-        super().__init__()
-        self._head = [head]  # in a list: not a submodule
-        self.hidden: torch.Tensor | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:  # some forwards read lm_head.weight.dtype (Mamba)
-        return self._head[0].weight
-
-    def forward(self, hidden_states):
-        self.hidden = hidden_states
-        raise _Stop
-
-
-HEAD_CHUNK = 256  # tokens per fused head chunk: 256 x vocab logits stay cache-sized
-
-
-def fused_head_nll(
-    hidden: torch.Tensor, head: nn.Linear, input_ids: torch.Tensor, softcap: float | None = None
-) -> torch.Tensor:
-    """Sum of next-token NLL per window from the hidden states entering the output embedding,
-    computed chunk by chunk as logsumexp(logits) - logit[target], summed in float64."""
-    B, T, H = hidden.shape
-    x = hidden[:, :-1].reshape(-1, H)
-    targets = input_ids[:, 1:].reshape(-1)
-    weight = head.weight
-    bias = head.bias
-    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], HEAD_CHUNK):
-        logits = nn.functional.linear(x[s : s + HEAD_CHUNK].to(weight.dtype), weight, bias).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        target = logits.gather(-1, targets[s : s + HEAD_CHUNK, None]).squeeze(-1)
-        out[s : s + HEAD_CHUNK] = torch.logsumexp(logits, dim=-1) - target
-    return out.view(B, T - 1).sum(dim=1)
-
-
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL per window, in float32: logits [B, T, V] predict input_ids[:, 1:]."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1).sum(dim=1)
 
 
 class BlockRunner:
@@ -183,33 +136,15 @@ class BlockRunner:
                 out.append(self.block_batch(i, b, h))
         return out
 
-    @property
-    def fused_head(self) -> bool:
-        head = self.model.get_output_embeddings()
-        return type(head) is nn.Linear and hasattr(self.model, "set_output_embeddings")
-
     @torch.no_grad()
     def nll_per_window(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """Summed NLL per window of hidden states leaving the last block (float64, on the CPU)."""
         out = []
-        fused = self.fused_head
-        head = self.model.get_output_embeddings()
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
         for ids, h in zip(self.batches, states):
             stand_ins = [SkippedBlock() for _ in range(self.num_blocks - 1)] + [_Inject(h)]
             with _replaced_blocks(self.adapter, stand_ins):
-                if not fused:
-                    logits = self.model(input_ids=ids, use_cache=False).logits
-                    out.append(token_nll(logits, ids).double().cpu())
-                    continue
-                probe = _HeadInput(head)
-                self.model.set_output_embeddings(probe)
-                try:
-                    with contextlib.suppress(_Stop):
-                        self.model(input_ids=ids, use_cache=False)
-                finally:
-                    self.model.set_output_embeddings(head)
-                out.append(fused_head_nll(probe.hidden, head, ids, softcap).cpu())
-        return torch.cat(out)
+                out.append(window_nll(self.adapter, ids))
+        return torch.cat(out).cpu()
 
     def nll(self, states: list[torch.Tensor]) -> float:
         return float(self.nll_per_window(states).sum())

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import Windows, check_seqlen, check_vocab, default_bos, eval_windows, load_text
-from ..engine.masked import token_nll
+from ..engine.vocab import rows_at_once, window_nll
 from ..models.adapter import ModelAdapter
 
 
@@ -53,7 +53,6 @@ def perplexity_of_windows(
     offloaded blocks, block by block (each block read once for all windows)."""
     device = model.get_input_embeddings().weight.device
     t0 = time.perf_counter()
-    nll = 0.0
     ids = windows.input_ids
     if adapter.offload is not None:
         from ..engine.masked import BlockRunner, evaluate_masks
@@ -61,14 +60,20 @@ def perplexity_of_windows(
         keep = [1] * len(adapter.units(granularity)) if mask is None else list(mask)
         nll = evaluate_masks(BlockRunner(model, adapter, ids, batch_size), [keep], granularity)[0]
     else:
+        # The loss is taken a chunk of tokens at a time on the compute device (engine/vocab.py) and
+        # summed there in float64: one transfer at the end, never [batch x seqlen x vocab] logits.
+        total = torch.zeros((), dtype=torch.float64, device=device)
         ctx = adapter.skip(mask, granularity) if mask is not None else contextlib.nullcontext()
         with ctx:
             for batch in tqdm(
-                ids.split(batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False
+                ids.split(rows_at_once(adapter, batch_size)),
+                desc="perplexity",
+                unit="batch",
+                disable=not progress,
+                leave=False,
             ):
-                batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                nll += float(token_nll(logits, batch).double().sum())
+                total += window_nll(adapter, batch.to(device)).sum()
+        nll = float(total)
     tokens = int(ids.shape[0] * (ids.shape[1] - 1))
     return PerplexityResult(
         ppl=math.exp(nll / tokens),

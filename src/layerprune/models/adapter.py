@@ -8,6 +8,11 @@ and use its two operations on depth:
 - `remove_blocks(indices)`: delete blocks for good, re-number every `layer_idx` (the KV cache is
   indexed by it), and fix the config: `num_hidden_layers` and every per-layer list (`layer_types`,
   ...), so that `save_pretrained` writes a checkpoint that loads with plain transformers.
+And it splits the forward at the output embedding, so that losses over the vocabulary can be taken a
+chunk of tokens at a time (engine/vocab.py): `head_input(ids)` is what the model's own forward hands
+its output embedding (the final norm and anything else the body does, run as the model runs it), and
+`head_logits(h)` the logits the forward makes of it (the embedding, tied or not, then the scaling or
+softcapping the architecture applies).
 """
 
 from __future__ import annotations
@@ -68,6 +73,27 @@ class ZeroBranch(nn.Module):
         else:
             out = x.new_zeros(*x.shape[:-1], self.out_features)
         return (out, None) if self.returns_tuple else out
+
+
+class _HeadReached(Exception):
+    """Raised by the head probe: the rest of the forward (the logits) is not wanted."""
+
+
+class _HeadProbe(nn.Module):
+    """Stands in for the output embedding: records its input and stops the forward."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self._head = [head]  # in a list: not a submodule
+        self.hidden: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # some forwards read lm_head.weight.dtype (Mamba)
+        return self._head[0].weight
+
+    def forward(self, hidden_states):
+        self.hidden = hidden_states
+        raise _HeadReached
 
 
 class ModelAdapter:
@@ -181,6 +207,51 @@ class ModelAdapter:
     @property
     def default_bos(self) -> str:
         return "every" if self.spec.bos_every_window else "first"
+
+    # ---- the output embedding -----------------------------------------------------------------
+    @property
+    def head(self) -> nn.Module | None:
+        """The output embedding (tied to the input one or not), when the model lets it be swapped for
+        the probe of `head_input`; None otherwise (use the model's own logits)."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if get is not None else None
+        return head if head is not None and hasattr(self.model, "set_output_embeddings") else None
+
+    @property
+    def vocab_size(self) -> int:
+        head = self.head
+        rows = getattr(head, "out_features", None) if head is not None else None
+        return int(rows or self.config.vocab_size)
+
+    def head_input(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """[B, T, H]: the hidden states the model's forward passes its output embedding for these
+        windows, the forward stopped there; None when it never reaches the embedding this way."""
+        head = self.head
+        if head is None:
+            return None
+        probe = _HeadProbe(head)
+        self.model.set_output_embeddings(probe)
+        try:
+            with contextlib.suppress(_HeadReached):
+                self.model(input_ids=input_ids, use_cache=False)
+        finally:
+            self.model.set_output_embeddings(head)
+        return probe.hidden
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The float32 logits the model's forward makes of hidden states entering its output
+        embedding (any leading shape): the embedding, then the architecture's scaling and softcapping,
+        computed in float32 (the forward does them in the model's dtype: equal in float32)."""
+        logits = self.head(hidden).float()
+        spec, cfg = self.spec, self.config
+        if spec.logit_scale_key is not None:
+            logits = logits * float(getattr(cfg, spec.logit_scale_key))
+        if spec.logit_divisor_key is not None:
+            logits = logits / float(getattr(cfg, spec.logit_divisor_key))
+        cap = getattr(cfg, spec.logit_softcap_key, None) if spec.logit_softcap_key is not None else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # ---- masks -----------------------------------------------------------------------------
     def check_mask(self, mask: Sequence[int | bool], granularity: str = "block") -> list[bool]:

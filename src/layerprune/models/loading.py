@@ -192,9 +192,11 @@ def check_device(device: str) -> str:
             raise LayerpruneError(
                 f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}"
             )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise LayerpruneError(f"--device {device}: MPS is not available here; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
+    elif dev.type == "mps":
+        # Refused, not half-supported: MPS has no float64, in which the statistics and losses are
+        # accumulated, and lacks ops the pruners use on many torch versions (kthvalue, SVD).
+        raise LayerpruneError(f"--device {device}: Apple MPS is not supported (no float64); use --device cpu")
+    elif dev.type not in ("cpu", "cuda"):
         raise LayerpruneError(f"--device {device}: unsupported device type; use cpu or cuda")
     return device
 

@@ -45,6 +45,10 @@ class ArchSpec:
     # q, k, v, o; mlp_bias for gate, up, down); a bias added to o / down (FLAP's compensation) is then
     # stated by the config, otherwise by the per-block shapes (models/shrink.py).
     bias_config_keys: dict[str, str] = field(default_factory=dict)
+    # ---- logits: what the *ForCausalLM forward does to the output embedding's result, as config keys ----
+    logit_scale_key: str | None = None  # logits * config[key] (Cohere's logit_scale)
+    logit_divisor_key: str | None = None  # logits / config[key] (Granite's logits_scaling)
+    logit_softcap_key: str | None = None  # cap * tanh(logits / cap), when config[key] is set (Gemma 2 / 3)
 
 
 _LLAMA_LINEARS = {
@@ -96,6 +100,7 @@ SPECS: tuple[ArchSpec, ...] = (
         "mlp",
         _GEMMA_NORMS,
         bos_every_window=True,
+        logit_softcap_key="final_logit_softcapping",
     ),
     ArchSpec(
         "gemma3",
@@ -106,6 +111,7 @@ SPECS: tuple[ArchSpec, ...] = (
         "mlp",
         {**_GEMMA_NORMS, "self_attn.q_norm": "attn", "self_attn.k_norm": "attn"},
         bos_every_window=True,
+        logit_softcap_key="final_logit_softcapping",
     ),
     ArchSpec(
         "phi3",

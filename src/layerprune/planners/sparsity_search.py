@@ -172,7 +172,7 @@ class LevelFitness:
         t0 = time.perf_counter()
         self.reference = None
         if kind == "kl":
-            self.reference = DenseReference(lm.model, windows.input_ids, batch_size=batch_size)
+            self.reference = DenseReference(lm.model, lm.adapter, windows.input_ids, batch_size=batch_size)
         self.reference_seconds = time.perf_counter() - t0
         self.evaluations = 0
         self.forward_seconds: list[float] = []  # each real evaluation's forward and KL: the overhead's base

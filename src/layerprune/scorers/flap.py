@@ -115,11 +115,11 @@ def flap_table(model, adapter, windows, *, fluctuation: str, batch_size: int, pr
         for part, role in outputs.items():
             w = adapter.weight(linears[role]).detach().double()
             wifv[part] = stats[role].variance() * w.pow(2).sum(0)
-            out["means"][part].append([float(v) for v in stats[role].mean])
+            out["means"][part].append(stats[role].mean.tolist())
         _, idx = layout(adapter, i, "attn")[outputs["attn"]]
-        out["groups"].append([float(v) for v in wifv["attn"].pow(2)[idx].sum(1)])
-        out["attn_features"].append([float(v) for v in wifv["attn"]])
-        out["channels"].append([float(v) for v in wifv["mlp"]])
+        out["groups"].append(wifv["attn"].pow(2)[idx].sum(1).tolist())  # .tolist(): one transfer each
+        out["attn_features"].append(wifv["attn"].tolist())
+        out["channels"].append(wifv["mlp"].tolist())
 
     run_sequential(
         model,

@@ -61,7 +61,7 @@ def structured_scores(model, adapter, windows, *, data: bool, owned: str, batch_
                 norms = stats[role].norms() if stats is not None else None
                 s = unit_scores(adapter.weight(linears[role]), norms, axis, idx)
                 total = s if total is None else total + s
-            out[name].append([float(v) for v in total])
+            out[name].append(total.tolist())  # one transfer, not one per unit
 
     if not data:
         for i in range(adapter.num_blocks):
