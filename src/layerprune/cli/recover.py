@@ -31,7 +31,7 @@ def cmd_recover(args) -> int:
     from ..recovery import RecoveryConfig, load_training_data
     from ..reports.plots import loss_chart
 
-    _check_output(args, args.model, file=False)
+    _check_output(args, args.model, file=False, data=args.data)
     if args.output.exists() and not args.overwrite:
         raise LayerpruneError(
             f"output folder {args.output} already exists; choose another -o or pass --overwrite"
