@@ -29,7 +29,7 @@ Inputs = Mapping[str, "str | Path | None"] | Iterable["str | Path | None"]
 def check_destination(out: str | Path, inputs: Inputs, option: str = "-o") -> None:
     """Refuse, before any work, a destination that is an input of the command, lies inside one (we
     never modify an input) or contains one (replacing it would delete the input). `inputs`: paths,
-    or {what: a path or a list of paths}; those not on disk (fixture:val, a hub id, None) are skipped."""
+    or {what: a path or a list of paths}; one not on disk (fixture:val, a hub id) can only be equal."""
     named = inputs.items() if isinstance(inputs, Mapping) else (("", p) for p in inputs)
     named = [(w, g) for w, given in named for g in (given if isinstance(given, (list, tuple)) else [given])]
     target = Path(out).expanduser().resolve()
@@ -37,11 +37,11 @@ def check_destination(out: str | Path, inputs: Inputs, option: str = "-o") -> No
         if given is None or str(given) == "":
             continue
         path = Path(given).expanduser()
+        src, label = path.resolve(), f"{what + ' ' if what else ''}{given}"
+        if target == src:  # even before it exists: a store the command is about to create
+            raise LayerpruneError(f"output {out} is the input {label}; write it somewhere else ({option})")
         if not path.exists():
             continue
-        src, label = path.resolve(), f"{what + ' ' if what else ''}{given}"
-        if target == src:
-            raise LayerpruneError(f"output {out} is the input {label}; write it somewhere else ({option})")
         if src in target.parents:
             raise LayerpruneError(
                 f"output {out} is inside the input {label}; write it somewhere else ({option})"
