@@ -675,3 +675,359 @@ def test_same_seed_gives_a_byte_identical_plan(tmp_path, cli):
     assert len(texts[0]) == len(texts[1])
     differ = [(a, b) for a, b in zip(*texts) if a != b]
     assert len(differ) <= 1 and all('"created"' in a for a, _ in differ), differ
+
+
+# ---- issue 32 A: safe writes -------------------------------------------------------------------
+# One rule for every destination (never an input, never inside one, never around one), outputs with
+# the modes of a plain write, SIGTERM cleaned up like Ctrl-C, and what a killed run left removed (or,
+# for a level database, taken over) by the next run.
+import hashlib  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def safe(tmp_path_factory):
+    """A copy of the fixture (`fx`), a depth plan, a Wanda plan with a small calibration, BI scores and a
+    text long enough to evaluate on."""
+    import layerprune as lp
+
+    d = tmp_path_factory.mktemp("safe")
+    shutil.copytree(FIXTURE_DIR, d / "fx", ignore=shutil.ignore_patterns("data", "tasks"))
+    lm = lp.load(str(d / "fx"), device="cpu", quiet=True)
+    bi = lp.score(lm, "bi", lp.calibration(lm, "fixture:val", samples=4, seqlen=32), progress=False)
+    bi.save(d / "bi.json")
+    lp.plan(lm, bi, remove=2).save(d / "depth.json")
+    calib = lp.calibration(lm, "fixture:val", samples=8, seqlen=64, kind="sparsity")
+    lp.plan(lm, sparsity=0.5, pruner="wanda", calib=calib, progress=False).save(d / "wanda.json")
+    (d / "text.txt").write_text((FIXTURE_DIR / "data" / "test.txt").read_text()[:20000])
+    return d
+
+
+def _work(tmp_path: Path, safe: Path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(safe, work)
+    return work
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every path under `folder` with the sha256 of its bytes ('dir' for a folder)."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+    }
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+# (arguments run inside the work folder, a fragment of the one error line). {work}: its absolute path.
+DESTINATION_CASES = [
+    (
+        ["apply", "depth.json", "--model", "fx", "-o", "{work}", "--overwrite"],
+        "contains the input model folder",
+    ),
+    (["apply", "depth.json", "--model", "fx", "-o", ".", "--overwrite"], "contains the input model folder"),
+    (["apply", "depth.json", "--model", "fixture", "-o", ".", "--overwrite"], "contains the input plan"),
+    (
+        [
+            "recover",
+            "fx",
+            "--data",
+            "fixture:train",
+            "--steps",
+            "1",
+            "--seqlen",
+            "32",
+            "-o",
+            ".",
+            "--overwrite",
+        ],
+        "contains the input model folder",
+    ),
+    (["plan", "fixture", "--scores", "bi.json", "--remove", "2", "-o", "bi.json"], "is the input scores"),
+    (
+        [
+            "score",
+            "fixture",
+            "--method",
+            "ppl",
+            "--samples",
+            "2",
+            "--seqlen",
+            "16",
+            "--calib",
+            "fixture:val",
+            "--store",
+            "s.sqlite",
+            "-o",
+            "s.sqlite",
+        ],  # fmt: skip
+        "is the input store",
+    ),
+    (
+        ["eval", "fixture", "--ppl", "text.txt", "--seqlen", "64", "--max-windows", "2", "-o", "text.txt"],
+        "is the input text",
+    ),
+    (["demo", "--model", "fx", "-o", "fx/run"], "inside the input model folder"),
+    (
+        [
+            "plan",
+            "fx",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "magnitude",
+            "--allocation",
+            "search",
+            "--max-levels",
+            "1",
+            "--generations",
+            "1",
+            "--offspring",
+            "4",
+            "--calib",
+            "fixture:val",
+            "--samples",
+            "4",
+            "--seqlen",
+            "32",
+            "--levels-db",
+            "fx/levels",
+            "-o",
+            "p.json",
+        ],  # fmt: skip
+        "inside the input model folder",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, fix", DESTINATION_CASES, ids=[_ids(c) for c in DESTINATION_CASES])
+def test_a_destination_that_is_contains_or_lies_in_an_input_is_refused(
+    args, fix, safe, tmp_path, cli, monkeypatch
+):
+    """`-o "$PWD" --overwrite` once deleted the folder holding the model (exit 0), `-o .` was a
+    traceback; an output over a plan, scores, store or text replaced it. Refused before any work, in
+    one line, with every input byte-identical and nothing added."""
+    work = _work(tmp_path, safe)
+    monkeypatch.chdir(work)
+    before = _tree(work)
+    r = cli(*[a.replace("{work}", str(work)) for a in args], "--quiet")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    line = _one_line(r.stderr)
+    assert line.startswith("layerprune: error: ") and fix in line and "write it somewhere else" in line, line
+    assert _tree(work) == before
+
+
+def test_overwriting_a_file_with_a_model_folder_leaves_no_old_copy(safe, tmp_path, cli, monkeypatch):
+    work = _work(tmp_path, safe)
+    monkeypatch.chdir(work)
+    (work / "afile").write_text("an earlier result")
+    model = _tree(work / "fx")
+    r = cli("apply", "depth.json", "--model", "fx", "-o", "afile", "--overwrite", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((work / "afile" / "config.json").read_text())["num_hidden_layers"] == 10
+    assert [p.name for p in work.iterdir() if p.name.startswith(".")] == []  # no .afile.old
+    assert _tree(work / "fx") == model
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_outputs_get_the_modes_of_a_plain_write(umask, safe, tmp_path, cli, monkeypatch):
+    """Files written through a temporary were 0600 and folders 0700 (mkstemp, mkdtemp, safetensors):
+    a server running as another user could not read an export. Compared with a file and a folder
+    made plainly under the same umask."""
+    work = _work(tmp_path, safe)
+    monkeypatch.chdir(work)
+    old = os.umask(umask)
+    try:
+        (work / "plain.txt").write_text("x")
+        (work / "plain").mkdir()
+        file_mode = (work / "plain.txt").stat().st_mode & 0o777
+        dir_mode = (work / "plain").stat().st_mode & 0o777
+        runs = [
+            ("score", "fx", "--method", "bi", "--samples", "4", "--seqlen", "32", "--calib", "fixture:val", "-o", "s.json", "--quiet"),
+            ("plan", "fx", "--scores", "s.json", "--remove", "2", "-o", "p.json", "--quiet"),
+            ("apply", "p.json", "--model", "fx", "-o", "pruned", "--quiet"),
+            ("report", "pruned", "-o", "report"),
+        ]  # fmt: skip
+        for args in runs:
+            r = cli(*args)
+            assert r.returncode == 0, (args, r.stderr)
+    finally:
+        os.umask(old)
+    assert (file_mode, dir_mode) == (0o666 & ~umask, 0o777 & ~umask)
+    written = [
+        work / "s.json",
+        work / "s.png",
+        work / "p.json",
+        work / "p.png",
+        work / "pruned",
+        work / "report",
+    ]
+    written += [p for folder in ("pruned", "report") for p in (work / folder).rglob("*")]
+    assert (work / "pruned" / "model.safetensors") in written and (work / "report" / "report.json") in written
+    wrong = {
+        str(p.relative_to(work)): oct(p.stat().st_mode & 0o777)
+        for p in written
+        if p.stat().st_mode & 0o777 != (dir_mode if p.is_dir() else file_mode)
+    }
+    assert wrong == {}
+
+
+def _spawn_in(work: Path, *args, tmpdir: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "layerprune.cli", *map(str, args), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=work,
+    )
+
+
+def _has_files(folders) -> bool:
+    return any(f.is_file() for d in folders if d.is_dir() for f in d.iterdir())
+
+
+@pytest.mark.parametrize(
+    "sig, mode, code",
+    [
+        (signal.SIGTERM, "offload-disk", 143),
+        (signal.SIGINT, "offload-disk", 130),
+        (signal.SIGTERM, "max-memory", 143),
+        (signal.SIGTERM, "export", 143),
+    ],
+    ids=["SIGTERM-offload-disk", "SIGINT-offload-disk", "SIGTERM-max-memory", "SIGTERM-export"],
+)
+def test_sigterm_cleans_up_like_ctrl_c(sig, mode, code, safe, tmp_path):
+    """SIGTERM (timeout, docker stop, Slurm) killed the process outright: /tmp/layerprune-acts-*,
+    /tmp/layerprune-blocks-* and the hidden export folder stayed. Now it unwinds as Ctrl-C does:
+    one line, exit 143 (Ctrl-C: 130), no temporary, no output, the input untouched."""
+    work = _work(tmp_path, safe)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    before = _tree(work)
+    args = {
+        "offload-disk": ["apply", "wanda.json", "--model", "fx", "-o", "out", "--offload", "disk"],
+        "max-memory": ["apply", "wanda.json", "--model", "fx", "-o", "out", "--max-memory", "15MB"],
+        "export": ["apply", "depth.json", "--model", "fx", "-o", "out"],
+    }[mode]
+    ready = {
+        "offload-disk": lambda: _has_files(tmpdir.glob("layerprune-acts-*")),
+        "max-memory": lambda: _has_files(tmpdir.glob("layerprune-blocks-*")),
+        "export": lambda: any(p.name.startswith(".out.") for p in work.iterdir()),
+    }[mode]
+    for _attempt in range(5):  # the fixture's export can finish between two polls: again
+        proc = _spawn_in(work, *args, tmpdir=tmpdir)
+        started = _wait_for(ready, proc)
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            break
+        shutil.rmtree(work / "out")
+    assert started, err
+    assert proc.returncode == code, (proc.returncode, err)
+    assert _one_line(err) == "layerprune: interrupted"
+    assert list(tmpdir.iterdir()) == []
+    assert _tree(work) == before  # no output, no hidden temporary, the inputs byte-identical
+
+
+def test_a_rerun_removes_what_killed_runs_left_and_keeps_a_live_runs(safe, tmp_path, cli, monkeypatch):
+    """SIGKILL cannot be caught: a killed run's hidden export folder and its activation folder stayed
+    for good. Temporaries are named after their process and host; the next run removes those whose
+    process is gone, and keeps a live run's and another machine's."""
+    work = _work(tmp_path, safe)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with pytest.raises(ProcessLookupError):
+            os.kill(gone.pid, 0)
+        host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+        dead = [work / f".out.{gone.pid}-{host}.abcd1234.tmp", work / f".out.{gone.pid}-{host}.efgh5678.old",
+                tmpdir / f"layerprune-acts-{gone.pid}-{host}.ijkl9012"]  # fmt: skip
+        alive = [work / f".out.{live.pid}-{host}.mnop3456.tmp", work / f".out.{gone.pid}-elsewhere.qrst7890.tmp",
+                 tmpdir / f"layerprune-acts-{live.pid}-{host}.uvwx1234"]  # fmt: skip
+        for folder in dead + alive:
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"half written")
+        r = cli("apply", "wanda.json", "--model", "fx", "-o", "out", "--offload", "disk", "--quiet")
+    finally:
+        live.kill()
+        live.wait()
+    assert r.returncode == 0, r.stderr
+    assert (work / "out" / "model.safetensors").is_file()
+    assert [p for p in dead if p.exists()] == []
+    assert [p for p in alive if not p.exists()] == []
+    assert sorted(p.name for p in tmpdir.iterdir()) == [alive[2].name]  # this run's own folder: gone
+
+
+def test_a_killed_level_database_build_is_taken_over_by_the_next(safe, tmp_path, monkeypatch):
+    """A killed level-database build left a hidden folder under the cache, never reused nor removed.
+    Interrupted, it keeps the blocks it finished; once its process is gone, the next build of the same
+    database computes only the missing blocks, and the result equals an uninterrupted build. A killed
+    build of another database is removed."""
+    import layerprune as lp
+    from layerprune.pruners import levels
+    from layerprune.pruners.levels import build_levels
+
+    def fresh_lm():
+        return lp.load(str(safe / "fx"), device="cpu", quiet=True)
+
+    lm = fresh_lm()
+    windows = lp.calibration(lm, "fixture:val", samples=4, seqlen=32, kind="sparsity")
+    names = [f"{i}.{role}" for i in range(lm.adapter.num_blocks) for role in lm.adapter.linears(i)]
+    sparsities = {name: [0.4, 0.5, 0.6] for name in names}
+    kw = {"target": 0.5, "inputs": "target", "progress": False}
+    reference = build_levels(lm, "wanda", sparsities, windows, tmp_path / "reference", **kw)
+
+    real_save, saved = levels.save_file, []
+
+    def save_then_stop(tensors, path):
+        if len(saved) == 4:
+            raise KeyboardInterrupt  # Ctrl-C or SIGTERM, after four blocks
+        saved.append(path)
+        real_save(tensors, path)
+
+    monkeypatch.setattr(levels, "save_file", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_levels(fresh_lm(), "wanda", sparsities, windows, tmp_path / "db", **kw)
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith(".db.")]
+    assert len(list(kept.glob("block-*.safetensors"))) == 4 and not (tmp_path / "db").exists()
+    # the process that built it dies: its folder gets a dead process's name, as it would have had
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tag = re.fullmatch(r"\.db\.(\d+)-(.+)\.([a-z0-9_]{8})\.tmp", kept.name)
+    kept = kept.rename(tmp_path / f".db.{gone.pid}-{tag[2]}.{tag[3]}.tmp")
+    other = tmp_path / f".db.{gone.pid}-{tag[2]}.zzzzzzzz.tmp"  # a killed build of another database
+    other.mkdir()
+    (other / "block-0.safetensors").write_bytes(b"something else")
+
+    saved.clear()
+    monkeypatch.setattr(levels, "save_file", lambda t, p: (saved.append(p), real_save(t, p)))
+    db = build_levels(fresh_lm(), "wanda", sparsities, windows, tmp_path / "db", **kw)
+    assert len(saved) == lm.adapter.num_blocks - 4  # only the missing blocks were computed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "reference"]  # nothing hidden left
+    from safetensors.torch import load_file
+
+    for i in range(lm.adapter.num_blocks):
+        ours = load_file(str(db.path / f"block-{i}.safetensors"))
+        want = load_file(str(reference.path / f"block-{i}.safetensors"))
+        assert ours.keys() == want.keys() and all(torch_equal(ours[k], want[k]) for k in want), i
+    assert db.manifest["layers"] == reference.manifest["layers"]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))

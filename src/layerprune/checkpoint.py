@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .io import atomic_dir, atomic_write_json, check_output_outside
+from .io import atomic_dir, atomic_write_json
 from .models.decilm import DEPLOY_KEY, config_dict
 from .models.gguf import SOURCE_FILE
 from .models.loading import dtype_name
@@ -32,10 +32,9 @@ def export(
     writes more files (charts, logs) into the folder before it appears."""
     report = report or {}
     out = Path(out)
-    check_output_outside(out, lm.path)
     model = lm.model
     dtype = lm.source_dtype or model.get_input_embeddings().weight.dtype
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs={"model folder": lm.path}) as tmp:
         if lm.offloaded:  # tensor by tensor into shards laid out like the input's
             lm.adapter.offload.save(tmp, dtype)
         else:

@@ -1,17 +1,56 @@
-"""Atomic writes: every artifact appears whole or not at all, and never inside the input model."""
+"""Atomic writes: every artifact appears whole or not at all, with the modes a plain write would
+give it, and never over, around or inside an input of the command.
+
+Temporaries carry their owner (`.<name>.<pid>-<host>.<random>.tmp` next to the destination,
+`<tmp>/layerprune-<kind>-<pid>-<host>.<random>` for scratch folders), so the next run that makes one
+removes those of a run that was killed (SIGKILL cannot be caught), and never one a live run owns.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import LayerpruneError
+
+Inputs = Mapping[str, "str | Path | None"] | Iterable["str | Path | None"]
+
+
+# ---- the one rule for destinations -------------------------------------------------------------
+def check_destination(out: str | Path, inputs: Inputs, option: str = "-o") -> None:
+    """Refuse, before any work, a destination that is an input of the command, lies inside one (we
+    never modify an input) or contains one (replacing it would delete the input). `inputs`: paths,
+    or {what: a path or a list of paths}; one not on disk (fixture:val, a hub id) can only be equal."""
+    named = inputs.items() if isinstance(inputs, Mapping) else (("", p) for p in inputs)
+    named = [(w, g) for w, given in named for g in (given if isinstance(given, (list, tuple)) else [given])]
+    target = Path(out).expanduser().resolve()
+    for what, given in named:
+        if given is None or str(given) == "":
+            continue
+        path = Path(given).expanduser()
+        src, label = path.resolve(), f"{what + ' ' if what else ''}{given}"
+        if target == src:  # even before it exists: a store the command is about to create
+            raise LayerpruneError(f"output {out} is the input {label}; write it somewhere else ({option})")
+        if not path.exists():
+            continue
+        if src in target.parents:
+            raise LayerpruneError(
+                f"output {out} is inside the input {label}; write it somewhere else ({option})"
+            )
+        if target in src.parents:
+            raise LayerpruneError(
+                f"output {out} contains the input {label}, which writing it would delete; "
+                f"write it somewhere else ({option})"
+            )
 
 
 def check_file_path(path: str | Path) -> None:
@@ -22,14 +61,140 @@ def check_file_path(path: str | Path) -> None:
         )
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+# ---- modes: what open() and mkdir() would have given -------------------------------------------
+def _umask() -> int:
+    try:  # Linux: read without changing it (changing it races with other threads creating files)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(path: str | Path) -> None:
+    """Give a temporary (mkstemp's 0600, mkdtemp's 0700) and, for a folder, everything in it (the
+    safetensors library also writes 0600) the modes a plain write would have given them under the
+    process umask (0644 and 0755 under 022), so a server running as another user can read them."""
+    mask = _umask()
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                if not os.path.islink(os.path.join(root, d)):
+                    os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    os.chmod(os.path.join(root, f), 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+# ---- temporaries, and those of killed runs -----------------------------------------------------
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+_RANDOM = r"[a-z0-9_]{8}"  # tempfile's names, and secrets.token_hex(4)
+
+
+def owner_tag() -> str:
+    """`<pid>-<host>`: which process made a temporary (the host: a folder shared by several machines)."""
+    return f"{os.getpid()}-{_HOST}"
+
+
+def _dead(pid: int, host: str) -> bool:
+    """Whether the process that owns a temporary is gone; another host's, or a doubt, counts as alive."""
+    if host != _HOST or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def stale(folder: Path, pattern: str) -> list[Path]:
+    """Entries of `folder` whose name matches `pattern` (with groups pid and host) and whose owner is dead."""
+    regex = re.compile(pattern)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        m = regex.fullmatch(name)
+        if m and _dead(int(m["pid"]), m["host"]):
+            found.append(folder / name)
+    return found
+
+
+def beside_pattern(path: Path, suffix: str = r"(?:tmp|old)") -> str:
+    """The names of the temporaries next to `path` (see temp_dir_beside)."""
+    return rf"\.{re.escape(path.name)}\.(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]+)\.{_RANDOM}\.{suffix}"
+
+
+def remove_stale(path: str | Path) -> list[Path]:
+    """Remove the temporaries that killed runs left next to `path`; the removed paths."""
+    path = _absolute(path)
+    found = stale(path.parent, beside_pattern(path))
+    for p in found:
+        _remove(p)
+    return found
+
+
+def temp_dir_beside(path: str | Path) -> Path:
+    """A new hidden folder next to `path` (same file system: one rename puts it in place), after
+    removing those that killed runs left there."""
+    path = _absolute(path)
+    remove_stale(path)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp"))
+
+
+def temp_file_beside(path: str | Path) -> tuple[int, Path]:
+    """A new hidden file next to `path` (an open descriptor and its path), as temp_dir_beside."""
+    path = _absolute(path)
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
+    return fd, Path(tmp)
+
+
+def scratch_dir(kind: str) -> Path:
+    """A private working folder in the system's temporary folder, `layerprune-<kind>-<pid>-<host>.*`
+    (activations, offloaded blocks), after removing those of killed runs."""
+    root = Path(tempfile.gettempdir())
+    for p in stale(root, rf"layerprune-{kind}-(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]+)\.{_RANDOM}"):
+        shutil.rmtree(p, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"layerprune-{kind}-{owner_tag()}."))
+
+
+def _absolute(path: str | Path) -> Path:
+    """An absolute path whose name is the destination's own (`-o .` names the current folder);
+    lexical, so a symbolic link given as the destination is replaced, not its target."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+# ---- the writers -------------------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str, inputs: Inputs = ()) -> Path:
+    path = Path(path)
+    check_destination(path, inputs)
     check_file_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -38,8 +203,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, inputs: Inputs = ()) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n", inputs)
 
 
 def _json_default(o: Any) -> Any:
@@ -51,38 +216,35 @@ def _json_default(o: Any) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise LayerpruneError(f"output folder {path} already exists; choose another -o or pass --overwrite")
+def atomic_dir(path: str | Path, overwrite: bool = False, inputs: Inputs = ()) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path` in one rename.
+    `inputs`: what the command reads, which `path` must not be, contain or lie inside."""
+    given, path = path, _absolute(path)
+    check_destination(path, inputs)
+    if not path.name:
+        raise LayerpruneError(f"output {given} is the root folder; write it somewhere else (-o)")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise LayerpruneError(f"output folder {given} already exists; choose another -o or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = temp_dir_beside(path)
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp)
+        if path.exists() or path.is_symlink():
+            # the old output (a folder, or a file -o named) steps aside under a name of ours, then goes
+            old = path.with_name(f".{path.name}.{owner_tag()}.{secrets.token_hex(4)}.old")
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            _remove(old)
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def check_output_outside(output: str | Path, model_dir: str | Path | None) -> None:
-    """Refuse to write anything inside the folder of the input model: we never modify it."""
-    if model_dir is None:
-        return
-    out = Path(output).resolve()
-    src = Path(model_dir).resolve()
-    if out == src or src in out.parents:
-        raise LayerpruneError(
-            f"output {output} is inside the input model folder {model_dir}; write it somewhere else (-o)"
-        )
 
 
 def read_json(path: str | Path, what: str, make_hint: str) -> dict:

@@ -22,11 +22,20 @@ def save_figure(fig, path: str | Path) -> Path:
     """Write a figure as PNG atomically (a temporary file renamed into place) and close it."""
     import matplotlib.pyplot as plt
 
+    from .io import publish, temp_file_beside
+
     path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    fd, tmp = temp_file_beside(path)
+    try:
+        with open(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        publish(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path

@@ -4,13 +4,17 @@ Python user would call (layerprune/api.py), and prints. No pruning logic lives h
 One module per subcommand holds its options (`add_parser`) and its command (`cmd_*`); what they
 share is in common.py, the torchrun set-up in spread.py.
 
-Every error a user can cause is printed on one line that names the fix, with exit code 2.
+Every error a user can cause is printed on one line that names the fix, with exit code 2. Ctrl-C
+and SIGTERM (what `timeout`, `docker stop` and Slurm send) unwind alike, removing temporaries, and
+exit 130 and 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from ..errors import LayerpruneError
 from . import apply, demo, evaluate, export, info, plan, recover, report, score, spread
@@ -33,13 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it unwinds as Ctrl-C does: every `finally`,
+    `with` and `except BaseException` on the way removes its temporaries."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        args = build_parser().parse_args(argv)
         spread.prepare(args)
         return args.func(args)
     except LayerpruneError as e:
         print(f"layerprune: error: {e}", file=sys.stderr)
+    except Terminated:
+        print("layerprune: interrupted", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("layerprune: interrupted", file=sys.stderr)
         return 130
@@ -56,4 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         # the process group of a torchrun job, where a command opened one (so --help never imports torch)
         if "layerprune.distributed" in sys.modules:
             sys.modules["layerprune.distributed"].close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 2

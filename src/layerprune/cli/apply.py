@@ -13,7 +13,7 @@ def cmd_apply(args) -> int:
 
     plan = lp.Plan.load(args.plan)
     model = args.model or plan.model["name"]
-    _check_output(args, model, file=False)
+    _check_output(args, model, file=False, plan=args.plan, calib=args.calib, level_database=args.levels_db)
     lm = common._load(args, model)
     counts = lp.apply(lm, plan, args.calib, batch_size=args.batch_size, offload=args.offload,
                       levels_db=args.levels_db, progress=not args.quiet)  # fmt: skip

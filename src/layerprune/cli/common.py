@@ -154,13 +154,23 @@ def _calib_spec(args):
     return CalibrationSpec(args.calib, args.samples, args.seqlen, args.seed, args.bos)
 
 
-def _check_output(args, model: str, file: bool = True) -> None:
-    """Refuse, before any work, an output inside the input model's folder (or a folder for a file)."""
-    from ..io import check_file_path, check_output_outside
+def _check_output(args, model: str, file: bool = True, side: dict | None = None, **inputs) -> None:
+    """Refuse, before any work, an output that is, contains or lies inside an input of the command:
+    the model (its folder, or the GGUF file it was converted from) and `inputs` ({what: path});
+    or a folder where a file is written. `side`: {option: path} of the outputs a command also
+    writes (a store, a level database), which must stay out of the model."""
+    from ..io import check_destination, check_file_path
     from ..models.loading import resolve
 
+    model_inputs = {"model folder": resolve(model)[1]}
+    if Path(model).expanduser().is_file():  # a GGUF file
+        model_inputs["model"] = model
+    for option, path in (side or {}).items():
+        if path is not None:
+            check_destination(path, model_inputs, option=option)
     if args.output is not None:
-        check_output_outside(args.output, resolve(model)[1])
+        named = {what.replace("_", " "): path for what, path in inputs.items()}
+        check_destination(args.output, {**model_inputs, **named})
         if file:
             check_file_path(args.output)
 

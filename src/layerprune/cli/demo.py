@@ -9,6 +9,10 @@ from .common import _dtype, non_negative_int, positive_int
 
 def cmd_demo(args) -> int:
     from ..demo import demo
+    from ..io import check_destination
+    from ..models.loading import resolve
+
+    check_destination(args.output, {"model folder": resolve(args.model, quiet=args.quiet)[1]})
 
     sizes = {k: getattr(args, k) for k in ("eval_windows", "zeroshot_limit") if getattr(args, k) is not None}
     demo(

@@ -23,7 +23,7 @@ def cmd_eval(args) -> int:
         from ..evaluation.zeroshot import resolve_tasks
 
         tasks = resolve_tasks(args.tasks)  # a bad name fails here, before the model is loaded
-    _check_output(args, args.model)
+    _check_output(args, args.model, text=args.ppl)
     lm = common._load(args)
     results = []
     for source in args.ppl or ():

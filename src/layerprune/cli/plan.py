@@ -39,7 +39,17 @@ def cmd_plan(args) -> int:
     from ..distributed import is_main
     from ..reports.plots import plan_chart
 
-    _check_output(args, args.model)
+    _check_output(
+        args,
+        args.model,
+        side={"--store": args.store, "--log": args.log, "--levels-db": args.levels_db},
+        scores=args.scores,
+        seed_scores=args.seed_scores,
+        calib=args.calib,
+        store=args.store,
+        level_database=args.levels_db,
+        search_log=args.log,
+    )
     options = _options(args, PLAN_OPTIONS)
     if args.seed and args.allocation == "search":
         options["seed"] = args.seed

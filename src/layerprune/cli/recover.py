@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import LayerpruneError
@@ -31,7 +32,7 @@ def cmd_recover(args) -> int:
     from ..recovery import RecoveryConfig, load_training_data
     from ..reports.plots import loss_chart
 
-    _check_output(args, args.model, file=False)
+    _check_output(args, args.model, file=False, data=args.data)
     if args.output.exists() and not args.overwrite:
         raise LayerpruneError(
             f"output folder {args.output} already exists; choose another -o or pass --overwrite"
@@ -61,7 +62,7 @@ def cmd_recover(args) -> int:
         lm,
         data,
         method=method,
-        checkpoint_dir=args.output.parent / f".{args.output.name}.recover",
+        checkpoint_dir=_checkpoints(args.output),
         progress=not args.quiet,
         **_options(args, RECOVER_OPTIONS),
     )
@@ -88,6 +89,12 @@ def cmd_recover(args) -> int:
     )
     print(f"wrote {out} (weights merged; loss.json, loss.png, report.json)")
     return 0
+
+
+def _checkpoints(output: Path) -> Path:
+    """The hidden folder of a run's checkpoints, next to its output (`-o .` included): a rerun resumes."""
+    out = Path(os.path.abspath(output.expanduser()))
+    return out.parent / f".{out.name}.recover"
 
 
 def add_parser(sub) -> None:

@@ -36,7 +36,7 @@ def cmd_score(args) -> int:
     from ..scorers import scorer
 
     scorer(args.method)  # an unknown method fails before the model is loaded
-    _check_output(args, args.model)
+    _check_output(args, args.model, side={"--store": args.store}, calib=args.calib, store=args.store)
     lm = common._load(args)
     options = _options(args, SCORE_OPTIONS)
     if args.method == "shapley":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LayerpruneError
+from ..io import scratch_dir
 from ..models.adapter import ModelAdapter
 from .masked import BlockRunner
 
@@ -61,7 +61,7 @@ class ActivationStore:
         self._mem: dict[int, torch.Tensor] = {}
         self._files: dict[int, Path] = {}
         self._writes = 0
-        self._dir = Path(tempfile.mkdtemp(prefix="layerprune-acts-")) if offload == "disk" else None
+        self._dir = scratch_dir("acts") if offload == "disk" else None
 
     def put(self, b: int, h: torch.Tensor) -> None:
         if self._dir is None:

@@ -22,11 +22,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from ..errors import LayerpruneError
+from ..io import publish, temp_dir_beside
 
 SOURCE_FILE = "layerprune_source.json"
 CACHE_ENV = "LAYERPRUNE_CACHE"
@@ -148,11 +148,12 @@ def _convert(path: Path, target: Path, info: dict, quiet: bool) -> None:
     model.tie_weights()
     del loaded
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = temp_dir_beside(target)  # a killed conversion's folder is removed by the next one
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        publish(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished the same conversion first: keep its folder

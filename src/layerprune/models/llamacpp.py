@@ -27,7 +27,7 @@ import tarfile
 from pathlib import Path
 
 from ..errors import LayerpruneError
-from ..io import check_output_outside
+from ..io import check_destination, publish, temp_file_beside
 
 ENV = "LAYERPRUNE_LLAMA_CPP"
 SCRIPT = "convert_hf_to_gguf.py"
@@ -141,11 +141,12 @@ def to_gguf(
         raise LayerpruneError(f"{out}: name the output file *.gguf")
     if out.exists() and not overwrite:
         raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
-    check_output_outside(out, model_dir)
+    check_destination(out, {"model folder": model_dir})
     check_convertible(model_dir)
     root = find_converter(converter)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    fd, tmp = temp_file_beside(out)  # named after this process: a killed run's is removed by the next
+    os.close(fd)
     cmd = [sys.executable, "-m", "layerprune.models._convert_gguf", str(root), str(model_dir),
            "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
     try:
@@ -157,6 +158,7 @@ def to_gguf(
             )
         if not quiet:
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", file=sys.stderr)
+        publish(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import contextlib
 import json
 import shutil
 import struct
-import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import LayerpruneError
+from ..io import scratch_dir
 
 _ST_DTYPES = {
     torch.float32: "F32",
@@ -136,7 +137,10 @@ class OffloadedBlocks:
         self.folder, self.device, self.dtype = Path(folder), torch.device(device), dtype
         self.files = checkpoint_files(self.folder)
         self.prefix = next(n for n, m in model.named_modules() if m is adapter.blocks)
-        self._overlay = Path(tempfile.mkdtemp(prefix="layerprune-blocks-"))
+        self._overlay = scratch_dir("blocks")
+        # removed by close(), or at the latest when the interpreter exits (an interrupted command
+        # unwinds to the CLI's exit with the model still referenced from a cycle that __del__ misses)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._overlay), True)
         self.origin = list(range(adapter.num_blocks))  # checkpoint index of each block (depth pruning)
         self._changed: dict[int, Path] = {}  # by checkpoint index: the overlay file of a changed block
         self._depth: dict[int, int] = {}
@@ -227,10 +231,7 @@ class OffloadedBlocks:
             old.unlink(missing_ok=True)
 
     def close(self) -> None:
-        shutil.rmtree(self._overlay, ignore_errors=True)
-
-    def __del__(self):
-        self.close()
+        self._cleanup()
 
     # ---- export ------------------------------------------------------------------------------
     def save(self, out: Path, dtype: torch.dtype) -> None:

@@ -15,21 +15,29 @@ what differs is the inputs its statistics (Wanda's column norms, SparseGPT's Hes
 All the layers of a block are calibrated in one pass before any is changed (as `apply` does), so an
 entry never depends on the levels of its block's other layers. SparseGPT computes its Hessian once
 per layer for all the sparsities. A search can then combine the entries of different layers freely.
+
+The database is built in a hidden folder next to `path` and renamed when complete. A build that was
+killed or interrupted (Ctrl-C, SIGTERM) leaves its folder with the blocks finished so far (each
+written whole); the next build of the same database (same model, pruner, sparsities, inputs and
+calibration) takes it over and computes only the blocks that are missing; one of anything else is
+removed. A build that fails removes its folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..engine.levels import FORMAT, MANIFEST, LevelDatabase, pack, unpack
 from ..engine.sequential import ColumnNorms, Hessian, SharedStats, run_sequential
 from ..errors import LayerpruneError
+from ..io import beside_pattern, check_destination, owner_tag, publish, remove_stale, stale, temp_dir_beside
 from ..registry import SPARSITY_PRUNERS
 from .unstructured import magnitude, shared_factor, sparsegpt, wanda
 
@@ -69,10 +77,21 @@ def build_levels(
         raise LayerpruneError(f"{path} exists and is not a level database; choose a new --levels-db folder")
     if pruner != "magnitude" and windows is None:
         raise LayerpruneError(f"{pruner} levels need calibration windows")
+    check_destination(path, {"model folder": lm.path}, option="--levels-db")
     adapter = lm.adapter
     fingerprint = lm.fingerprint  # of the dense model, before any block is changed
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    spec = json.loads(json.dumps({
+        "model": fingerprint, "pruner": pruner, "sparsities": sparsities, "inputs": inputs, "target": target,
+        "calibration": None if windows is None or pruner == "magnitude" else windows.fingerprint,
+    }))  # fmt: skip
+    tmp = _adopt(path, spec)
+    done = _finished_blocks(tmp) if tmp is not None else set()
+    if tmp is None:
+        tmp = temp_dir_beside(path)
+        (tmp / BUILD).write_text(json.dumps(spec))
+    elif progress:
+        print(f"level database: {len(done)} blocks kept from an interrupted build in {tmp.name}", flush=True)
     try:
 
         def save_block(i: int, stats: SharedStats | None) -> dict:
@@ -93,20 +112,26 @@ def build_levels(
                         new, mask = sparsegpt(W, None, s, factor=shared_factor(stats[role], factors))
                         entry = new.masked_fill(mask, 0.0).to(W.dtype).contiguous().cpu()
                     tensors[f"{role}@{j}"] = entry
-            save_file(tensors, str(tmp / f"block-{i}.safetensors"))
+            part = tmp / f"block-{i}.safetensors.part"  # renamed when whole: a kill leaves no torn block
+            save_file(tensors, str(part))
+            os.replace(part, tmp / f"block-{i}.safetensors")
             return tensors
 
         if pruner == "magnitude":
             for i in range(adapter.num_blocks):
-                with adapter.resident(i):
-                    save_block(i, None)
+                if i not in done:
+                    with adapter.resident(i):
+                        save_block(i, None)
         else:
 
             def on_block(i: int, calibrate) -> None:
                 roles = [r for r in adapter.linears(i) if f"{i}.{r}" in sparsities]
-                stats = SharedStats(roles, ColumnNorms if pruner == "wanda" else Hessian)
-                calibrate(stats)
-                tensors = save_block(i, stats)
+                if i in done:  # an interrupted build of the same database finished this block
+                    tensors = load_file(str(tmp / f"block-{i}.safetensors"))
+                else:
+                    stats = SharedStats(roles, ColumnNorms if pruner == "wanda" else Hessian)
+                    calibrate(stats)
+                    tensors = save_block(i, stats)
                 if inputs == "target":  # the next block sees this one pruned at the target
                     for role in roles:
                         j = next(
@@ -141,13 +166,58 @@ def build_levels(
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / BUILD).unlink()
+        publish(tmp)
         if path.exists():  # an empty folder made for it
             path.rmdir()
         tmp.rename(path)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the finished blocks stay for the next build to take over
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return LevelDatabase(path)
+
+
+BUILD = "build.json"  # in a build's folder: what its blocks are computed from
+
+
+def _adopt(path: Path, spec: dict) -> Path | None:
+    """The folder of a killed build of the same database, taken over (renamed to a name of this
+    process: of two reruns at once, one wins the rename); None if there is none. The killed builds'
+    folders of anything else are removed."""
+    found = None
+    for old in stale(path.parent, beside_pattern(path, "tmp")):
+        try:
+            same = json.loads((old / BUILD).read_text()) == spec
+        except (OSError, ValueError):
+            same = False
+        if same:
+            mine = path.parent / f".{path.name}.{owner_tag()}.{secrets.token_hex(4)}.tmp"
+            try:
+                os.rename(old, mine)
+            except OSError:
+                continue
+            found = mine
+            break
+    remove_stale(path)
+    return found
+
+
+def _finished_blocks(folder: Path) -> set[int]:
+    """The blocks of a build's folder that are complete (a torn `.part` is discarded)."""
+    from safetensors import safe_open
+
+    done = set()
+    for f in folder.glob("block-*.safetensors"):
+        try:
+            with safe_open(str(f), framework="pt"):
+                done.add(int(f.name.split("-")[1].split(".")[0]))
+        except Exception:  # noqa: BLE001 - an unreadable block is computed again
+            f.unlink(missing_ok=True)
+    for f in folder.glob("*.part"):
+        f.unlink(missing_ok=True)
+    return done
 
 
 def _entry(tensors: dict, role: str, j: int, pruner: str) -> torch.Tensor:

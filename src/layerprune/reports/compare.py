@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import LayerpruneError
-from ..io import atomic_dir
+from ..io import atomic_dir, check_destination
 from ..plotting import pyplot
 from .collect import ACCEPTS, _attach, _collect
 from .render import _charts, _notes, _table, _write
@@ -38,15 +38,7 @@ from .table import _columns, _rows
 def _check_output(out: Path, inputs: Iterable[Path], overwrite: bool) -> bool:
     """Refuse an output inside an input (or an input inside the output); returns whether `out` may
     be replaced (--overwrite, or an empty folder)."""
-    target = out.resolve()
-    for p in inputs:
-        src = p.resolve()
-        if src.is_dir() and (target == src or src in target.parents):
-            raise LayerpruneError(
-                f"output {out} is inside the input {p}; write the report somewhere else (-o)"
-            )
-        if target in src.parents:
-            raise LayerpruneError(f"input {p} is inside the output folder {out}; choose another -o")
+    check_destination(out, list(inputs))
     if out.exists() and not out.is_dir():
         raise LayerpruneError(f"output {out} is a file; give -o a folder to write the report into")
     empty = out.is_dir() and not any(out.iterdir())
