@@ -335,6 +335,8 @@ def as_if_from_a_gpu(ckpt) -> None:
         _SAVE_AS_CUDA.clear()
     rng = load_file(str(ckpt / "rng.safetensors"))
     save_file({**rng, "cuda:0": torch.arange(16, dtype=torch.uint8)}, str(ckpt / "rng.safetensors"))
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "device": "cuda:0"}))
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -358,6 +360,7 @@ def test_low_precision_resume_is_bit_identical_from_a_gpu_checkpoint_and_kept_fr
         recover(fresh(), few_examples(part, train_text), checkpoint_dir=ckpt, **options)
     resumed = fresh(dtype)
     record = recover(resumed, few_examples(resumed, train_text), checkpoint_dir=ckpt, **options)
-    assert record["resumed_from_step"] == 2 and not ckpt.exists()
+    assert record["resumed_from_step"] == 2 and record["resumed_from_device"] == "cuda:0"
+    assert not ckpt.exists()
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b), name

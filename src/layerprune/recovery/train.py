@@ -203,13 +203,15 @@ def recover(
         [p for _, p in prec.params], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
-    by_weight = {f"{name}.weight": m for name, m in masks.items()}
-    step_masks = [(p, by_weight[n]) for n, p in prec.params if n in by_weight]  # full training only
+    by_weight = {f"{name}.weight": m for name, m in masks.items()} if cfg.method == "full" else {}
+    step_masks = [(p, by_weight[n]) for n, p in prec.params if n in by_weight]  # LoRA: masks at merge
     history: dict[str, list] = {"step": [], "loss": [], "lr": [], "tokens": []}
-    start, tokens_seen, seconds, skipped = 0, 0, 0.0, []
+    start, tokens_seen, seconds, skipped, saved_on = 0, 0, 0.0, [], None
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "state.json").exists():
-        start, tokens_seen, seconds, history, skipped = _resume(ckpt, key, prec, optimizer, scheduler)
+        start, tokens_seen, seconds, history, skipped, saved_on = _resume(
+            ckpt, key, prec, optimizer, scheduler
+        )
         prec.to_model()
 
     pad = lm.tokenizer.pad_token_id
@@ -274,6 +276,7 @@ def recover(
         "steps": total,
         "warmup_steps": warmup,
         "resumed_from_step": start or None,
+        **({"resumed_from_device": saved_on} if saved_on and saved_on != str(device) else {}),
         "tokens": tokens_seen,
         "seconds": seconds,
         "seconds_this_run": time.perf_counter() - t_run,
@@ -402,4 +405,11 @@ def _resume(ckpt: Path, key, prec: Precision, optimizer, scheduler):
     cuda = [rng[f"cuda:{i}"] for i in range(sum(k.startswith("cuda:") for k in rng))]
     if cuda and prec.device.type == "cuda" and len(cuda) <= torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-    return state["step"], state["tokens"], state["seconds"], state["history"], state.get("skipped", [])
+    return (
+        state["step"],
+        state["tokens"],
+        state["seconds"],
+        state["history"],
+        state["skipped"],
+        state["device"],
+    )
