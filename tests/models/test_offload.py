@@ -87,6 +87,26 @@ def test_taylor_block_by_block_backward_equals_one_backward_of_the_whole_model(s
     assert [v for v in b if v is not None] == pytest.approx([v for v in a if v is not None], rel=1e-5)
 
 
+@pytest.mark.parametrize("start", [2.0**16, 2.0**40])
+def test_fp16_taylor_block_by_block_with_loss_scaling_equals_the_in_memory_one(sharded, start, monkeypatch):
+    """fp16 with its loss scaled; from 2^40 the scaled gradients overflow and each path backs off
+    (the offloaded one block by block). Both equal fp32's scores within 4 fp16 unit roundoffs."""
+    from layerprune.scorers import taylor
+
+    folder, total = sharded
+    w = windows()
+    fp32 = lp.load(str(folder), device="cpu", quiet=True)
+    want = taylor.score(fp32.model, fp32.adapter, w).importance
+    monkeypatch.setattr(taylor, "FP16_LOSS_SCALE", start)
+    whole = lp.load(str(folder), device="cpu", quiet=True, dtype=torch.float16)
+    off = lp.load(str(folder), device="cpu", quiet=True, dtype=torch.float16, max_memory=int(total * 0.3))
+    a, b = taylor.score(whole.model, whole.adapter, w), taylor.score(off.model, off.adapter, w)
+    assert off.offloaded and next(whole.model.parameters()).dtype == torch.float16
+    assert b.importance == pytest.approx(a.importance, rel=1e-6)
+    assert a.importance == pytest.approx(want, rel=4 * 2.0**-11)
+    assert a.extra["loss_scale"] == b.extra["loss_scale"] <= min(start, 2.0**16)
+
+
 def test_esd_metrics_equal_the_in_memory_ones(sharded):
     whole, off = both(sharded)
     a = lp.score(whole, "alpha", progress=False)

@@ -12,6 +12,9 @@ run), gradient norm clipped at 1.
   last one and ends with the same weights as an uninterrupted run.
 - Sparse models keep their zeros: LoRA deltas are merged and the masks re-applied; in full training
   the masks are re-applied after every step. Width-pruned models keep their per-block shapes.
+- bf16 / fp16 models train on fp32 master weights with fp32 optimizer state, fp16 with dynamic loss
+  scaling (precision.py). A run whose loss stays non-finite, or whose weights end non-finite, stops
+  with one line; nothing non-finite is checkpointed or merged.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,8 +34,14 @@ from tqdm.auto import tqdm
 from ..errors import LayerpruneError
 from ..io import atomic_dir, atomic_write_json
 from .data import TrainingData
+from .precision import MODES, Precision
 
 SPARSE_MODEL = 0.01  # block linears with at least this fraction of exact zeros are a sparse model
+# A step with a non-finite loss or gradient is skipped. The loss of a healthy run is non-finite on
+# no step at all, so a few in a row mean divergence (or inf / NaN weights); GradScaler halves its
+# scale on each overflow, so gradients that stay non-finite for 24 steps overflow even unscaled.
+BAD_LOSS_STEPS = 3
+BAD_GRAD_STEPS = 24
 
 
 @dataclass
@@ -112,6 +122,12 @@ def _apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
             modules[name].weight.masked_fill_(mask, 0)
 
 
+def _apply_masks_to(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, mask in pairs:
+            tensor.masked_fill_(mask, 0)
+
+
 def _lr_lambda(total: int, warmup: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -139,10 +155,19 @@ def _micro_batches(step: int, cfg: RecoveryConfig, n: int) -> list[list[int]]:
     return [indices[j : j + cfg.batch_size] for j in range(0, per_step, cfg.batch_size)]
 
 
-def run_key(lm, data: TrainingData, cfg: RecoveryConfig) -> str:
-    """What a checkpoint must match to be resumed: the model, the data and every option but save_every."""
+def compute_dtype(lm) -> torch.dtype:
+    return next(lm.model.parameters()).dtype
+
+
+def run_key(lm, data: TrainingData, cfg: RecoveryConfig, mode: str = "master") -> str:
+    """What a checkpoint must match to be resumed: the model, the data, every option but save_every,
+    and the numerics: the compute dtype and how low precision is trained (a bf16 run's checkpoint is
+    never resumed by an fp32 run). Not the device: a checkpoint written on a GPU resumes on a CPU
+    (the same weights and state; the steps after it are then not bit-identical to the GPU's)."""
     options = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
-    doc = {"model": lm.fingerprint, "data": data.protocol, "options": options}
+    dtype = compute_dtype(lm)
+    numerics = {"dtype": str(dtype), "mode": mode if dtype in (torch.bfloat16, torch.float16) else "fp32"}
+    doc = {"model": lm.fingerprint, "data": data.protocol, "options": options, "numerics": numerics}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -153,57 +178,72 @@ def recover(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    mode: str = "master",
 ) -> dict:
     """Train `lm` in place on `data` and merge; return the record (loss curve, tokens, seconds).
 
-    `stop_after` ends the run after that many steps without merging (for tests of resumption)."""
+    `stop_after` ends the run after that many steps without merging (for tests of resumption).
+    `mode`: how full training keeps a bf16 / fp16 model's updates, master | autocast (precision.py)."""
     cfg = cfg or RecoveryConfig()
     cfg.check()
+    if mode not in MODES:
+        raise LayerpruneError(f"precision mode '{mode}' is unknown; use {' or '.join(MODES)}")
     if len(data) == 0:
         raise LayerpruneError("the training data has no examples")
     total = cfg.total_steps(len(data))
     warmup = min(cfg.warmup, total // 10)
-    key = run_key(lm, data, cfg)
+    key = run_key(lm, data, cfg, mode)
     masks = zero_masks(lm)
     device = lm.device
     torch.manual_seed(cfg.seed)
 
     model, trainable = _prepare(lm, cfg)
+    prec = Precision(model, trainable, compute_dtype(lm), device, cfg.method == "full", mode)
     optimizer = torch.optim.AdamW(
-        [p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
+        [p for _, p in prec.params], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    by_weight = {f"{name}.weight": m for name, m in masks.items()} if cfg.method == "full" else {}
+    step_masks = [(p, by_weight[n]) for n, p in prec.params if n in by_weight]  # LoRA: masks at merge
     history: dict[str, list] = {"step": [], "loss": [], "lr": [], "tokens": []}
-    start, tokens_seen, seconds = 0, 0, 0.0
+    start, tokens_seen, seconds, skipped, saved_on = 0, 0, 0.0, [], None
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "state.json").exists():
-        start, tokens_seen, seconds, history = _resume(ckpt, key, trainable, optimizer, scheduler)
+        start, tokens_seen, seconds, history, skipped, saved_on = _resume(
+            ckpt, key, prec, optimizer, scheduler
+        )
+        prec.to_model()
 
     pad = lm.tokenizer.pad_token_id
     pad = pad if pad is not None else (lm.tokenizer.eos_token_id or 0)
     model.train()
     bar = tqdm(total=total, initial=start, desc=f"recover ({cfg.method})", unit="step", disable=not progress)
     t_run = time.perf_counter()
-    step = start
+    step, bad_loss, bad_grad = start, 0, 0
     try:
         while step < total and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
             loss_sum, step_tokens = 0.0, 0
             for idx in _micro_batches(step, cfg, len(data)):
                 batch = {k: v.to(device) for k, v in data.batch(idx, pad).items()}
-                out = model(**batch, use_cache=False)
-                (out.loss / cfg.grad_accum).backward()
+                with prec.autocast():
+                    out = model(**batch, use_cache=False)
+                prec.backward(out.loss / cfg.grad_accum)
                 loss_sum += float(out.loss.detach()) / cfg.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm)
             history["lr"].append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.method == "full":
-                _apply_masks(model, masks)
+            stepped = prec.step(optimizer, cfg.max_grad_norm)
+            with warnings.catch_warnings():  # a skipped step still moves the schedule: steps are indices
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
+            _apply_masks_to(step_masks)  # on the tensors the optimizer updates (fp32 masters)
+            prec.to_model()
             step += 1
+            bad_loss = 0 if math.isfinite(loss_sum) else bad_loss + 1
+            bad_grad = 0 if stepped else bad_grad + 1
+            if not stepped:
+                skipped.append(step)
+            _check_finite_run(step, bad_loss, bad_grad, prec)
             tokens_seen += step_tokens
             seconds += time.perf_counter() - t0
             history["step"].append(step)
@@ -211,14 +251,22 @@ def recover(
             history["tokens"].append(tokens_seen)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(seconds, 1e-9):,.0f}")
-            if ckpt is not None and (step % cfg.save_every == 0) and step < total:
-                _save(ckpt, key, step, tokens_seen, seconds, history, trainable, optimizer, scheduler)
+            due = ckpt is not None and step % cfg.save_every == 0 and step < total and bad_loss == 0
+            if due and _all_finite(prec.params):  # a checkpoint never holds what could not be merged
+                state = {"step": step, "tokens": tokens_seen, "seconds": seconds, "skipped": skipped}
+                _save(ckpt, key, state, history, prec, optimizer, scheduler)
     finally:
         bar.close()
+        prec.finish()
     model.eval()
     if step < total:  # stopped early on request: leave the model as it is (tests of resumption)
         return {"steps": step, "total_steps": total, "history": history}
     _finish(lm, model, cfg, masks)
+    if not _all_finite(lm.model.named_parameters()):
+        raise LayerpruneError(
+            f"recovery ended with non-finite weights in {prec.record()['dtype']} (overflow); nothing was "
+            "written: lower --lr, or load the model in float32"
+        )
     if ckpt is not None:
         shutil.rmtree(ckpt, ignore_errors=True)
     return {
@@ -228,13 +276,34 @@ def recover(
         "steps": total,
         "warmup_steps": warmup,
         "resumed_from_step": start or None,
+        **({"resumed_from_device": saved_on} if saved_on and saved_on != str(device) else {}),
         "tokens": tokens_seen,
         "seconds": seconds,
         "seconds_this_run": time.perf_counter() - t_run,
         "trainable_parameters": sum(p.numel() for _, p in trainable),
         "sparsity_kept": bool(masks),
+        "precision": {**prec.record(), "skipped_steps": skipped},
         "history": history,
     }
+
+
+def _check_finite_run(step: int, bad_loss: int, bad_grad: int, prec: Precision) -> None:
+    dtype = prec.record()["dtype"]
+    if bad_loss >= BAD_LOSS_STEPS:
+        raise LayerpruneError(
+            f"recovery stopped at step {step}: the loss was non-finite for {bad_loss} steps in a row "
+            f"({dtype}; the run diverged or the model holds inf / NaN weights); nothing was written: "
+            "lower --lr, or load the model in float32"
+        )
+    if bad_grad >= BAD_GRAD_STEPS:
+        raise LayerpruneError(
+            f"recovery stopped at step {step}: the gradients were non-finite for {bad_grad} steps in a "
+            f"row ({dtype}); nothing was written: lower --lr, or load the model in float32"
+        )
+
+
+def _all_finite(named) -> bool:
+    return all(bool(torch.isfinite(p).all()) for _, p in named)
 
 
 def _prepare(lm, cfg: RecoveryConfig):
@@ -283,38 +352,64 @@ def _finish(lm, model, cfg: RecoveryConfig, masks) -> None:
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
-def _save(ckpt: Path, key, step, tokens, seconds, history, trainable, optimizer, scheduler) -> None:
+def _save(ckpt: Path, key, state: dict, history, prec: Precision, optimizer, scheduler) -> None:
+    """The tensors the optimizer updates (fp32 masters of a low-precision model: the model's weights
+    are their rounding), optimizer, scheduler and loss-scaler state, and every RNG in use."""
     from safetensors.torch import save_file
 
     with atomic_dir(ckpt, overwrite=True) as tmp:
         save_file(
-            {n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / "trainable.safetensors")
+            {n: p.detach().contiguous().cpu() for n, p in prec.params}, str(tmp / "trainable.safetensors")
         )
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
-        )
-        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        opt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if prec.scaler is not None:
+            opt["scaler"] = prec.scaler.state_dict()
+        torch.save(opt, tmp / "optimizer.pt")
+        save_file(_rng_states(prec.device), str(tmp / "rng.safetensors"))
         atomic_write_json(
-            tmp / "state.json",
-            {"key": key, "step": step, "tokens": tokens, "seconds": seconds, "history": history},
+            tmp / "state.json", {"key": key, **state, "device": str(prec.device), "history": history}
         )
 
 
-def _resume(ckpt: Path, key, trainable, optimizer, scheduler):
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The CPU generator, and every CUDA generator when training runs on CUDA (LoRA dropout draws
+    its masks from the device's generator)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _resume(ckpt: Path, key, prec: Precision, optimizer, scheduler):
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / "state.json").read_text())
     if state.get("key") != key:
         raise LayerpruneError(
-            f"{ckpt} holds a checkpoint of another recovery run (other model, data or options); "
-            "rerun with the same options to resume, or delete that folder to start over"
+            f"{ckpt} holds a checkpoint of another recovery run (other model, data, options or dtype); "
+            "rerun with the same options and dtype to resume, or delete that folder to start over"
         )
     weights = load_file(str(ckpt / "trainable.safetensors"))
     with torch.no_grad():
-        for name, p in trainable:
+        for name, p in prec.params:
             p.copy_(weights[name])
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    # tensors saved on another device (a GPU run resumed on a CPU-only host) load on the CPU; the
+    # optimizer moves its state to its parameters' device itself
+    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["cpu"])
-    return state["step"], state["tokens"], state["seconds"], state["history"]
+    if prec.scaler is not None and "scaler" in opt:
+        prec.scaler.load_state_dict(opt["scaler"])
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[f"cuda:{i}"] for i in range(sum(k.startswith("cuda:") for k in rng))]
+    if cuda and prec.device.type == "cuda" and len(cuda) <= torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return (
+        state["step"],
+        state["tokens"],
+        state["seconds"],
+        state["history"],
+        state["skipped"],
+        state["device"],
+    )
