@@ -101,6 +101,7 @@ def model_card(plan: Plan | None, report: dict) -> str:
     recovery = report.get("recovery")
     if recovery:
         what += f", recovered by {'LoRA' if recovery['method'] == 'lora' else 'continued pretraining'}"
+        what += " with distillation from the dense model" if recovery.get("distillation") else ""
     lines = [
         "---",
         f"base_model: {base}" if "/" in base else f"# base model: {base}",
@@ -138,6 +139,12 @@ def model_card(plan: Plan | None, report: dict) -> str:
             f"- Recovery: {recovery['method']}, {recovery['steps']} steps, {recovery['tokens']:,} tokens of "
             f"{d.get('dataset')} ({d.get('format')}, seqlen {d.get('seqlen')}), merged into the weights"
         )
+        kd = recovery.get("distillation")
+        if kd:
+            cache = f", from a cache of its top-{kd['topk']} log-probabilities" if kd.get("cache") else ""
+            lines.append(
+                f"- Distilled from `{kd['teacher']}` (fingerprint `{kd['teacher_fingerprint']}`): {kd['loss']}{cache}"
+            )
     if plan is not None and plan.calibration:
         c = plan.calibration
         lines.append(

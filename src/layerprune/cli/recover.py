@@ -20,7 +20,7 @@ from .common import (
 
 RECOVER_OPTIONS = (
     "steps", "epochs", "batch_size", "grad_accum", "lr", "warmup", "rank", "alpha", "dropout", "seed",
-    "save_every",
+    "save_every", "kd_temperature", "kd_mix",
 )  # fmt: skip
 
 
@@ -32,7 +32,17 @@ def cmd_recover(args) -> int:
     from ..recovery import RecoveryConfig, load_training_data
     from ..reports.plots import loss_chart
 
-    _check_output(args, args.model, file=False, data=args.data)
+    teacher_folder = None
+    if args.teacher is not None:
+        from ..models.loading import resolve
+
+        teacher_folder = resolve(args.teacher, quiet=True)[1]  # a teacher that does not exist: here
+    _check_output(args, args.model, file=False, side={"--teacher-cache": args.teacher_cache}, data=args.data,
+                  teacher=teacher_folder, teacher_cache=args.teacher_cache)  # fmt: skip
+    if (args.kd_temperature is not None or args.kd_mix is not None or args.kd_topk is not None) and not (
+        args.teacher or args.teacher_cache
+    ):
+        raise LayerpruneError("--kd-temperature, --kd-mix and --kd-topk need --teacher MODEL")
     if args.output.exists() and not args.overwrite:
         raise LayerpruneError(
             f"output folder {args.output} already exists; choose another -o or pass --overwrite"
@@ -58,12 +68,16 @@ def cmd_recover(args) -> int:
 
     before = evaluate("before recovery")
     method = "full" if args.full else "lora"
+    title = f"{method}{' + KD from ' + str(args.teacher or 'a teacher cache') if args.teacher or args.teacher_cache else ''}"
     result = lp.recover(
         lm,
         data,
         method=method,
         checkpoint_dir=_checkpoints(args.output),
         progress=not args.quiet,
+        teacher=args.teacher,
+        teacher_cache=args.teacher_cache,
+        kd_topk=args.kd_topk,
         **_options(args, RECOVER_OPTIONS),
     )
     after = evaluate("after recovery")
@@ -76,13 +90,13 @@ def cmd_recover(args) -> int:
     def extras(folder: Path) -> None:
         atomic_write_json(folder / "loss.json", history)
         if not args.no_plot:
-            loss_chart(history, folder / "loss.png", title=f"{args.model}: {method} on {args.data}")
+            loss_chart(history, folder / "loss.png", title=f"{args.model}: {title} on {args.data}")
 
     report = {k: v for k, v in record.items() if k not in ("plan", "versions", "created")}
     report.update(evaluation=after, recovery=result)
     out = lp.export(lm, args.output, plan, report, overwrite=args.overwrite, extras=extras)
     print(
-        f"{method}: {result['steps']} steps, {result['tokens']:,} tokens in {result['seconds']:.1f}s "
+        f"{title}: {result['steps']} steps, {result['tokens']:,} tokens in {result['seconds']:.1f}s "
         f"({result['tokens'] / max(result['seconds'], 1e-9):,.0f} tokens/s), loss "
         f"{losses[0]:.3f} -> {losses[-1]:.3f}"
         + (", zeros of the sparse model kept" if result["sparsity_kept"] else "")
@@ -108,6 +122,37 @@ def add_parser(sub) -> None:
     )
     _output(p, "output folder: the merged checkpoint (written atomically)")
     p.add_argument("--full", action="store_true", help="train every weight (continued pretraining)")
+    kd = p.add_argument_group("distillation from the dense model (Minitron's logit KD)")
+    kd.add_argument(
+        "--teacher",
+        default=None,
+        metavar="MODEL",
+        help="distil from MODEL (the dense model the student was pruned from; same tokenizer): the loss is "
+        "the forward KL of the next-token distributions",
+    )
+    kd.add_argument(
+        "--kd-temperature", type=float, default=None, help="temperature T of the KL, times T^2 (default 1.0)"
+    )
+    kd.add_argument(
+        "--kd-mix",
+        type=float,
+        default=None,
+        help="share of the language-model loss mixed in, in [0, 1] (default 0: distillation alone)",
+    )
+    kd.add_argument(
+        "--teacher-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the teacher once into DIR (its top-k log-probabilities per token) and train from it; "
+        "an existing cache is reused without loading the teacher",
+    )
+    kd.add_argument(
+        "--kd-topk",
+        type=positive_int,
+        default=None,
+        help="with --teacher-cache: log-probabilities kept per token, plus the rest's mass (default 64)",
+    )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=non_negative_int, default=None, help="optimizer steps")
     length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 2)")

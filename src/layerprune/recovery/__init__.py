@@ -19,6 +19,9 @@ def recover(
     seqlen: int | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    teacher=None,
+    teacher_cache: str | Path | None = None,
+    kd_topk: int | None = None,
     **options,
 ) -> dict:
     """Retrain a (pruned) loaded model in place on `data` and merge; return the training record.
@@ -26,8 +29,13 @@ def recover(
     `data`: a text source (`fixture:train`, a .txt / .jsonl file or folder, a named corpus online), an
     Alpaca-format instruction .jsonl, `alpaca`, or TrainingData. `method`: lora | full. `options`:
     steps, epochs, batch_size, grad_accum, lr, warmup, weight_decay, max_grad_norm, rank, alpha,
-    dropout, seed, save_every (RecoveryConfig). `checkpoint_dir`: where checkpoints go; a rerun with
-    the same options resumes from it."""
+    dropout, seed, save_every, kd_temperature, kd_mix (RecoveryConfig). `checkpoint_dir`: where
+    checkpoints go; a rerun with the same options resumes from it.
+
+    Distillation (distill.py): `teacher` (a loaded model or a MODEL name, loaded on the student's
+    device and dtype) runs beside the student; with `teacher_cache` (a folder) it runs once over the
+    data into a cache of its top-`kd_topk` log-probabilities, and training reads only the cache (an
+    existing cache is used without loading the teacher)."""
     lm.adapter.require_in_memory("recovery training")
     from ..errors import LayerpruneError
 
@@ -37,9 +45,26 @@ def recover(
     stop_after = options.pop("stop_after", None)
     cfg = RecoveryConfig(method=method, **options)
     cfg.check()
+    if kd_topk is not None and kd_topk < 1:
+        raise LayerpruneError(f"--kd-topk {kd_topk} must be at least 1")
+    if (teacher_cache is not None or kd_topk is not None) and teacher is None and teacher_cache is None:
+        raise LayerpruneError("--kd-topk needs --teacher-cache (and --teacher the first time)")
     if isinstance(data, str):
         data = load_training_data(lm, data, seqlen)
-    return train(lm, data, cfg, checkpoint_dir=checkpoint_dir, progress=progress, stop_after=stop_after)
+    if teacher is not None or teacher_cache is not None:
+        from .distill import DEFAULT_TOPK, prepare_teacher
+
+        teacher = prepare_teacher(lm, teacher, data, cfg.kd_temperature, teacher_cache,
+                                  kd_topk or DEFAULT_TOPK, progress=progress)  # fmt: skip
+    return train(
+        lm,
+        data,
+        cfg,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        stop_after=stop_after,
+        teacher=teacher,
+    )
 
 
 def load_training_data(lm, source: str, seqlen: int | None = None) -> TrainingData:

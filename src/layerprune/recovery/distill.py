@@ -27,6 +27,7 @@ from ..errors import LayerpruneError
 IGNORE = -100
 CACHE_FORMAT = "layerprune-teacher-cache/1"
 SHARD_EXAMPLES = 256
+DEFAULT_TOPK = 64
 
 
 @dataclass
@@ -102,6 +103,56 @@ def kd_loss(
     )
     loss = (1 - mix) * kd + mix * lm if mix else kd
     return loss, {"kd": float(kd.detach()), "lm": float(lm.detach())}
+
+
+def tokenizer_id(tokenizer) -> str:
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def prepare_teacher(student, teacher, data, temperature: float, cache: str | Path | None, k: int,
+                    progress: bool = True):  # fmt: skip
+    """What training distils from: the loaded teacher (checked against the student), or a
+    TeacherCache: an existing one checked against this run without loading the teacher, else one
+    built now (the teacher is then dropped before training)."""
+    from ..models.loading import LoadedModel, load, resolve
+
+    if cache is not None and (Path(cache) / "manifest.json").exists():
+        c = TeacherCache(cache)
+        want = {"data": cache_key("", data.protocol, k, temperature, "")["data"], "seqlen": data.protocol.get("seqlen"),
+                "k": k, "temperature": temperature}  # fmt: skip
+        c.check(want)
+        if c.manifest.get("tokenizer") != tokenizer_id(student.tokenizer):
+            raise LayerpruneError(
+                f"teacher cache {c.path} was made with a teacher of another tokenizer than the student's; "
+                "choose another --teacher-cache folder"
+            )
+        if isinstance(teacher, LoadedModel) and teacher.fingerprint != c.manifest["key"]["teacher"]:
+            raise LayerpruneError(
+                f"teacher cache {c.path} was made for another teacher ({c.manifest.get('teacher_name')}); "
+                "choose another --teacher-cache folder"
+            )
+        if isinstance(teacher, str):
+            folder = resolve(teacher, quiet=True)[1]
+            made = c.manifest.get("teacher_source")
+            if folder is not None and made is not None and str(folder.resolve()) != made:
+                raise LayerpruneError(
+                    f"teacher cache {c.path} was made for the teacher {c.manifest.get('teacher_name')}, not "
+                    f"{teacher}; choose another --teacher-cache folder"
+                )
+        return c
+    if teacher is None:
+        raise LayerpruneError(
+            "distillation needs --teacher MODEL (the dense model the student was pruned from)"
+        )
+    if not isinstance(teacher, LoadedModel):
+        teacher = load(teacher, device=str(student.device), dtype=student.dtype, quiet=not progress)
+    check_teacher(student, teacher)
+    teacher.model.eval()
+    for p in teacher.model.parameters():
+        p.requires_grad_(False)
+    if cache is None:
+        return teacher
+    return build_cache(teacher, data, cache, k=k, temperature=temperature, progress=progress)
 
 
 def check_teacher(student, teacher) -> None:
@@ -197,6 +248,10 @@ def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, 
         cache = TeacherCache(path)
         cache.check(key)
         return cache
+    if k > teacher.model.config.vocab_size:
+        raise LayerpruneError(
+            f"--kd-topk {k} exceeds the vocabulary ({teacher.model.config.vocab_size} tokens)"
+        )
     seqlen = int(data.protocol.get("seqlen") or max(t.numel() for t in data.input_ids))
     pad = teacher.tokenizer.pad_token_id
     pad = pad if pad is not None else (teacher.tokenizer.eos_token_id or 0)
@@ -228,7 +283,14 @@ def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, 
             )
         atomic_write_json(
             tmp / "manifest.json",
-            {"format": CACHE_FORMAT, "key": key, "examples": n, "teacher_name": teacher.name},
+            {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "examples": n,
+                "teacher_name": teacher.name,
+                "teacher_source": str(teacher.path.resolve()) if teacher.path else None,
+                "tokenizer": tokenizer_id(teacher.tokenizer),
+            },  # fmt: skip
         )
     bar.close()
     return TeacherCache(path)

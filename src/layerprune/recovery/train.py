@@ -60,6 +60,8 @@ class RecoveryConfig:
     dropout: float = 0.05
     seed: int = 0
     save_every: int = 100
+    kd_temperature: float = 1.0  # distillation (a teacher given): KL at temperature T
+    kd_mix: float = 0.0  # share of the LM loss mixed into the distillation loss (0: KD alone, Minitron)
 
     def check(self) -> None:
         if self.method not in ("lora", "full"):
@@ -73,6 +75,10 @@ class RecoveryConfig:
             raise LayerpruneError("--epochs must be positive")
         if not 0 < self.lr < 1:
             raise LayerpruneError(f"--lr {self.lr} must be in (0, 1)")
+        if not self.kd_temperature > 0:
+            raise LayerpruneError(f"--kd-temperature {self.kd_temperature} must be positive")
+        if not 0 <= self.kd_mix <= 1:
+            raise LayerpruneError(f"--kd-mix {self.kd_mix} must be in [0, 1]")
 
     def total_steps(self, examples: int) -> int:
         if self.steps is not None:
@@ -159,7 +165,9 @@ def compute_dtype(lm) -> torch.dtype:
     return next(lm.model.parameters()).dtype
 
 
-def run_key(lm, data: TrainingData, cfg: RecoveryConfig, mode: str = "master") -> str:
+def run_key(
+    lm, data: TrainingData, cfg: RecoveryConfig, mode: str = "master", teacher: dict | None = None
+) -> str:
     """What a checkpoint must match to be resumed: the model, the data, every option but save_every,
     and the numerics: the compute dtype and how low precision is trained (a bf16 run's checkpoint is
     never resumed by an fp32 run). Not the device: a checkpoint written on a GPU resumes on a CPU
@@ -168,6 +176,8 @@ def run_key(lm, data: TrainingData, cfg: RecoveryConfig, mode: str = "master") -
     dtype = compute_dtype(lm)
     numerics = {"dtype": str(dtype), "mode": mode if dtype in (torch.bfloat16, torch.float16) else "fp32"}
     doc = {"model": lm.fingerprint, "data": data.protocol, "options": options, "numerics": numerics}
+    if teacher is not None:  # distillation: the teacher (or its cache) is part of the run
+        doc["teacher"] = teacher
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -179,11 +189,14 @@ def recover(
     progress: bool = True,
     stop_after: int | None = None,
     mode: str = "master",
+    teacher=None,
 ) -> dict:
     """Train `lm` in place on `data` and merge; return the record (loss curve, tokens, seconds).
 
     `stop_after` ends the run after that many steps without merging (for tests of resumption).
-    `mode`: how full training keeps a bf16 / fp16 model's updates, master | autocast (precision.py)."""
+    `mode`: how full training keeps a bf16 / fp16 model's updates, master | autocast (precision.py).
+    `teacher`: distillation (distill.py) from a loaded teacher beside the student, or a TeacherCache;
+    the loss is then cfg.kd_mix of the LM loss and the rest the KL to the teacher."""
     cfg = cfg or RecoveryConfig()
     cfg.check()
     if mode not in MODES:
@@ -192,7 +205,7 @@ def recover(
         raise LayerpruneError("the training data has no examples")
     total = cfg.total_steps(len(data))
     warmup = min(cfg.warmup, total // 10)
-    key = run_key(lm, data, cfg, mode)
+    key = run_key(lm, data, cfg, mode, teacher_identity(teacher))
     masks = zero_masks(lm)
     device = lm.device
     torch.manual_seed(cfg.seed)
@@ -206,6 +219,8 @@ def recover(
     by_weight = {f"{name}.weight": m for name, m in masks.items()} if cfg.method == "full" else {}
     step_masks = [(p, by_weight[n]) for n, p in prec.params if n in by_weight]  # LoRA: masks at merge
     history: dict[str, list] = {"step": [], "loss": [], "lr": [], "tokens": []}
+    if teacher is not None:
+        history.update(kd=[], lm=[])  # the two parts of the loss, logged apart
     start, tokens_seen, seconds, skipped, saved_on = 0, 0, 0.0, [], None
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "state.json").exists():
@@ -223,13 +238,18 @@ def recover(
     try:
         while step < total and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
-            loss_sum, step_tokens = 0.0, 0
+            loss_sum, step_tokens, parts_sum = 0.0, 0, {"kd": 0.0, "lm": 0.0}
             for idx in _micro_batches(step, cfg, len(data)):
                 batch = {k: v.to(device) for k, v in data.batch(idx, pad).items()}
                 with prec.autocast():
-                    out = model(**batch, use_cache=False)
-                prec.backward(out.loss / cfg.grad_accum)
-                loss_sum += float(out.loss.detach()) / cfg.grad_accum
+                    if teacher is None:
+                        loss = model(**batch, use_cache=False).loss
+                    else:
+                        loss, parts = _distillation_loss(model, teacher, batch, idx, cfg)
+                        for k in parts_sum:
+                            parts_sum[k] += parts[k] / cfg.grad_accum
+                prec.backward(loss / cfg.grad_accum)
+                loss_sum += float(loss.detach()) / cfg.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
             history["lr"].append(scheduler.get_last_lr()[0])
             stepped = prec.step(optimizer, cfg.max_grad_norm)
@@ -248,6 +268,9 @@ def recover(
             seconds += time.perf_counter() - t0
             history["step"].append(step)
             history["loss"].append(loss_sum)
+            if teacher is not None:
+                history["kd"].append(parts_sum["kd"])
+                history["lm"].append(parts_sum["lm"])
             history["tokens"].append(tokens_seen)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(seconds, 1e-9):,.0f}")
@@ -283,8 +306,49 @@ def recover(
         "trainable_parameters": sum(p.numel() for _, p in trainable),
         "sparsity_kept": bool(masks),
         "precision": {**prec.record(), "skipped_steps": skipped},
+        **({"distillation": distillation_record(teacher, cfg)} if teacher is not None else {}),
         "history": history,
     }
+
+
+def teacher_identity(teacher) -> dict | None:
+    """What a checkpoint of a distillation run must match: the teacher live, or its cache's key."""
+    from .distill import TeacherCache
+
+    if teacher is None:
+        return None
+    if isinstance(teacher, TeacherCache):
+        return {"cache": teacher.manifest["key"]}
+    return {"teacher": teacher.fingerprint, "numerics": teacher.numerics_key}
+
+
+def distillation_record(teacher, cfg: RecoveryConfig) -> dict:
+    from .distill import TeacherCache
+
+    loss = f"forward KL(teacher || student) at T={cfg.kd_temperature}" + (
+        f", mixed with {cfg.kd_mix} x the LM loss" if cfg.kd_mix else ""
+    )
+    if isinstance(teacher, TeacherCache):
+        m = teacher.manifest
+        return {"teacher": m.get("teacher_name"), "teacher_fingerprint": m["key"]["teacher"], "loss": loss,
+                "temperature": cfg.kd_temperature, "mix": cfg.kd_mix, "cache": str(teacher.path),
+                "topk": m["key"]["k"]}  # fmt: skip
+    return {"teacher": teacher.name, "teacher_fingerprint": teacher.fingerprint, "loss": loss,
+            "temperature": cfg.kd_temperature, "mix": cfg.kd_mix, "cache": None, "topk": None}  # fmt: skip
+
+
+def _distillation_loss(model, teacher, batch: dict, idx: list[int], cfg: RecoveryConfig):
+    """The student's logits against the teacher's (run beside it, no grad) or its cached top-k."""
+    from .distill import TeacherCache, kd_loss
+
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    if isinstance(teacher, TeacherCache):
+        target = teacher.batch(idx, ids.shape[1], ids.device)
+    else:
+        with torch.no_grad():
+            target = teacher.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    return kd_loss(logits, batch["labels"], target, temperature=cfg.kd_temperature, mix=cfg.kd_mix)
 
 
 def _check_finite_run(step: int, bad_loss: int, bad_grad: int, prec: Precision) -> None:

@@ -99,6 +99,9 @@ def loss_chart(history: dict, path: str | Path, title: str = "recovery") -> Path
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot(history["step"], loss, color="#1f77b4", alpha=0.35, lw=1, label="loss per step")
     ax.plot(history["step"], smooth, color="#1f77b4", lw=2, label=f"mean of {k} steps")
+    if history.get("kd"):  # distillation: its KL and the LM loss of the same tokens, both logged
+        ax.plot(history["step"], history["kd"], color="#d62728", lw=1, label="KD (KL to the teacher)")
+        ax.plot(history["step"], history["lm"], color="#2ca02c", lw=1, label="LM loss")
     ax.set_xlabel(f"step ({history['tokens'][-1]:,} tokens in all)")
     ax.set_ylabel("training loss (nats / token)")
     ax.set_title(title, fontsize=9)
