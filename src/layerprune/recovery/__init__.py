@@ -27,7 +27,9 @@ def recover(
     Alpaca-format instruction .jsonl, `alpaca`, or TrainingData. `method`: lora | full. `options`:
     steps, epochs, batch_size, grad_accum, lr, warmup, weight_decay, max_grad_norm, rank, alpha,
     dropout, seed, save_every (RecoveryConfig). `checkpoint_dir`: where checkpoints go; a rerun with
-    the same options resumes from it."""
+    the same options and dtype resumes from it. A bf16 / fp16 model trains on fp32 master weights
+    and optimizer state (fp16 with loss scaling) and keeps its dtype; the record's `precision` says
+    how (dtype, mode, loss scale, skipped steps)."""
     lm.adapter.require_in_memory("recovery training")
     from ..errors import LayerpruneError
 
