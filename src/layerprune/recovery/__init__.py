@@ -30,7 +30,9 @@ def recover(
     Alpaca-format instruction .jsonl, `alpaca`, or TrainingData. `method`: lora | full. `options`:
     steps, epochs, batch_size, grad_accum, lr, warmup, weight_decay, max_grad_norm, rank, alpha,
     dropout, seed, save_every, kd_temperature, kd_mix (RecoveryConfig). `checkpoint_dir`: where
-    checkpoints go; a rerun with the same options resumes from it.
+    checkpoints go; a rerun with the same options and dtype resumes from it. A bf16 / fp16 model
+    trains on fp32 master weights and optimizer state (fp16 with loss scaling) and keeps its dtype;
+    the record's `precision` says how (dtype, mode, loss scale, skipped steps).
 
     Distillation (distill.py): `teacher` (a loaded model or a MODEL name, loaded on the student's
     device and dtype) runs beside the student; with `teacher_cache` (a folder) it runs once over the
