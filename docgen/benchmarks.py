@@ -46,6 +46,14 @@ def tables(name: str) -> str:
     return out.getvalue().strip()
 
 
+def table(name: str, header: str) -> str:
+    """The one table of `tables(name)` whose first header cell starts with `header`."""
+    for part in tables(name).split("\n\n"):
+        if part.startswith(f"| {header}"):
+            return part.strip()
+    raise KeyError(f"bench/{name}.py --markdown prints no table headed '{header}'")
+
+
 @cache
 def results(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())

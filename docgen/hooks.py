@@ -6,6 +6,7 @@ A page asks for one with an HTML comment, which stays invisible where the Markdo
     <!-- generated: troubleshooting -->    the reliability sweep's cases (docgen.troubleshooting)
     <!-- generated: api-reference -->      mkdocstrings entries for the public names of `layerprune`
     <!-- generated: bench NAME -->         `python bench/NAME.py --markdown` (docgen.benchmarks)
+    <!-- generated: bench NAME#HEADER -->  the one table of it whose first header cell starts with HEADER
     <!-- generated: cost-table -->         every stage's measured cost (real.json `cost`)
     <!-- generated: headline -->           the README's results table (docgen.headline)
     <!-- generated: cost KEY -->           one stage's measured cost, inline
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from docgen import ROOT, benchmarks, cli_reference, headline, troubleshooting  # noqa: E402
 
-MARKER = re.compile(r"<!-- generated: ([\w-]+)(?: ([\w.:-]+))? -->")
+MARKER = re.compile(r"<!-- generated: ([\w-]+)(?: ([^>]+?))? -->")
 
 
 def api_reference() -> str:
@@ -36,7 +37,8 @@ def api_reference() -> str:
 
 def _generate(kind: str, arg: str | None) -> str:
     if kind == "bench":
-        return benchmarks.tables(arg)
+        name, _, header = arg.partition("#")
+        return benchmarks.table(name, header) if header else benchmarks.tables(name)
     if kind == "cost":
         return benchmarks.cost(arg)
     makers = {
