@@ -92,7 +92,7 @@ def render() -> str:
         f"Every error a user can cause is **one line** on stderr, `layerprune: error: …`, that names the fix, "
         "with exit code 2; no traceback, and nothing is left half-written. The "
         f"{len(rows)} cases below are the reliability sweep's (`tests/test_reliability.py`), run by every "
-        "`make test`; this page is generated from them. The right column is the part of the line that the "
+        "`make test`; this page is generated from them. The left column is the part of the line that the "
         "sweep checks.",
         "",
     ]
@@ -100,10 +100,15 @@ def render() -> str:
     for stage, args, fix in rows:
         stages.setdefault(stage, []).append((args, fix))
     for stage, members in stages.items():
-        out += [f"## {stage[0].upper()}{stage[1:]}", "", "| you ran | the error line says |", "|---|---|"]
+        out += [
+            f"## {stage[0].upper()}{stage[1:]}",
+            "",
+            "| the error line says | when you ran |",
+            "|---|---|",
+        ]
         for args, fix in members:
             command = shlex.join(["layerprune", *args])
-            out.append(f"| `{_cell(command)}` | … {_cell(fix)} … |")
+            out.append(f"| … {_cell(fix)} … | `{_cell(command)}` |")
         out.append("")
     found = faults()
     if found:
