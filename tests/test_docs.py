@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from docgen import blocks as docblocks  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the bundled model: one thread is faster
+
 BLOCKS = docblocks.blocks()
 _folders: dict[Path, Path] = {}  # one working folder per page: its blocks build on each other
 
