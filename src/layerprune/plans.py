@@ -240,9 +240,9 @@ class WidthPlan(Plan):
     """Per block, the fraction of attention heads (in whole KV groups) and of MLP channels removed.
 
     `deploy` ("decilm"): the plan keeps to what the DeciLM / Nemotron-NAS format carries
-    (`models/width.py` `Deployable`): an attention rate is 0 or 1 (removed whole, never in block 0),
-    MLP channels are kept in multiples of `channel_multiple`, and an MLP rate of 1 (with an attention
-    rate of 1) deletes the block."""
+    (`models/width_decisions.py` `Deployable`): an attention rate is 0 or 1 (removed whole, never in
+    block 0), MLP channels are kept in multiples of `channel_multiple`, and an MLP rate of 1 (with an
+    attention rate of 1) deletes the block."""
 
     kind: ClassVar[str] = "width"
     attn: list[float]

@@ -18,7 +18,8 @@ from layerprune.models.adapter import ModelAdapter
 from layerprune.models.decilm import ffn_mult, to_decilm
 from layerprune.models.loading import FIXTURE_DIR, LoadedModel, load
 from layerprune.models.shrink import shrink
-from layerprune.models.width import BlockBudget, Deployable, WidthMask, budgets
+from layerprune.models.width import WidthMask
+from layerprune.models.width_decisions import BlockBudget, Deployable, budgets
 from layerprune.planners.width import make_plan
 from layerprune.pruners.width import apply_plan
 

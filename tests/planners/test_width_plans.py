@@ -9,7 +9,8 @@ import torch
 import layerprune as lp
 from layerprune.data import Windows
 from layerprune.models.tiny import tiny_model
-from layerprune.models.width import budgets, counts, masked, masks_for
+from layerprune.models.width import masked
+from layerprune.models.width_decisions import budgets, counts, masks_for
 from layerprune.planners.width import make_plan
 
 

@@ -15,7 +15,8 @@ from layerprune.evaluation.perplexity import perplexity_of_windows
 from layerprune.models.loading import FIXTURE_DIR, load
 from layerprune.models.shrink import BLOCK_CONFIGS_KEY, shrink
 from layerprune.models.tiny import VOCAB, tiny_model
-from layerprune.models.width import WidthMask, budgets, decision_of, masked, masks_for
+from layerprune.models.width import WidthMask, masked
+from layerprune.models.width_decisions import budgets, decision_of, masks_for
 from layerprune.pruners.width import add_output_biases, compensation
 
 D, HEADS_PER_GROUP = 8, 2  # tiny llama: hidden 32, 4 heads, 2 KV heads, MLP 64
@@ -321,7 +322,7 @@ def test_flap_cli(tmp_path, cli):
 def test_search_fitness_with_flap_scores_is_the_compensated_model():
     """A searched allocation over FLAP scores evaluates each candidate with the compensation."""
     from layerprune.evaluation.perplexity import perplexity_of_windows as ppl
-    from layerprune.models.width import counts
+    from layerprune.models.width_decisions import counts
     from layerprune.planners.width_search import Fitness
 
     lm, w = tiny_lm(), windows()

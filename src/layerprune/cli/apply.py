@@ -65,7 +65,7 @@ def cmd_apply(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("apply", help="apply a plan and write the pruned checkpoint")
-    p.add_argument("plan", type=Path, help="plan.json")
+    p.add_argument("plan", type=Path, help="the plan file (JSON) that `layerprune plan` wrote")
     _output(p, "output folder (written atomically)")
     p.add_argument("--model", default=None, help="the model to prune (default: the one the plan names)")
     p.add_argument(

@@ -116,8 +116,18 @@ def _calibration(p) -> None:
         default=None,
         help="tokens per sample (default: 128 depth, min(2048, context) sparsity)",
     )
-    g.add_argument("--seed", type=non_negative_int, default=0)
-    g.add_argument("--bos", choices=("none", "first", "every"), default=None)
+    g.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seeds the calibration windows' offsets, and Shapley's and the searches' random draws",
+    )
+    g.add_argument(
+        "--bos",
+        choices=("none", "first", "every"),
+        default=None,
+        help="BOS token on no window, the first, or every one (default: as the tokenizer does; Gemma every)",
+    )
 
 
 def _spectral(p) -> None:

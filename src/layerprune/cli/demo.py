@@ -31,7 +31,13 @@ def cmd_demo(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the real model (SmolLM2-135M) or the fixture")
-    p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("runs/demo"),
+        help="folder for the pruned models, evaluations and the report",
+    )
     p.add_argument(
         "--model",
         default="smollm2",
@@ -55,5 +61,5 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _dtype(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

@@ -199,7 +199,7 @@ def add_parser(sub) -> None:
     _spectral(p)
     _calibration(p)
     _batch(p)
-    _output(p, "plan.json")
+    _output(p, "the plan file to write (JSON, format layerprune.plan/2; a PNG chart beside it)")
     _no_plot(p)
     _common(p)
     p.set_defaults(func=cmd_plan)

@@ -127,7 +127,7 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--hidden", type=positive_int, default=None, help="surrogate width (default 2L)")
     _spectral(p)
-    _output(p, "scores.json")
+    _output(p, "the scores file to write (JSON; a PNG chart beside it)")
     _no_plot(p)
     _common(p)
     p.set_defaults(func=cmd_score)

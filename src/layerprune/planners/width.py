@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 
 from ..errors import LayerpruneError
-from ..models.width import BlockBudget, Deployable, achieved, budgets, counts, layout
+from ..models.width import layout
+from ..models.width_decisions import BlockBudget, Deployable, achieved, budgets, counts
 from .width_search import fitness_calibration, search_rates
 
 ALLOCATIONS = ("uniform", "owl", "alpha", "search", "flap")
@@ -204,8 +205,8 @@ def make_plan(
     object for the search's fitness evaluations. `pruner` (the scores' method when `scores` are
     given): `flap` for the flap allocation, `wanda-sp` for the others, by default. `deploy`
     ("decilm"): every decision, the search's candidates included, keeps to what the DeciLM format
-    carries (`models/width.py` `Deployable`, MLP widths in multiples of `channel_multiple`, 256 by
-    default), and the blocks' removed parameters meet `width` to within DEPLOY_TOLERANCE."""
+    carries (`models/width_decisions.py` `Deployable`, MLP widths in multiples of `channel_multiple`,
+    256 by default), and the blocks' removed parameters meet `width` to within DEPLOY_TOLERANCE."""
     from ..plans import WidthPlan
     from ..provenance import stamp
     from ..scorers.run import model_info, run

@@ -17,7 +17,8 @@ from ..data import calibration
 from ..distributed import is_main, spread
 from ..engine.store import EvalStore
 from ..evaluation.perplexity import perplexity_of_windows
-from ..models.width import budgets, counts, masked, masks_for
+from ..models.width import masked
+from ..models.width_decisions import budgets, counts, masks_for
 from .search import DEFAULT_P_MAX, DEFAULT_P_MIN, plot_history, search
 
 

@@ -2,7 +2,7 @@
 
 `apply_plan` scores KV groups and MLP channels with the plan's pruner (`wanda-sp`, `magnitude-sp`,
 `flap`: scorers/structured.py, scorers/flap.py), keeps the highest-scoring units at the counts the
-plan's rates give (`models/width.py`), and removes the others for good (`models/shrink.py`). With
+plan's rates give (`models/width_decisions.py`), and removes the others for good (`models/shrink.py`). With
 FLAP scores, the removed features' mean contribution is first added to the o / down biases
 (`compensation`, `add_output_biases`).
 """
@@ -17,7 +17,8 @@ from ..errors import LayerpruneError
 from ..models.adapter import ModelAdapter
 from ..models.decilm import check_deployable, to_decilm
 from ..models.shrink import ensure_bias, shrink, sync_config
-from ..models.width import WidthMask, budgets, check_masks, decision_of, layout, masks_for, removed
+from ..models.width import WidthMask, check_masks, layout, removed
+from ..models.width_decisions import budgets, decision_of, masks_for
 from ..plans import WidthPlan
 from ..registry import PARTS
 from ..scorers.run import run
