@@ -108,8 +108,14 @@ def test_a_width_pruned_model_keeps_its_shapes_and_reloads(tmp_path, train_text)
     recover(lm, few_examples(lm, train_text), steps=2, lr=1e-3, progress=False, **SMALL)
     assert {n: tuple(p.shape) for n, p in lm.model.named_parameters()} == shapes
     ids = torch.randint(3, 8000, (1, 24), generator=torch.Generator().manual_seed(2))
-    want = logits(lm, ids)
     lp.export(lm, tmp_path / "recovered", None)
+    # exports keep the checkpoint's dtype (the fixture's bf16, stated in every config.json since):
+    # the reload is the trained model with its weights rounded to it
+    assert json.loads((tmp_path / "recovered" / "config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    want = logits(lm, ids)
     again = lp.load(str(tmp_path / "recovered"), device="cpu", quiet=True)
     torch.testing.assert_close(logits(again, ids), want, atol=1e-5, rtol=1e-5)
 
