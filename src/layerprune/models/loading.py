@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerpruneError
+from ..options import DTYPE_CHOICES
 from .adapter import ModelAdapter, spec_for
 from .gguf import NAMED_MODELS, converted, named_model_file, source_of
 
@@ -137,7 +138,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }  # fmt: skip
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
