@@ -9,13 +9,15 @@ models/precision.py `cpu_native_bf16`)? One process, the three precisions interl
 what counts is the ratio float32 seconds / low-precision seconds ("speedup"), not the seconds.
 
 1. the raw linear of SmolLM2's MLP shape, 2048 x 576 @ 576 x 1536, in GFLOP/s (median of 3 rounds);
-2. eval: perplexity of 8 x 512 tokens of fixture:test;
+2. eval: perplexity of 8 x 512 tokens of fixture:test (sizes here are `--size issue`; `quick` halves them);
 3. ppl, taylor, angular, bi scoring on 10 x 128 tokens of fixture:val; shapley with a small budget;
    a depth search of one generation (its fitness 4 x 128);
 4. Wanda and SparseGPT at 50 % (16 x 512 tokens of fixture:val), each on a fresh load, then the
    pruned model's perplexity;
 5. LoRA and full recovery, a few steps of 4 x 128 tokens of fixture:train (fresh loads);
-6. export of the dense model.
+6. export of the dense model;
+7. float32 arithmetic on the weights rounded to bf16: how much of bf16's perplexity change is the
+   rounding of the weights (none for a checkpoint stored in bf16) and how much the arithmetic.
 
 A stage goes to bf16 under `auto` when bf16 is faster (speedup > 1.1, beyond timing noise) and its
 results hold: eval perplexity within 0.5 %; ppl scoring's four lowest blocks equal (the other scorers:
@@ -48,8 +50,14 @@ from layerprune.models.precision import cpu_native_bf16, dtype_name  # noqa: E40
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW = DTYPES[1:]
 EVAL_TEXT, CALIB_TEXT, TRAIN_TEXT = "fixture:test", "fixture:val", "fixture:train"
-SIZES = {"eval": (8, 512), "score": (10, 128), "shapley": (4, 128), "prune": (16, 512), "fitness": (4, 128),
-         "recover": (4, 128)}  # fmt: skip
+# (windows, tokens) per stage; "issue": the sizes the issue names; "quick": for a busy shared machine
+SIZE_SETS = {
+    "issue": {"eval": (8, 512), "score": (10, 128), "shapley": (4, 128), "prune": (16, 512), "fitness": (4, 128),
+              "recover": (4, 128)},
+    "quick": {"eval": (4, 512), "score": (6, 128), "shapley": (2, 128), "prune": (8, 256), "fitness": (2, 128),
+              "recover": (2, 128)},
+}  # fmt: skip
+SIZES = dict(SIZE_SETS["issue"])
 SHAPLEY_BUDGET = 16
 REPS = 10  # linears per timing of the raw matmul
 RECOVER_STEPS = 2
@@ -196,6 +204,21 @@ class Bench:
             t, _ = timed(lambda: lp.export(lm, Path(tmp) / "out", None))
         return t, {}
 
+    def rounded(self) -> dict:
+        """float32 arithmetic on the weights rounded to bf16: separates what bf16 does to the weights
+        (nothing for a checkpoint stored in bf16) from what it does to the arithmetic."""
+        lm = self.load(torch.float32)
+        with torch.no_grad():
+            for p in lm.model.parameters():
+                p.copy_(p.bfloat16().float())
+        ppl = self.ppl(lm)
+        out = {"ppl": ppl}
+        ev = self.rows.get("eval", {})
+        if "ppl" in ev.get("float32", {}) and "ppl" in ev.get("bfloat16", {}):
+            out["ppl_ratio_vs_float32"] = ppl / ev["float32"]["ppl"]
+            out["bf16_ppl_ratio_vs_rounded"] = ev["bfloat16"]["ppl"] / ppl
+        return out
+
     def run(self, only: list[str] | None) -> dict:
         self.masks: dict = {}
         stages = [
@@ -313,6 +336,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--out", default=str(OUT))
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--size", choices=tuple(SIZE_SETS), default="issue", help="windows x tokens per stage")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--stages", default=None, help="comma-separated subset of the stages")
     ap.add_argument("--markdown", action="store_true", help="print the table of the JSON at --out and stop")
@@ -322,6 +346,7 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    SIZES.update(SIZE_SETS[args.size])
     threads = f"{torch.get_num_threads()} thread(s)"
     t0 = time.perf_counter()
     doc = {
@@ -329,6 +354,7 @@ def main() -> None:
         "model": args.model,
         "cpu_native_bf16": cpu_native_bf16(),
         "cpu_flags": sorted(k for k, v in torch.cpu.get_capabilities().items() if v is True and "bf16" in k),
+        "size": args.size,
         "sizes": {k: list(v) for k, v in SIZES.items()},
         "shapley_budget": SHAPLEY_BUDGET,
         "recover_steps": RECOVER_STEPS,
@@ -338,7 +364,9 @@ def main() -> None:
         "linear_gflops": gflops(threads),
     }
     print("linear GFLOP/s:", {k: v for k, v in doc["linear_gflops"].items() if k != "runs"}, flush=True)
-    doc["stages"] = Bench(args.model).run(args.stages.split(",") if args.stages else None)
+    bench = Bench(args.model)
+    doc["stages"] = bench.run(args.stages.split(",") if args.stages else None)
+    doc["float32_math_on_bf16_rounded_weights"] = bench.rounded()
     doc["auto_bf16_stages"] = [n for n, row in doc["stages"].items() if row["bfloat16"].get("auto_bf16")]
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     write(doc, args.out)
