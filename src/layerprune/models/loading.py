@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LayerpruneError
-from ..options import DTYPE_CHOICES
 from .adapter import ModelAdapter, spec_for
 from .gguf import NAMED_MODELS, converted, named_model_file, source_of
+from .precision import dtype_name, parse_dtype
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture"
 # Config fields that say nothing about the function a model computes.
@@ -133,37 +133,12 @@ def load_config(name: str, quiet: bool = False):
     return config
 
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}  # fmt: skip
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    """'auto', None, a torch dtype, or its name ('bfloat16', 'bf16', 'torch.float16' ...)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in DTYPES.values():
-            raise LayerpruneError(f"dtype {dtype}: layerprune computes in {', '.join(DTYPE_CHOICES[1:])}")
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name == "auto":
-        return "auto"
-    if name not in DTYPES:
-        raise LayerpruneError(f"--dtype {dtype}: use one of {', '.join(DTYPE_CHOICES)}")
-    return DTYPES[name]
-
-
 def default_dtype(device: str, config=None) -> torch.dtype:
     """What `--dtype auto` computes in: the checkpoint's dtype on a GPU (what GPU users run); on a CPU
     float32, since CPUs without native bf16 (most) run bf16 matmuls tens of times slower."""
     if torch.device(device).type == "cuda":
         return (_dtype_of(config) if config is not None else None) or torch.float32
     return torch.float32
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def default_device() -> str:
