@@ -19,11 +19,13 @@ attention's output).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 from ..errors import LayerpruneError
@@ -140,12 +142,26 @@ def to_gguf(
         raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
     check_output_outside(out, model_dir)
     check_convertible(model_dir)
-    root = find_converter(converter)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    cmd = [sys.executable, "-m", "layerprune.models._convert_gguf", str(root), str(model_dir),
-           "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
+    # what the converter would fail on after loading the model, in its own words, is refused here
+    from .loading import check_weights, read_tokenizer
+
+    check_weights(model_dir)
+    read_tokenizer(str(model_dir), None, str(model_dir))
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on failure
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        _remove_empty(made)
+        raise LayerpruneError(
+            f"cannot write {out} ({e.strerror or e}); choose a --gguf path in a folder you can write"
+        ) from None
+    tmp = Path(name)
+    try:
+        root = find_converter(converter)
+        cmd = [sys.executable, "-m", "layerprune.models._convert_gguf", str(root), str(model_dir),
+               "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if r.returncode != 0:
             lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
@@ -155,9 +171,18 @@ def to_gguf(
         if not quiet:
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", file=sys.stderr)
         os.replace(tmp, out)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(made)
+        raise
     return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders an export created (deepest first) where they are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def architecture(gguf_file: str | Path) -> str:
