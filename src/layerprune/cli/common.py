@@ -142,14 +142,16 @@ def _calib_spec(args):
 
 
 def _check_output(args, model: str, file: bool = True) -> None:
-    """Refuse, before any work, an output inside the input model's folder (or a folder for a file)."""
-    from ..io import check_file_path, check_output_outside
+    """Refuse, before any work, an output inside the input model's folder (or a folder for a file),
+    or in a folder that cannot be written."""
+    from ..io import check_file_path, check_output_outside, check_writable
     from ..models.loading import resolve
 
     if args.output is not None:
         check_output_outside(args.output, resolve(model)[1])
         if file:
             check_file_path(args.output)
+        check_writable(args.output)
 
 
 def _load(args, model: str | None = None):
