@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .api import apply, calibration, export, load, perplexity, plan, score
+from .errors import LayerpruneError
 from .io import atomic_write_json
 from .provenance import stamp
 from .reports.plots import importance_chart, loss_chart
@@ -34,12 +35,28 @@ SETTINGS = {
 }  # fmt: skip
 
 
+def _check_output(out: Path, model: str, quiet: bool) -> None:
+    """The demo writes several folders under `out` (replacing them): refused before any work when
+    `out` is inside the input model's folder or holds it."""
+    from .io import check_output_outside, check_writable
+    from .models.loading import resolve
+
+    folder = resolve(model, quiet=quiet)[1]
+    check_output_outside(out, folder)
+    check_writable(out / "results.json")
+    if folder is not None and out.resolve() in Path(folder).resolve().parents:
+        raise LayerpruneError(
+            f"output {out} holds the input model {folder}, which the demo would overwrite; "
+            "write it somewhere else (-o)"
+        )
+
+
 def _estimate(lm, s: dict) -> float:
     """Seconds the demo should take here, from one timed forward and each stage's forward count."""
     from .data import Windows
     from .evaluation.perplexity import perplexity_of_windows
 
-    ids = calibration(lm, "fixture:val", samples=2, seqlen=128).input_ids
+    ids = calibration(lm, "fixture:val", samples=2, seqlen=min(128, s["seqlen"])).input_ids
     perplexity_of_windows(lm.model, lm.adapter, Windows(ids[:1, :8], {}), 8, progress=False)  # warm-up
     t0 = time.perf_counter()
     perplexity_of_windows(lm.model, lm.adapter, Windows(ids, {}), 8, progress=False)
@@ -103,6 +120,7 @@ def demo(
     from .recovery import recover
 
     out = Path(out)
+    _check_output(out, model, quiet)
     progress = not quiet
     t0 = time.perf_counter()
     evals = out / "evals"
@@ -116,9 +134,15 @@ def demo(
             if v is not _UNSET
         }
     )
+    lm = load(model, device=device, dtype=dtype, quiet=quiet)
+    context = lm.adapter.context_length
+    if context:  # the demo's own sizes fit the model's context (one it was given is checked as given)
+        for key in ("seqlen", "sparsity_seqlen"):
+            if given.get(key) is None and s[key] is not None:
+                s[key] = min(s[key], context)
+    short = min(128, s["seqlen"])  # the depth papers' 128-token calibration, and LoRA's windows
     seqlen, eval_windows, zeroshot_limit = s["seqlen"], s["eval_windows"], s["zeroshot_limit"]
     measure = {"seqlen": seqlen, "eval_windows": eval_windows, "zeroshot_limit": zeroshot_limit}
-    lm = load(model, device=device, dtype=dtype, quiet=quiet)
     L = lm.adapter.num_blocks
     if remove is None:
         remove = 3 if model == "fixture" else max(1, round(0.2 * L))
@@ -132,7 +156,7 @@ def demo(
     measured = {"dense": _evaluate(lm, "dense", evals, progress=progress, **measure)}
     dense_text = _generate(lm, PROMPT)
 
-    windows = calibration(lm, "fixture:val", samples=10, seqlen=128)  # the depth papers' size, seed 0
+    windows = calibration(lm, "fixture:val", samples=10, seqlen=short)  # the depth papers' size, seed 0
     scores = score(lm, method, windows, progress=progress)
     scores.save(out / "scores.json")
     importance_chart(scores, out / "scores.png")
@@ -175,7 +199,7 @@ def demo(
     record = recover(
         lm,
         "fixture:train",
-        seqlen=128,
+        seqlen=short,
         steps=s["recover_steps"],
         batch_size=s["recover_batch"],
         progress=progress,

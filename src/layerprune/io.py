@@ -269,3 +269,20 @@ def read_document(path: str | Path, fmt: str, what: str, make_hint: str) -> dict
     if doc.get("format") != fmt:
         raise LayerpruneError(f"{path} is not a layerprune {what} (format {fmt})")
     return {k: v for k, v in doc.items() if k != "format"}
+
+
+def check_writable(path: str | Path) -> None:
+    """An output's folder (or, where it is still to be made, its nearest existing parent) takes a
+    new file: an unwritable destination is refused before the work, not after it."""
+    folder = Path(path).expanduser().absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise LayerpruneError(
+            f"cannot write {path} ({folder}: {'a file, not a folder' if e.errno == 20 else e.strerror or e}); "
+            "choose an output in a folder you can write"
+        ) from None

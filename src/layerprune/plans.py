@@ -134,6 +134,11 @@ class DepthPlan(Plan):
     remove: list[str]  # "3" (a whole block) or "3.attn" / "3.mlp"
     unit: str = "block"  # the granularity the scores were computed at: block | module
 
+    def __post_init__(self) -> None:
+        # a hand-edited plan may list blocks as numbers ([3, 5, 7]): the blocks "3", "5", "7"
+        if isinstance(self.remove, list):
+            self.remove = [str(u) if type(u) is int else u for u in self.remove]
+
     def units(self):
         return [Unit.parse(u) for u in self.remove]
 

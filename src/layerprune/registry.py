@@ -54,6 +54,24 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+# A target written to two decimals (0.33 for 1:3) still names its pattern.
+NM_TOLERANCE = 0.005
+
+
+def check_nm_target(sparsity: float, nm: tuple[int, int]) -> None:
+    """N:M zeros N of every M weights: the mean sparsity is N/M. A target that disagrees would be
+    rounded to another pattern, layer by layer (0.7 with 2:4 pruned 3 of every 4), so it is refused."""
+    n, m = nm
+    if abs(sparsity - n / m) <= NM_TOLERANCE:
+        return
+    near = nm_for(sparsity, nm)
+    other = f", or --nm {near[0]}:{m} for {round(near[0] / m, 4):g}" if near != (n, m) else ""
+    raise LayerpruneError(
+        f"--nm {n}:{m} zeros {n} of every {m} weights, a sparsity of {round(n / m, 4):g}, not {sparsity:g}; "
+        f"pass --sparsity {round(n / m, 4):g}{other}"
+    )
+
+
 def nm_for(sparsity: float, nm: tuple[int, int]) -> tuple[int, int]:
     """The N:M pattern of a layer whose target is `sparsity` (N = round(s * M), 0 < N < M)."""
     n = min(max(round(sparsity * nm[1]), 1), nm[1] - 1)

@@ -169,7 +169,7 @@ def _check_output(args, model: str, file: bool = True, side: dict | None = None,
     the model (its folder, or the GGUF file it was converted from) and `inputs` ({what: path});
     or a folder where a file is written. `side`: {option: path} of the outputs a command also
     writes (a store, a level database), which must stay out of the model."""
-    from ..io import check_destination, check_file_path
+    from ..io import check_destination, check_file_path, check_writable
     from ..models.loading import resolve
 
     model_inputs = {"model folder": resolve(model)[1]}
@@ -183,6 +183,7 @@ def _check_output(args, model: str, file: bool = True, side: dict | None = None,
         check_destination(args.output, {**model_inputs, **named})
         if file:
             check_file_path(args.output)
+        check_writable(args.output)
 
 
 def _load(args, model: str | None = None):

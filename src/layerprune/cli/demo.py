@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import _dtype, non_negative_int, positive_int
+from .common import _dtype, positive_int
 
 
 def cmd_demo(args) -> int:
@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--recover-steps",
-        type=non_negative_int,
+        type=positive_int,
         default=None,
         help="LoRA steps (default 25; 100 on the fixture)",
     )

@@ -74,6 +74,10 @@ def cmd_plan(args) -> int:
             f"depth plan ({plan.method}{how}): remove {', '.join(plan.remove)} of {plan.num_blocks} blocks; protected {plan.params['protected'] or 'none'}"
         )
     elif args.sparsity is not None:
+        if args.nm:  # the pattern fixes the target: a disagreeing one is refused before the model loads
+            from ..registry import check_nm_target, parse_nm
+
+            check_nm_target(args.sparsity, parse_nm(args.nm))
         lm = common._load(args)
         plan = lp.plan(
             lm,
@@ -175,7 +179,12 @@ def add_parser(sub) -> None:
         choices=PRUNERS + WIDTH_METHODS,
         help="the pruner that applies it (default wanda; wanda-sp for --width, flap for --allocation flap)",
     )
-    g.add_argument("--nm", default=None, help="N:M pattern, N zeros in every M (2:4, 4:8)")
+    g.add_argument(
+        "--nm",
+        default=None,
+        help="N:M pattern, N zeros in every M (2:4, 4:8): the sparsity is N/M (--sparsity 0.5 for 2:4); "
+        "with alpha / owl each layer gets its own N around it",
+    )
     g.add_argument(
         "--epsilon",
         type=fraction,

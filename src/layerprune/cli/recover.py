@@ -154,7 +154,7 @@ def add_parser(sub) -> None:
         help="with --teacher-cache: log-probabilities kept per token, plus the rest's mass (default 64)",
     )
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=non_negative_int, default=None, help="optimizer steps")
+    length.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (at least 1)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the data (default 2)")
     p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per example (default 256)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="examples per micro-batch (8)")

@@ -1,7 +1,7 @@
 """Text and token windows: text.py reads a source (bundled, local files, named datasets), windows.py
 cuts it into token windows with a recorded protocol and holds each paper's calibration defaults."""
 
-from .text import JOIN, NAMED, Text, json_lines, load_text
+from .text import JOIN, NAMED, Text, json_lines, load_text, read_utf8
 from .windows import (
     BOS_POLICIES,
     CALIBRATION_DEFAULTS,
@@ -37,6 +37,7 @@ __all__ = [
     "eval_windows",
     "json_lines",
     "load_text",
+    "read_utf8",
     "resolve_calibration",
     "windows_from_protocol",
 ]

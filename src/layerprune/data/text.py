@@ -114,6 +114,27 @@ def json_lines(path: Path, lines: list[str], shape: str) -> Iterator[tuple[int, 
             raise LayerpruneError(f"{path}:{n} is not valid JSON; each line must be {shape}") from None
 
 
+def read_utf8(path: Path) -> str:
+    """A text file the user gave; one that is not UTF-8 (UTF-16, as PowerShell's `>` writes, or
+    binary) is one line saying how to make it readable. A UTF-8 byte-order mark (PowerShell 5's
+    `Out-File -Encoding utf8`) is dropped."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        utf16 = head in (b"\xff\xfe", b"\xfe\xff")
+        what = "UTF-16 (what PowerShell's > writes)" if utf16 else f"not UTF-8 text (at byte {e.start})"
+        raise LayerpruneError(
+            f"cannot read {path}: it is {what}; save it as UTF-8 "
+            "(iconv -t UTF-8, or PowerShell's Out-File -Encoding utf8)"
+        ) from None
+    except OSError as e:
+        raise LayerpruneError(
+            f"cannot read {path}: {e.strerror or e}; check the path and its permissions"
+        ) from None
+
+
 def _read_local(path: Path) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     if path.is_dir() and not files:
@@ -124,10 +145,7 @@ def _read_local(path: Path) -> list[str]:
             raise LayerpruneError(
                 f'cannot read {f}: use a .txt file, a .jsonl file ({{"text": ...}} per line) or a folder'
             )
-        try:
-            content = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LayerpruneError(f"cannot read {f}: {e}") from None
+        content = read_utf8(f)
         if f.suffix != ".jsonl":
             docs.append(content)
             continue

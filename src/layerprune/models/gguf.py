@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +44,21 @@ _RESOLVED: dict[tuple[str, int, int], Path] = {}  # (path, size, mtime) -> conve
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "layerprune").expanduser()
+
+
+def writable_cache(sub: str) -> Path:
+    """`cache_dir() / sub`, created; one line naming the fix when it cannot be written, checked before
+    the work whose result goes there (a conversion, a level database)."""
+    folder = cache_dir() / sub
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise LayerpruneError(
+            f"the layerprune cache {folder} cannot be written ({e.strerror or e}); point {CACHE_ENV} at a "
+            "folder you can write, or unset it (default ~/.cache/layerprune)"
+        ) from None
+    return folder
 
 
 def named_model_file(name: str) -> Path:
@@ -108,9 +124,13 @@ def converted(path: str | Path, quiet: bool = False) -> Path:
     memo = (str(path), st.st_size, st.st_mtime_ns)
     if memo in _RESOLVED and (_RESOLVED[memo] / SOURCE_FILE).is_file():
         return _RESOLVED[memo]
+    root = cache_dir() / "gguf"
+    if not root.is_dir():  # nothing can be cached there yet: refused before hashing the file
+        writable_cache("gguf")
     digest = _sha256(path)
-    target = cache_dir() / "gguf" / digest[:16]
+    target = root / digest[:16]
     if not (target / SOURCE_FILE).is_file():
+        writable_cache("gguf")  # a read-only cache may hold a conversion, but not take a new one
         info = describe(path)
         info["sha256"] = digest
         _convert(path, target, info, quiet)

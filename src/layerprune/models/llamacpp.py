@@ -19,6 +19,7 @@ attention's output).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -143,13 +144,25 @@ def to_gguf(
         raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
     check_destination(out, {"model folder": model_dir})
     check_convertible(model_dir)
-    root = find_converter(converter)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(out)  # named after this process: a killed run's is removed by the next
-    os.close(fd)
-    cmd = [sys.executable, "-m", "layerprune.models._convert_gguf", str(root), str(model_dir),
-           "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
+    # what the converter would fail on after loading the model, in its own words, is refused here
+    from .loading import check_weights, read_tokenizer
+
+    check_weights(model_dir)
+    read_tokenizer(str(model_dir), None, str(model_dir))
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on failure
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_file_beside(out)  # named after this process: a killed run's is removed by the next
+        os.close(fd)
+    except OSError as e:
+        _remove_empty(made)
+        raise LayerpruneError(
+            f"cannot write {out} ({e.strerror or e}); choose a --gguf path in a folder you can write"
+        ) from None
+    try:
+        root = find_converter(converter)
+        cmd = [sys.executable, "-m", "layerprune.models._convert_gguf", str(root), str(model_dir),
+               "--outfile", str(tmp), "--outtype", outtype]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if r.returncode != 0:
             lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
@@ -160,8 +173,10 @@ def to_gguf(
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", file=sys.stderr)
         publish(tmp)
         os.replace(tmp, out)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(made)
+        raise
     return out
 
 
@@ -183,6 +198,13 @@ def stored_outtype(model_dir: Path) -> str:
         except (SafetensorError, OSError):
             break
     return "f32"
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders an export created (deepest first) where they are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def architecture(gguf_file: str | Path) -> str:

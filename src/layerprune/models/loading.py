@@ -255,8 +255,9 @@ def load(
     dtype = parse_dtype(dtype)
     if dtype is None or dtype == "auto":
         dtype = default_dtype(device, config)
+    tokenizer = read_tokenizer(source, config, name)  # a missing tokenizer fails before any weight is read
     if max_memory is not None:
-        offloaded = _load_offloaded(name, source, path, config, device, dtype, max_memory)
+        offloaded = _load_offloaded(name, source, path, config, device, dtype, max_memory, tokenizer)
         if offloaded is not None:
             return offloaded
     try:
@@ -270,7 +271,6 @@ def load(
             model = load_shrunk(source, config, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = _tokenizer(source, config)
     except OSError as e:
         raise LayerpruneError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
@@ -281,9 +281,10 @@ def load(
     )
 
 
-def _tokenizer(source: str, config):
+def read_tokenizer(source: str, config, name: str):
     """The tokenizer; never remote code. For a DeciLM checkpoint transformers reads its config.json
-    as a generic config first and warns that it is one (and of its rope_scaling key): silenced."""
+    as a generic config first and warns that it is one (and of its rope_scaling key): silenced.
+    A folder without one that transformers can read is one line naming the files to copy."""
     import contextlib
     import warnings
 
@@ -297,7 +298,33 @@ def _tokenizer(source: str, config):
             level = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()
             stack.callback(hf_logging.set_verbosity, level)
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError) as e:  # ValueError: no tokenizer.json, and no slow one it can convert
+            raise LayerpruneError(_no_tokenizer(name, source, e)) from None
+
+
+def _no_tokenizer(name: str, source: str, error: Exception) -> str:
+    """Why the tokenizer of a model folder cannot be read, and what to do (transformers' own advice,
+    to install sentencepiece or tiktoken, is right only where a slow tokenizer's file is there)."""
+    folder = Path(source)
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if folder.is_dir() and not (folder / "tokenizer.json").is_file():
+        if (folder / "tokenizer.model").is_file():
+            return (
+                f"cannot read the tokenizer of {name}: its tokenizer.model needs sentencepiece "
+                f"(pip install sentencepiece), or copy the model's tokenizer.json into {folder}"
+            )
+        return (
+            f"{name} has no tokenizer.json; copy the tokenizer files (tokenizer.json, tokenizer_config.json) "
+            f"of the model it was made from into {folder}"
+        )
+    if not folder.is_dir():  # a hub id
+        return f"cannot load the tokenizer of {name}: {first}"
+    return (
+        f"cannot read the tokenizer of {name} ({first}); "
+        f"copy the tokenizer files of the model it was made from into {folder} again"
+    )
 
 
 def _silence_removed_parts(adapter: ModelAdapter) -> None:
@@ -309,10 +336,8 @@ def _silence_removed_parts(adapter: ModelAdapter) -> None:
         adapter.silence_parts([Unit.parse(u) for u in removed_parts])
 
 
-def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> LoadedModel | None:
+def _load_offloaded(name, source, path, config, device, dtype, max_memory, tokenizer) -> LoadedModel | None:
     """The model with its blocks offloaded, or None when its weights fit in max_memory."""
-    from transformers import AutoTokenizer
-
     from .offload import checkpoint_bytes, load_offloaded
 
     if getattr(config, "layerprune_block_configs", None) or getattr(config, "layerprune_deploy", None):
@@ -328,10 +353,6 @@ def _load_offloaded(name, source, path, config, device, dtype, max_memory) -> Lo
     if total <= max_memory:
         return None
     model, adapter, _ = load_offloaded(path, config, device, compute, max_memory, sizes)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except OSError as e:
-        raise LayerpruneError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}") from None
     _silence_removed_parts(adapter)
     return LoadedModel(
         name, model, tokenizer, adapter, path, source_dtype=_dtype_of(config), origin=source_of(path)

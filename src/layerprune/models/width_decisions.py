@@ -12,6 +12,7 @@ A width plan speaks in rates (the fraction of a block's prunable parameters remo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import LayerpruneError
@@ -192,6 +193,23 @@ class Deployable:
             rates.append(rate)
         return rates
 
+    def check_shapes(self, target: float, blocks: list[BlockBudget]) -> None:
+        """What the shapes alone refuse, before any scoring (scores only break ties between options):
+        MLP widths that are not multiples of `channel_multiple`, and a target that even the smallest
+        removal overshoots while removing nothing falls short of it."""
+        if target > DEPLOY_TOLERANCE and self._least(blocks) - target > DEPLOY_TOLERANCE:
+            self.check_target(target, blocks, [(0, 0)] * len(blocks))
+
+    def _least(self, blocks: list[BlockBudget]) -> float:
+        """The least fraction of the blocks' parameters a decision can remove but none (inf: none can)."""
+        costs = [
+            o[0] * b.group_params + o[1] * b.channel_params
+            for i, b in enumerate(blocks)
+            for o in self.options(i, b)
+            if o != (0, 0)
+        ]
+        return min(costs, default=math.inf) / sum(b.params for b in blocks)
+
     def check_target(self, target: float, blocks: list[BlockBudget], decision) -> None:
         """One line naming targets that can be met, when the decision misses `target`."""
         total = sum(b.params for b in blocks)
@@ -199,6 +217,8 @@ class Deployable:
         if abs(got - target) <= DEPLOY_TOLERANCE:
             return
         steps = sorted({round(self.channel_multiple * b.channel_params / total, 4) for b in blocks})
+        if round(got, 4) <= 0 and self._least(blocks) < 1:  # nothing removed: the least that removes some
+            got = math.ceil(self._least(blocks) * 1e4) / 1e4
         raise LayerpruneError(
             f"--width {target} cannot be met with MLP widths in multiples of {self.channel_multiple} "
             f"(the nearest deployable target is {got:.4f}; steps of {steps[0]:.4f}); use --width {got:.4f}"

@@ -148,7 +148,7 @@ def make_plan(
     computes its metrics here (alpha from the weights, OWL from `windows`)."""
     from ..plans import SparsityPlan
     from ..provenance import stamp
-    from ..registry import SPARSITY_PRUNERS, nm_for, parse_nm
+    from ..registry import SPARSITY_PRUNERS, check_nm_target, nm_for, parse_nm
     from ..scorers.run import model_info, run
 
     check_target(sparsity)
@@ -157,6 +157,9 @@ def make_plan(
     if pruner not in SPARSITY_PRUNERS:
         raise LayerpruneError(f"unknown pruner '{pruner}'; use one of {', '.join(SPARSITY_PRUNERS)}")
     nm = parse_nm(nm) if isinstance(nm, str) or nm is None else tuple(nm)
+    if nm:  # the pattern is the target: N/M on average (alpha / owl: each layer's N follows its share)
+        check_nm_target(sparsity, nm)
+        sparsity = nm[0] / nm[1]
     names = lm.adapter.layer_names()
     numel = [lm.adapter.layer(n).weight.numel() for n in names]
     params: dict = {

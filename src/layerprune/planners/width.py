@@ -134,6 +134,10 @@ def check_request(
             raise LayerpruneError(
                 "--operators llm needs --llm-url and --llm-model (or use --operators classic)"
             )
+        if operators == "llm":  # an endpoint that is down fails now, not after the scoring
+            from .search.llm import check_endpoint
+
+            check_endpoint(llm)
     elif any(v is not None for v in (p_min, p_max, log, store)) or operators != "classic" or llm is not None:
         raise LayerpruneError(
             "--p-min, --p-max, --store, --log and the operators shape a search; add --allocation search"
@@ -216,6 +220,15 @@ def make_plan(
         fitness_samples=fitness_samples, fitness_seqlen=fitness_seqlen, deploy=deploy,
         channel_multiple=channel_multiple, pruner=pruner,
     )  # fmt: skip
+    blocks = budgets(lm.adapter)
+    rule = decide = None
+    if deploy:  # what the format cannot state is refused before any scoring
+        from ..models.decilm import FFN_MULTIPLE, check_deployable
+
+        channel_multiple = channel_multiple or FFN_MULTIPLE
+        check_deployable(lm.adapter, channel_multiple)
+        rule = Deployable(channel_multiple)
+        rule.check_shapes(width, blocks)
     if scores is None:
         pruner = pruner or ("flap" if allocation == "flap" else "wanda-sp")
         if allocation == "flap" and pruner != "flap":
@@ -229,16 +242,9 @@ def make_plan(
             f"the flap allocation ranks FLAP scores, not {pruner}; score with --method flap or drop --scores"
         )
     table = scores.extra
-    blocks = budgets(lm.adapter)
     params: dict = {"target": width, "allocation": allocation, "pruner": pruner}
     extra: dict = {}
-    rule = decide = None
-    if deploy:
-        from ..models.decilm import FFN_MULTIPLE, check_deployable
-
-        channel_multiple = channel_multiple or FFN_MULTIPLE
-        check_deployable(lm.adapter, channel_multiple)
-        rule = Deployable(channel_multiple)
+    if rule is not None:
         rule.check_target(width, blocks, rule.decision([width] * len(blocks), blocks, table, width))
 
         def decide(rates):  # the search's candidates: a rate's place within its step picks among equal costs

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import default_bos, encode, eval_windows, json_lines, load_text
+from ..data import default_bos, encode, eval_windows, json_lines, load_text, read_utf8
 from ..errors import LayerpruneError
 
 IGNORE = -100  # label of a token the loss skips (the prompt of an instruction)
@@ -80,7 +80,7 @@ def _instruction_records(source: str) -> list[dict] | None:
     path = Path(source).expanduser()
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path).splitlines()
     first = next((line for line in lines if line.strip()), "")
     try:
         head = json.loads(first)

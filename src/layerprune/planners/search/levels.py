@@ -140,6 +140,10 @@ def check_request(generations: int, offspring: int, survivors: Sequence[int], op
         raise LayerpruneError("--operators llm needs --llm-url and --llm-model (or use --operators classic)")
     if operators not in ("classic", "llm"):
         raise LayerpruneError(f"--operators '{operators}': use classic or llm")
+    if operators == "llm":  # an endpoint that is down fails now, not after the level database is built
+        from .llm import check_endpoint
+
+        check_endpoint(llm)
 
 
 def search_levels(

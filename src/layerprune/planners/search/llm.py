@@ -88,6 +88,36 @@ def as_config(config: Any) -> LLMConfig:
     )
 
 
+def check_endpoint(config: Any, timeout: float = 3.0) -> None:
+    """What can be known of the endpoint before any work: the openai package is installed and the URL's
+    host:port accepts a connection (the first request still says whether it speaks the API)."""
+    import socket
+    from urllib.parse import urlparse
+
+    config = as_config(config)
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        raise LayerpruneError(
+            "the LLM operators need the openai package: pip install 'layerprune[search]' "
+            "(or use the classic operators: --operators classic)"
+        ) from None
+    url = urlparse(config.url)
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        host = None
+    if url.scheme not in ("http", "https") or not host:
+        raise LayerpruneError(f"--llm-url {config.url} must look like http://host:port/v1")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise LayerpruneError(
+            f"the LLM endpoint {config.url} is unreachable ({e.strerror or e}); check --llm-url (is the server "
+            "running?) or use the classic operators (--operators classic)"
+        ) from None
+
+
 Proposal = tuple[list[float] | None, str | None]  # repaired rates or None, and why it is None
 
 
