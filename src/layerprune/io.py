@@ -244,7 +244,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, inputs: Inputs = ()) -
     """Yield a temporary folder next to `path`; on success it replaces `path` in one rename.
     `inputs`: what the command reads, which `path` must not be, contain or lie inside."""
     given, path = path, _absolute(path)
-    check_destination(path, inputs)
+    check_destination(given, inputs)
     if not path.name:
         raise LayerpruneError(f"output {given} is the root folder; write it somewhere else (-o)")
     if (path.exists() or path.is_symlink()) and not overwrite:
