@@ -47,7 +47,8 @@ TEMPORARY = re.compile(r"(^\..*\.(tmp|old)$)|(^layerprune-(acts|blocks)-)|(\.par
 class Case:
     argv: list[str]
     ready: object  # (work: Path) -> bool: the moment to send the signal
-    resumed: object = None  # (work: Path, stdout: str) -> str | None: what the rerun took over
+    resumed: object = None  # (work, stdout, snapshot) -> str | None: what the rerun took over
+    snapshot: object = None  # (work: Path) -> object: taken after the kill, handed to `resumed`
     output: str = "out"
     cache: str | None = None  # a cache folder shared by the signals of this command
 
@@ -108,12 +109,11 @@ def cases(inputs: Path, smol: Path | None) -> dict[str, Case]:
                 "plan.json",
                 "--no-plot",
             ],  # fmt: skip
-            lambda w: _files_in((w / "cache" / "levels").glob(".*.tmp")) >= 3,
-            lambda w, out: next(
-                (ln for ln in out.splitlines() if "kept from an interrupted build" in ln), None
-            ),
+            lambda w: len(list((w / "cache" / "levels").glob(".*.tmp/block-*.safetensors"))) >= 3,
+            lambda w, out, killed: _blocks_taken_over(w, killed),
             output="plan.json",
             cache="level-db",
+            snapshot=_block_inodes,
         ),
         "recover": Case(
             [
@@ -136,7 +136,7 @@ def cases(inputs: Path, smol: Path | None) -> dict[str, Case]:
                 "--no-plot",
             ],  # fmt: skip
             lambda w: any((w / ".out.recover").glob("*")),
-            lambda w, out: _recovered_from(w / "out"),
+            lambda w, out, _: _recovered_from(w / "out"),
         ),
         "shapley": Case(
             [
@@ -162,7 +162,7 @@ def cases(inputs: Path, smol: Path | None) -> dict[str, Case]:
                 "--no-plot",
             ],  # fmt: skip
             lambda w: _stored(w / "s.sqlite") >= 5,
-            lambda w, out: _shapley_resume(w / "scores.json"),
+            lambda w, out, _: _shapley_resume(w / "scores.json"),
             output="scores.json",
         ),
     }
@@ -174,6 +174,22 @@ def cases(inputs: Path, smol: Path | None) -> dict[str, Case]:
         )
     order = ["apply-memory", "apply-offload", "apply-max-memory", "export", "level-db", "recover", "shapley"]
     return {k: c[k] for k in order if k in c}
+
+
+def _block_inodes(work: Path) -> set[int]:
+    """The killed build's block files, by inode and time: a build that takes them over renames their folder."""
+    return {_identity(f) for f in (work / "cache" / "levels").glob(".*.tmp/block-*.safetensors")}
+
+
+def _identity(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def _blocks_taken_over(work: Path, killed: set[int]) -> str | None:
+    built = list((work / "cache" / "levels").glob("[!.]*/block-*.safetensors"))
+    kept = sum(_identity(f) in killed for f in built)
+    return f"{kept} of {len(built)} blocks taken over" if kept else None
 
 
 def _recovered_from(out: Path) -> str | None:
@@ -277,7 +293,10 @@ def _start(argv, work: Path, env: dict) -> subprocess.Popen:
 
 def _stderr_summary(text: str) -> dict:
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    return {"lines": len(lines), "last": lines[-1] if lines else "", "traceback": "Traceback" in text}
+    said = {"lines": len(lines), "last": lines[-1] if lines else "", "traceback": "Traceback" in text}
+    if said["traceback"]:
+        said["text"] = lines[-60:]
+    return said
 
 
 def run_case(name: str, case: Case, sig: str, root: Path, limit: float) -> dict:
@@ -324,6 +343,7 @@ def run_case(name: str, case: Case, sig: str, root: Path, limit: float) -> dict:
         "children_left_running": with_group,
     }
     row["killed"]["temporaries"] = temporaries(row["killed"]["left"])
+    snapshot = case.snapshot(work) if case.snapshot else None
     t0 = time.time()
     rerun = _start(case.argv, work, env)
     try:
@@ -342,7 +362,7 @@ def run_case(name: str, case: Case, sig: str, root: Path, limit: float) -> dict:
         "temporaries": temporaries(left),
         "stale_removed": not {_key(t) for t in row["killed"]["temporaries"]}
         & {_key(t) for t in temporaries(left)},
-        "resumed": case.resumed(work, out) if case.resumed else None,
+        "resumed": case.resumed(work, out, snapshot) if case.resumed else None,
     }
     shutil.rmtree(work, ignore_errors=True)  # the GGUF and checkpoints are large
     return row

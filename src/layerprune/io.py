@@ -158,15 +158,31 @@ def temp_dir_beside(path: str | Path) -> Path:
     removing those that killed runs left there."""
     path = _absolute(path)
     remove_stale(path)
-    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp"))
+    try:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp"))
+    except BaseException:  # Ctrl-C or SIGTERM between its creation and our hands: not left behind
+        _discard_own(path)
+        raise
 
 
 def temp_file_beside(path: str | Path) -> tuple[int, Path]:
     """A new hidden file next to `path` (an open descriptor and its path), as temp_dir_beside."""
     path = _absolute(path)
     remove_stale(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp")
+    except BaseException:
+        _discard_own(path)
+        raise
     return fd, Path(tmp)
+
+
+def _discard_own(path: Path) -> None:
+    """This process's temporaries next to `path` (one being created when an interruption came)."""
+    tag = re.escape(owner_tag())
+    for name in os.listdir(path.parent):
+        if re.fullmatch(rf"\.{re.escape(path.name)}\.{tag}\.{_RANDOM}\.tmp", name):
+            _remove(path.parent / name)
 
 
 def scratch_dir(kind: str) -> Path:
@@ -175,7 +191,13 @@ def scratch_dir(kind: str) -> Path:
     root = Path(tempfile.gettempdir())
     for p in stale(root, rf"layerprune-{kind}-(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]+)\.{_RANDOM}"):
         shutil.rmtree(p, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"layerprune-{kind}-{owner_tag()}."))
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"layerprune-{kind}-{owner_tag()}."))
+    except BaseException:  # interrupted as it was made
+        for name in os.listdir(root):
+            if re.fullmatch(rf"layerprune-{kind}-{re.escape(owner_tag())}\.{_RANDOM}", name):
+                shutil.rmtree(root / name, ignore_errors=True)
+        raise
 
 
 def _absolute(path: str | Path) -> Path:
@@ -190,15 +212,17 @@ def atomic_write_text(path: str | Path, text: str, inputs: Inputs = ()) -> Path:
     check_destination(path, inputs)
     check_file_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
+    tmp = None
     try:
+        fd, tmp = temp_file_beside(path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         publish(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
     return path
 
@@ -220,14 +244,15 @@ def atomic_dir(path: str | Path, overwrite: bool = False, inputs: Inputs = ()) -
     """Yield a temporary folder next to `path`; on success it replaces `path` in one rename.
     `inputs`: what the command reads, which `path` must not be, contain or lie inside."""
     given, path = path, _absolute(path)
-    check_destination(path, inputs)
+    check_destination(given, inputs)
     if not path.name:
         raise LayerpruneError(f"output {given} is the root folder; write it somewhere else (-o)")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise LayerpruneError(f"output folder {given} already exists; choose another -o or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(path)
+    tmp = None
     try:
+        tmp = temp_dir_beside(path)
         yield tmp
         publish(tmp)
         if path.exists() or path.is_symlink():
@@ -243,7 +268,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False, inputs: Inputs = ()) -
         else:
             os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

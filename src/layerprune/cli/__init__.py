@@ -42,39 +42,60 @@ class Terminated(KeyboardInterrupt):
     `with` and `except BaseException` on the way removes its temporaries."""
 
 
-def _terminate(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    raise Terminated
+_SIGNALLED: list[int] = []  # the exit code of the signal that interrupted this command: 143, 130
+
+
+def _interrupt(signum, frame) -> None:
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        _SIGNALLED.append(143)
+        raise Terminated
+    _SIGNALLED.append(130)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = (
+        {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    )
+    _SIGNALLED.clear()
     try:
         args = build_parser().parse_args(argv)
         spread.prepare(args)
         return args.func(args)
     except LayerpruneError as e:
+        if _SIGNALLED:
+            return _interrupted()
         print(f"layerprune: error: {e}", file=sys.stderr)
-    except Terminated:
-        print("layerprune: interrupted", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("layerprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
+        return _interrupted()
     except BrokenPipeError:  # `layerprune ... | head`
         sys.stderr.close()
         return 0
     except OSError as e:  # a path the user gave: unwritable, a folder where a file was expected, a full disk
+        if _SIGNALLED:
+            return _interrupted()
         where = f" {e.filename}" if e.filename else ""
         print(
             f"layerprune: error: {e.strerror or e}:{where}; check the path and its permissions",
             file=sys.stderr,
         )
+    except Exception:
+        if not _SIGNALLED:
+            raise
+        # a library caught the interruption and raised an error of its own on the way out (safetensors,
+        # interrupted in torch.UntypedStorage.from_file, tries another storage and fails with ValueError)
+        return _interrupted()
     finally:
         # the process group of a torchrun job, where a command opened one (so --help never imports torch)
         if "layerprune.distributed" in sys.modules:
             sys.modules["layerprune.distributed"].close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 2
+
+
+def _interrupted() -> int:
+    print("layerprune: interrupted", file=sys.stderr)
+    return _SIGNALLED[0] if _SIGNALLED else 130

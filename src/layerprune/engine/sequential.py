@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import shutil
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class ActivationStore:
         self._files: dict[int, Path] = {}
         self._writes = 0
         self._dir = scratch_dir("acts") if offload == "disk" else None
+        # removed by close(), or at the latest when the interpreter exits (interrupted before `with`)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True) if self._dir else None
 
     def put(self, b: int, h: torch.Tensor) -> None:
         if self._dir is None:
@@ -87,8 +90,8 @@ class ActivationStore:
     def close(self) -> None:
         self._mem.clear()
         self._files.clear()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
 
     def __enter__(self) -> ActivationStore:
         return self
