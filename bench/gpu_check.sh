@@ -21,7 +21,9 @@
 # The last call, on the still-warm machine, runs:  bash bench/gpu_check.sh   (timeout_s 600; the check stops
 # starting stages after --max-minutes, 8.5 by default on CUDA, and writes $OUT/gpu_check.json after each).
 #
-# Here without a GPU:  PYTHON=.venv/bin/python bash bench/gpu_check.sh --device cpu [--model fixture]
+# Here without a GPU:  PYTHON=.venv/bin/python bash bench/gpu_check.sh --device cpu [--model fixture] [--threads 1]
+# (every stage on the bundled model: about 4 minutes on 2 busy cores; on smollm2 the small sizes took 23 minutes
+# from load to gguf on 2 cores shared with other jobs)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD

@@ -11,7 +11,7 @@ what counts is the ratio float32 seconds / low-precision seconds ("speedup"), no
 1. the raw linear of SmolLM2's MLP shape, 2048 x 576 @ 576 x 1536, in GFLOP/s (median of 3 rounds);
 2. eval: perplexity of 8 x 512 tokens of fixture:test (sizes here are `--size issue`; `quick` halves them);
 3. ppl, taylor, angular, bi scoring on 10 x 128 tokens of fixture:val; shapley with a small budget;
-   a depth search of one generation (its fitness 4 x 128);
+   (`--stages ...,depth_search`) a depth search of one generation (its fitness 4 x 128);
 4. Wanda and SparseGPT at 50 % (16 x 512 tokens of fixture:val), each on a fresh load, then the
    pruned model's perplexity;
 5. LoRA and full recovery, a few steps of 4 x 128 tokens of fixture:train (fresh loads);
@@ -50,12 +50,13 @@ from layerprune.models.precision import cpu_native_bf16, dtype_name  # noqa: E40
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW = DTYPES[1:]
 EVAL_TEXT, CALIB_TEXT, TRAIN_TEXT = "fixture:test", "fixture:val", "fixture:train"
-# (windows, tokens) per stage; "issue": the sizes the issue names; "quick": for a busy shared machine
+# (windows, tokens) per stage; "issue": the sizes the issue names; "quick": for a busy shared machine (a
+# third of the tokens or less: the dtypes still see the same windows, which is what the comparison needs)
 SIZE_SETS = {
     "issue": {"eval": (8, 512), "score": (10, 128), "shapley": (4, 128), "prune": (16, 512), "fitness": (4, 128),
               "recover": (4, 128)},
-    "quick": {"eval": (4, 512), "score": (6, 128), "shapley": (2, 128), "prune": (8, 256), "fitness": (2, 128),
-              "recover": (2, 128)},
+    "quick": {"eval": (2, 512), "score": (4, 64), "shapley": (2, 64), "prune": (4, 256), "fitness": (2, 64),
+              "recover": (2, 64)},
 }  # fmt: skip
 SIZES = dict(SIZE_SETS["issue"])
 SHAPLEY_BUDGET = 16
@@ -236,7 +237,7 @@ class Bench:
             ("depth_search", self.depth_search),
         ]
         for name, fn in stages:
-            if only is None or name in only:
+            if (only is None and name != "depth_search") or (only is not None and name in only):
                 self.stage(name, fn)
         self.compare()
         return self.rows
@@ -338,7 +339,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--size", choices=tuple(SIZE_SETS), default="issue", help="windows x tokens per stage")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    ap.add_argument("--stages", default=None, help="comma-separated subset of the stages")
+    ap.add_argument(
+        "--stages", default=None, help="comma-separated subset of the stages (default: all but depth_search)"
+    )
     ap.add_argument("--markdown", action="store_true", help="print the table of the JSON at --out and stop")
     args = ap.parse_args()
     if args.markdown:

@@ -11,6 +11,8 @@ model computes in.
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,13 @@ def test_parse_dtype_auto_and_refusals():
             parse_dtype(bad)
         msg = str(e.value)
         assert "\n" not in msg and all(c in msg for c in ("auto", "float32", "bfloat16", "float16"))
+
+
+def test_dtype_names_import_without_torch():
+    """The CLI's parser lists the choices without paying for torch."""
+    code = "import sys, layerprune.models.precision as p; print('torch' in sys.modules, ','.join(p.DTYPE_CHOICES))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["False", "auto,float32,fp32,bfloat16,bf16,float16,fp16"]
 
 
 def test_cpuinfo_flags_parsed(tmp_path):
