@@ -13,9 +13,6 @@ from collections.abc import Callable, Iterable
 
 from .errors import LayerpruneError
 
-# what `--dtype` takes (models/loading.py parses it; here so the CLI parser builds without torch)
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-
 # Keyword names whose command-line flag is spelled differently.
 FLAGS = {"lam": "--owl-lambda", "hyper_m": "--owl-m"}
 

@@ -77,7 +77,7 @@ def _common(p) -> None:
 
 
 def _dtype(p) -> None:
-    from ..options import DTYPE_CHOICES
+    from ..models.precision import DTYPE_CHOICES
 
     p.add_argument(
         "--dtype",
