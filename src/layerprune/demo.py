@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from .api import apply, calibration, export, load, perplexity, plan, score
-from .errors import LayerpruneError
 from .io import atomic_write_json
 from .provenance import stamp
 from .reports.plots import importance_chart, loss_chart
@@ -37,18 +36,12 @@ SETTINGS = {
 
 def _check_output(out: Path, model: str, quiet: bool) -> None:
     """The demo writes several folders under `out` (replacing them): refused before any work when
-    `out` is inside the input model's folder or holds it."""
-    from .io import check_output_outside, check_writable
+    `out` is, lies inside or holds the input model's folder, or cannot be written."""
+    from .io import check_destination, check_writable
     from .models.loading import resolve
 
-    folder = resolve(model, quiet=quiet)[1]
-    check_output_outside(out, folder)
+    check_destination(out, {"model folder": resolve(model, quiet=quiet)[1]})
     check_writable(out / "results.json")
-    if folder is not None and out.resolve() in Path(folder).resolve().parents:
-        raise LayerpruneError(
-            f"output {out} holds the input model {folder}, which the demo would overwrite; "
-            "write it somewhere else (-o)"
-        )
 
 
 def _estimate(lm, s: dict) -> float:
