@@ -613,7 +613,9 @@ def test_two_runs_sharing_one_store_at_once(tmp_path):
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT COUNT(*) FROM evals").fetchone()[0] == 41
-        assert db.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 4
+        assert (
+            db.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 5
+        )  # model, data, protocol, numerics, created
     assert _comparable(tmp_path / "run0.json") == _comparable(tmp_path / "run1.json")
 
 
