@@ -88,6 +88,12 @@ def as_config(config: Any) -> LLMConfig:
     )
 
 
+NO_OPENAI = (
+    "the LLM operators need the openai package: pip install 'layerprune[search]' "
+    "(or use the classic operators: --operators classic)"
+)
+
+
 def check_endpoint(config: Any, timeout: float = 3.0) -> None:
     """What can be known of the endpoint before any work: the openai package is installed and the URL's
     host:port accepts a connection (the first request still says whether it speaks the API)."""
@@ -98,10 +104,7 @@ def check_endpoint(config: Any, timeout: float = 3.0) -> None:
     try:
         import openai  # noqa: F401
     except ImportError:
-        raise LayerpruneError(
-            "the LLM operators need the openai package: pip install 'layerprune[search]' "
-            "(or use the classic operators: --operators classic)"
-        ) from None
+        raise LayerpruneError(NO_OPENAI) from None
     url = urlparse(config.url)
     try:
         host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -137,10 +140,7 @@ class Chat:
             try:
                 from openai import OpenAI
             except ImportError:
-                raise LayerpruneError(
-                    "the LLM operators need the openai package: pip install 'layerprune[search]' "
-                    "(or use the classic operators: --operators classic)"
-                ) from None
+                raise LayerpruneError(NO_OPENAI) from None
             self._client = OpenAI(
                 base_url=self.config.url,
                 api_key=os.environ.get(self.config.key_env, "none"),
