@@ -168,3 +168,121 @@ def test_the_cli_runs_every_stage_in_bfloat16(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "report" / "report.md").read_text()
     assert "dtype @ device" in md and md.count("bfloat16 @ cpu") == 2
+
+
+# --- `--dtype auto` on a CPU: bf16 for the stages that gain from it, where the CPU has it (item 9) ---
+
+
+@pytest.mark.parametrize(
+    ("stage", "native", "pinned", "expected"),
+    [
+        ("score:ppl", True, "", torch.bfloat16),
+        ("score:bi", True, "", torch.bfloat16),
+        ("score:angular", True, "", torch.bfloat16),
+        ("score:ppl", False, "", torch.float32),  # emulated bf16 is many times slower
+        ("score:taylor", True, "", torch.float32),  # slower in bf16 (bench/precision.py)
+        ("score:shapley", True, "", torch.float32),
+        (None, True, "", torch.float32),  # eval, apply, recover, the Python API without a stage
+        ("score:ppl", True, "float32", torch.float32),  # $LAYERPRUNE_CPU_DTYPE pins it
+        (None, False, "bf16", torch.bfloat16),
+        ("score:ppl", True, "auto", torch.bfloat16),
+    ],
+)
+def test_auto_on_a_cpu_chooses_bf16_by_stage_and_hardware(monkeypatch, stage, native, pinned, expected):
+    from layerprune.models import loading
+
+    monkeypatch.setattr(loading, "cpu_native_bf16", lambda: native)
+    monkeypatch.setenv("LAYERPRUNE_CPU_DTYPE", pinned)
+    assert loading.default_dtype("cpu", None, stage) == expected
+
+
+def test_auto_on_a_gpu_is_the_checkpoints_dtype_whatever_the_cpu_pin(monkeypatch):
+    from types import SimpleNamespace
+
+    from layerprune.models import loading
+
+    monkeypatch.setenv("LAYERPRUNE_CPU_DTYPE", "float32")
+    cfg = SimpleNamespace(dtype="bfloat16")
+    assert loading.default_dtype("cuda", cfg, "score:ppl") == torch.bfloat16
+    assert loading.default_dtype("cuda", SimpleNamespace(dtype=None), None) == torch.float32
+
+
+def test_a_bad_cpu_pin_is_one_line_naming_the_variable(monkeypatch):
+    from layerprune.models import loading
+
+    monkeypatch.setenv("LAYERPRUNE_CPU_DTYPE", "float8")
+    with pytest.raises(LayerpruneError, match=r"\$LAYERPRUNE_CPU_DTYPE: unknown dtype 'float8'"):
+        loading.default_dtype("cpu", None, "score:ppl")
+
+
+@pytest.fixture(scope="module")
+def fp32_stored(tmp_path_factory, fixture_lm):
+    """The bundled model (stored in bf16) with every weight nudged off the bf16 grid, stored in float32,
+    as most fine-tuned checkpoints are: its bf16 load holds rounded weights."""
+    folder = tmp_path_factory.mktemp("fp32_stored")
+    lm = lp.load("fixture", device="cpu", quiet=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.mul_(1 + 1e-3 * torch.randn(p.shape, generator=g))
+    lm.model.config.dtype = torch.float32
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    assert _stored_dtypes(folder) == {"F32"}
+    return folder
+
+
+def test_a_model_loaded_in_bf16_is_the_same_model_as_its_float32_load(fp32_stored):
+    """A checkpoint stored in float32 loads in bf16 with rounded weights and hashes differently; a record
+    made on the bf16 load is still recognised by the float32 load (its weights rounded to bf16 reproduce
+    the bf16 load's hash), never the other way round, and never after pruning."""
+    f32 = lp.load(str(fp32_stored), device="cpu", dtype="float32", quiet=True)
+    bf = lp.load(str(fp32_stored), device="cpu", dtype="bfloat16", quiet=True)
+    assert bf.fingerprint != f32.fingerprint  # stored in float32: the loads differ
+    record = {"fingerprint": bf.fingerprint, **bf.numerics}
+    assert f32.same_model(record)
+    assert f32.same_model({"fingerprint": f32.fingerprint, **f32.numerics})
+    # a float32 record cannot be checked on a bf16 load: refused
+    assert not bf.same_model({"fingerprint": f32.fingerprint, **f32.numerics})
+    # another model's record, even in bf16, is not this one
+    assert not f32.same_model({**record, "fingerprint": "0" * 16})
+    # a pruned copy (one weight zeroed) does not match the unpruned bf16 record
+    pruned = lp.load(str(fp32_stored), device="cpu", quiet=True)
+    with torch.no_grad():
+        pruned.adapter.blocks[0].mlp.down_proj.weight[0, :] = 0
+    pruned.modified()
+    assert not pruned.same_model(record)
+
+
+def test_scores_made_in_bf16_plan_and_apply_in_float32(tmp_path, cli, monkeypatch, fp32_stored):
+    """What `--dtype auto` does on a CPU with native bf16: scoring in bf16, planning and applying in
+    float32, of a checkpoint stored in float32. The plan is accepted by the float32 apply, and removes
+    the blocks the bf16 scores chose."""
+    model = str(fp32_stored)
+    monkeypatch.setenv("LAYERPRUNE_CPU_DTYPE", "bfloat16")  # what auto gives scoring on such a CPU
+    r = cli("score", model, "--method", "bi", "--calib", "fixture:val", "--samples", "2", "--seqlen", "64",
+            "-o", tmp_path / "s.json", "--no-plot", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["model"]["dtype"] == "bfloat16"
+    monkeypatch.setenv("LAYERPRUNE_CPU_DTYPE", "float32")
+    r = cli("plan", model, "--scores", tmp_path / "s.json", "--remove", "2", "-o", tmp_path / "p.json",
+            "--no-plot", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = cli("apply", tmp_path / "p.json", "-o", tmp_path / "m", "--quiet")
+    assert r.returncode == 0, r.stderr
+    imp = scores["importance"]
+    lowest = sorted(sorted(range(len(imp)), key=lambda i: imp[i])[:2])
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert report["numerics"]["dtype"] == "float32"
+    assert sorted(int(u) for u in report["plan"]["remove"]) == lowest
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["num_hidden_layers"] == len(imp) - 2
+    # the other way round, a float32 plan applied in bf16 cannot be checked: one line saying so
+    r = cli("score", model, "--method", "bi", "--calib", "fixture:val", "--samples", "2", "--seqlen", "64",
+            "-o", tmp_path / "s32.json", "--no-plot", "--quiet")  # fmt: skip
+    r = cli("plan", model, "--scores", tmp_path / "s32.json", "--remove", "2", "-o", tmp_path / "p32.json",
+            "--no-plot", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = cli("apply", tmp_path / "p32.json", "-o", tmp_path / "m16", "--dtype", "bfloat16", "--quiet")
+    assert r.returncode == 2
+    assert "float32" in r.stderr and "--dtype float32" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -108,10 +108,11 @@ class Plan:
     def check(self, lm, where: str = "plan") -> None:
         """Checks against the loaded model, before anything is changed."""
         self.validate(where)
-        if self.model["fingerprint"] != lm.fingerprint:
+        if not lm.same_model(self.model):
             raise LayerpruneError(
                 f"{where} was made for model {self.model['name']} (fingerprint {self.model['fingerprint']}), "
-                f"not for {lm.name} (fingerprint {lm.fingerprint}); pass the model it was made for with --model"
+                f"not for {lm.name} (fingerprint {lm.fingerprint}){lm.dtype_hint(self.model)}; "
+                "pass the model it was made for with --model"
             )
         if self.model["num_blocks"] != lm.adapter.num_blocks:
             raise LayerpruneError(

@@ -83,8 +83,9 @@ def _dtype(p) -> None:
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
-        help="what the model computes in (default auto: the checkpoint's dtype on a GPU, float32 on a CPU); "
-        "statistics stay accumulated in float32 / float64",
+        help="what the model computes in (default auto: the checkpoint's dtype on a GPU; on a CPU float32, "
+        "or bfloat16 for ppl / bi / angular scoring where the CPU does bf16 in hardware; "
+        "$LAYERPRUNE_CPU_DTYPE pins it); statistics stay accumulated in float32 / float64",
     )
 
 
@@ -186,7 +187,8 @@ def _check_output(args, model: str, file: bool = True, side: dict | None = None,
         check_writable(args.output)
 
 
-def _load(args, model: str | None = None):
+def _load(args, model: str | None = None, stage: str | None = None):
+    """The command's model; `stage` ('score:ppl') lets `--dtype auto` choose bf16 on a CPU that has it."""
     import layerprune as lp
 
     return lp.load(
@@ -195,6 +197,7 @@ def _load(args, model: str | None = None):
         dtype=args.dtype,
         quiet=args.quiet,
         max_memory=args.max_memory,
+        stage=stage,
     )
 
 

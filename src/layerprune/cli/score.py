@@ -37,7 +37,7 @@ def cmd_score(args) -> int:
 
     scorer(args.method)  # an unknown method fails before the model is loaded
     _check_output(args, args.model, side={"--store": args.store}, calib=args.calib, store=args.store)
-    lm = common._load(args)
+    lm = common._load(args, stage=f"score:{args.method}")
     options = _options(args, SCORE_OPTIONS)
     if args.method == "shapley":
         options["seed"] = args.seed

@@ -14,7 +14,7 @@ import torch
 from ..errors import LayerpruneError
 from .adapter import ModelAdapter, spec_for
 from .gguf import NAMED_MODELS, converted, named_model_file, source_of
-from .precision import dtype_name, parse_dtype
+from .precision import cpu_native_bf16, dtype_name, parse_dtype
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture"
 # Config fields that say nothing about the function a model computes.
@@ -133,11 +133,35 @@ def load_config(name: str, quiet: bool = False):
     return config
 
 
-def default_dtype(device: str, config=None) -> torch.dtype:
-    """What `--dtype auto` computes in: the checkpoint's dtype on a GPU (what GPU users run); on a CPU
-    float32, since CPUs without native bf16 (most) run bf16 matmuls tens of times slower."""
+# The stages where `--dtype auto` computes in bf16 on a CPU that does bf16 in hardware
+# (precision.cpu_native_bf16). Chosen by bench/precision.py on SmolLM2 (bf16 against float32 in one
+# process): scoring by perplexity (1.9x faster), block influence (2.6x) and angular distance (1.1x) keep
+# the same ranking of blocks, which is all a depth plan reads of them. Left in float32: evaluation (the
+# measurement every comparison rests on; 1.2x faster but 0.2 % off), Taylor+ and Shapley (slower in
+# bf16), the pruners (SparseGPT's masks 92 % equal, Wanda's 99.6 %: they change the model), the searches
+# and recovery (float32 master weights make bf16 no faster here).
+CPU_BF16_STAGES = frozenset({"score:ppl", "score:bi", "score:angular"})
+# Pins what `auto` means on a CPU, whatever the stage (e.g. float32 for results that must not depend on
+# the machine's CPU); a GPU is not affected.
+CPU_DTYPE_ENV = "LAYERPRUNE_CPU_DTYPE"
+
+
+def default_dtype(device: str, config=None, stage: str | None = None) -> torch.dtype:
+    """What `--dtype auto` computes in: the checkpoint's dtype on a GPU (what GPU users run). On a CPU,
+    bfloat16 for the `stage`s of CPU_BF16_STAGES when the CPU does bf16 in hardware, float32 otherwise
+    (CPUs without native bf16 run bf16 matmuls many times slower); $LAYERPRUNE_CPU_DTYPE pins it."""
     if torch.device(device).type == "cuda":
         return (_dtype_of(config) if config is not None else None) or torch.float32
+    pinned = os.environ.get(CPU_DTYPE_ENV, "").strip()
+    if pinned:
+        try:
+            dtype = parse_dtype(pinned)
+        except LayerpruneError as e:
+            raise LayerpruneError(f"${CPU_DTYPE_ENV}: {e}") from None
+        if dtype != "auto":
+            return dtype
+    if stage in CPU_BF16_STAGES and cpu_native_bf16():
+        return torch.bfloat16
     return torch.float32
 
 
@@ -186,6 +210,7 @@ class LoadedModel:
     source_dtype: torch.dtype | None = None  # the checkpoint's dtype: exports are written in it
     origin: dict | None = None  # what the weights were converted from (a GGUF: file, quantization, sha256)
     _fingerprint: str | None = field(default=None, repr=False)
+    _rounded: dict = field(default_factory=dict, repr=False)  # dtype -> fingerprint_as(dtype)
 
     @property
     def fingerprint(self) -> str:
@@ -202,6 +227,42 @@ class LoadedModel:
     def modified(self) -> None:
         """Call after changing the weights in place: the fingerprint is computed anew."""
         self._fingerprint = None
+        self._rounded.clear()
+
+    def fingerprint_as(self, dtype: torch.dtype) -> str:
+        """The fingerprint this model would have if loaded in `dtype` (its weights rounded to it)."""
+        if dtype == self.dtype:
+            return self.fingerprint
+        if dtype not in self._rounded:
+            offload = self.adapter.offload
+            self._rounded[dtype] = model_fingerprint(
+                self.model, tensor=offload.tensor if offload else None, as_dtype=dtype
+            )
+        return self._rounded[dtype]
+
+    def same_model(self, recorded: dict) -> bool:
+        """Whether a score's or plan's `model` record (fingerprint, dtype) was made on this model. A record
+        made in a narrower dtype (scores in bf16 on a CPU, `--dtype auto`) matches this model's weights
+        rounded to that dtype: the same checkpoint, loaded for another stage."""
+        fingerprint = recorded.get("fingerprint")
+        if fingerprint == self.fingerprint:
+            return True
+        try:
+            other = parse_dtype(recorded.get("dtype") or "auto")
+        except LayerpruneError:
+            return False
+        if other == "auto" or other.itemsize >= self.dtype.itemsize:  # a wider dtype cannot be rebuilt
+            return False
+        return fingerprint == self.fingerprint_as(other)
+
+    def dtype_hint(self, recorded: dict) -> str:
+        """For a refusal of a record made in another dtype: which `--dtype` to load with instead."""
+        other = recorded.get("dtype")
+        if not other or other == dtype_name(self.dtype):
+            return ""
+        return (
+            f" (it was computed in {other}, this load is {dtype_name(self.dtype)}: load with --dtype {other})"
+        )
 
     @property
     def device(self) -> torch.device:
@@ -231,9 +292,12 @@ def load(
     dtype: torch.dtype | str | None = None,
     quiet: bool = False,
     max_memory: int | str | None = None,
+    stage: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for pruning. `dtype`: 'auto' (default: the checkpoint's
-    dtype on a GPU, float32 on a CPU), 'float32', 'bfloat16', 'float16' or a torch dtype.
+    dtype on a GPU; on a CPU float32, or bfloat16 for the `stage`s that gain from it on a CPU with
+    native bf16, e.g. stage="score:ppl": see CPU_BF16_STAGES), 'float32', 'bfloat16', 'float16' or a
+    torch dtype.
 
     `max_memory` (bytes, or "8GB"): when the weights exceed it, the blocks stay in the checkpoint's
     safetensors shards and come in one at a time (models/offload.py); the embeddings and head plus
@@ -254,7 +318,7 @@ def load(
     check_weights(path)
     dtype = parse_dtype(dtype)
     if dtype is None or dtype == "auto":
-        dtype = default_dtype(device, config)
+        dtype = default_dtype(device, config, stage)
     tokenizer = read_tokenizer(source, config, name)  # a missing tokenizer fails before any weight is read
     if max_memory is not None:
         offloaded = _load_offloaded(name, source, path, config, device, dtype, max_memory, tokenizer)
@@ -366,13 +430,14 @@ def _dtype_of(config) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def model_fingerprint(model: torch.nn.Module, samples: int = 1024, tensor=None) -> str:
+def model_fingerprint(model: torch.nn.Module, samples: int = 1024, tensor=None, as_dtype=None) -> str:
     """A short hash of what the model computes: its config and a strided sample of every tensor.
 
     Values are hashed as float32, so the same weights loaded in bf16 and in fp32 agree; any pruning
     (removed blocks, zeroed weights, changed shapes) changes it. Reading a few thousand values per
     tensor keeps it fast on models of any size. `tensor(name)`: where to read a tensor that is not
-    in memory (offloaded blocks), one at a time; the hash is the same as the in-memory model's."""
+    in memory (offloaded blocks), one at a time; the hash is the same as the in-memory model's.
+    `as_dtype`: hash the weights rounded to that dtype, as a load in it would hold them."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
@@ -380,6 +445,8 @@ def model_fingerprint(model: torch.nn.Module, samples: int = 1024, tensor=None) 
         if p.device.type == "meta" and tensor is not None:
             p = tensor(name)
         flat = p.detach().reshape(-1)
+        if as_dtype is not None and flat.is_floating_point():
+            flat = flat.to(as_dtype)
         # float32 positions, as always (fingerprints stay what they were); past 2^24 values the last
         # one can round up beyond the end, hence the clamp
         idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()

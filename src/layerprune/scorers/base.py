@@ -59,10 +59,11 @@ class Scores:
                 f"{what} holds {self.method} scores, which feed {self.feeds} plans, not {kind} plans; "
                 f"plan with them using {fix}, or score with a {kind} method"
             )
-        if lm is not None and self.model.get("fingerprint") != lm.fingerprint:
+        if lm is not None and not lm.same_model(self.model):
             raise LayerpruneError(
                 f"{what} was computed on model {self.model.get('name')} (fingerprint {self.model.get('fingerprint')}), "
-                f"not on {lm.name} ({lm.fingerprint}); score this model with `layerprune score`"
+                f"not on {lm.name} ({lm.fingerprint}){lm.dtype_hint(self.model)}; "
+                "score this model with `layerprune score`"
             )
 
     def to_dict(self) -> dict:
