@@ -1,6 +1,7 @@
 """Full recovery (`recover --full`) in bf16 and fp16 against fp32, on the CPU (issue 31, item 2).
 
     python bench/precision_train.py [--steps 20] [--time-steps 12] [--smollm2-steps 3] [--markdown]
+    python bench/precision_train.py --only-smollm2 --smollm2-steps 30 --smollm2-windows 16
 
 Each row is one run in a fresh process (bench/_precision_run.py): the bundled model loaded in
 float32, bfloat16 or float16, blocks 2, 3, 4 removed (Taylor+'s three lowest on its calibration
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--time-steps", type=int, default=12, help="interleaved timed steps per row (fixture)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--smollm2-steps", type=int, default=3, help="0 leaves SmolLM2 out")
+    ap.add_argument("--smollm2-windows", type=int, default=4, help="held-out windows of 128 tokens (SmolLM2)")
+    ap.add_argument("--only-smollm2", action="store_true", help="keep the fixture's rows of --output")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--markdown", action="store_true", help="print the tables from the results and stop")
     ap.add_argument("-o", "--output", type=Path, default=RESULTS)
@@ -149,11 +152,16 @@ def main() -> None:
         print(markdown(json.loads(a.output.read_text())))
         return
     doc = {"benchmark": "full recovery in bf16 / fp16 against fp32, CPU", "models": {}}
-    doc["models"]["fixture"] = table(
-        "fixture", a, ROWS, a.steps, a.batch_size, a.seqlen, a.eval_windows, "2,3,4"
-    )
+    if a.only_smollm2:
+        doc["models"]["fixture"] = json.loads(a.output.read_text())["models"]["fixture"]
+    else:
+        doc["models"]["fixture"] = table(
+            "fixture", a, ROWS, a.steps, a.batch_size, a.seqlen, a.eval_windows, "2,3,4"
+        )
     if a.smollm2_steps:  # dense: time and memory at a size where the weights dominate
-        doc["models"]["smollm2"] = table("smollm2", a, SMOLLM2_ROWS, a.smollm2_steps, 2, 64, 4, "-")
+        doc["models"]["smollm2"] = table(
+            "smollm2", a, SMOLLM2_ROWS, a.smollm2_steps, 2, 64, a.smollm2_windows, "-"
+        )
     write(doc, a.output)
     print(markdown(doc))
 
