@@ -158,8 +158,9 @@ def model_card(plan: Plan | None, report: dict) -> str:
         lines += [
             "",
             "A DeciLM / Nemotron-NAS checkpoint (`block_configs`: per block, attention kept or removed, MLP",
-            "width from `ffn_mult`). vLLM serves it as `DeciLMForCausalLM` (with NVIDIA's `configuration_decilm.py`",
-            "beside it, see layerprune's README), mlx-lm as `nemotron-nas`, llama.cpp after",
+            "width from `ffn_mult`). vLLM serves it as `DeciLMForCausalLM` (`vllm serve this/folder` where layerprune",
+            "is installed beside vLLM: its plugin registers the config class, no remote code), mlx-lm as `nemotron-nas`",
+            "(`mlx_lm.generate --model this/folder`), llama.cpp after",
             "`layerprune export this/folder --gguf model.gguf` (architecture `deci`); layerprune reads it natively:",
             "",
             "```python",
