@@ -334,7 +334,8 @@ def main() -> int:
                 "agreement_windows": windows.protocol,  # per engine: mlx-lm's CPU forward is slow here
             }
             results = doc.setdefault("engines", {}).setdefault(engine, {})
-            order = ["dense"] + keys
+            # models already made first: a search still running elsewhere (under its lock) is waited for last
+            order = ["dense"] + sorted(keys, key=lambda k: not (serve.WORK / k / "report.json").is_file())
             todo = [k for k in order if "agreement" not in results.get(k, {}) or (k != "dense" and not args.no_speed
                     and "speed" not in results.get(k, {}))]  # fmt: skip
             if not todo:
