@@ -11,7 +11,9 @@
    point registers our nemotron-nas config class: no remote code. mlx-cpu 0.32.4 + mlx-lm 0.32.2.
 2. The models of bench/serve.py on SmolLM2-135M-Instruct (made by its `make_model` into
    bench/work/serve/ where absent, same plans and protocol): dense, depth -20 / -30 %, uniform width
-   20 / 30 % (standard checkpoints), and the deployable searched plans at 20 / 30 % (DeciLM).
+   20 / 30 % (standard checkpoints), and the deployable searched plans at 20 / 30 % (DeciLM); also the
+   deployable OWL allocation at 30 % (DeciLM without a search: on a shared 2-core machine the search
+   takes hours). Dense is served as layerprune exports it (bench/work/serve/dense).
 3. Per engine and model, one engine process (bench/serving_engines/worker.py) holding the model:
    - agreement with layerprune's fp32 logits on 8 x 256 held-out tokens (fixture:test), the same token
      ids: top-1 share and max |Δ log-prob|. mlx-lm gives the whole vocabulary; vLLM its
@@ -54,7 +56,15 @@ from layerprune.io import atomic_write_json  # noqa: E402
 RESULTS = HERE / "results" / "engines.json"
 SPECS = HERE / "serving_engines"
 WORKER = SPECS / "worker.py"
-MODELS = ("deploy-search-30", "deploy-search-20", "depth-30", "depth-20", "uniform-30", "uniform-20")
+MODELS = (
+    "deploy-search-30",
+    "deploy-search-20",
+    "depth-30",
+    "depth-20",
+    "uniform-30",
+    "uniform-20",
+    "deploy-owl-30",
+)
 AGREEMENT = (8, 256)  # windows x tokens
 TOPK = 20
 GREEDY = (64, 32)  # prompt tokens, new tokens
@@ -340,7 +350,13 @@ def main() -> int:
                     and "speed" not in results.get(k, {}))]  # fmt: skip
             if not todo:
                 continue
-            dense = Worker(engine, python, models.dense, HERE / "work" / "engines" / "logs")
+            held: dict = {}  # dense's engine process, started when first needed (not for --no-speed rows)
+
+            def dense_worker(engine=engine, python=python, held=held) -> Worker:
+                if "w" not in held:
+                    held["w"] = Worker(engine, python, models.dense, HERE / "work" / "engines" / "logs")
+                return held["w"]
+
             try:
                 for key in order:
                     if key not in todo:
@@ -348,7 +364,7 @@ def main() -> int:
                     print(f"{engine}: {key}", flush=True)
                     row = results.get(key, {})
                     row.pop("error", None)
-                    w = dense if key == "dense" else None
+                    w = dense_worker() if key == "dense" else None
                     try:
                         folder = models.folder(key)
                         if w is None:
@@ -365,7 +381,7 @@ def main() -> int:
                             results[key] = row
                             save(doc, args.output, engines)
                         if key != "dense" and not args.no_speed:
-                            row["speed"] = speed(engine, dense, w, prompts, args.rounds)
+                            row["speed"] = speed(engine, dense_worker(), w, prompts, args.rounds)
                             results[key] = row
                             save(doc, args.output, engines)
                     except Exception as e:  # an engine that cannot load or run the model: recorded, go on
@@ -373,10 +389,11 @@ def main() -> int:
                         results[key] = row
                         save(doc, args.output, engines)
                     finally:
-                        if w is not None and w is not dense:
+                        if w is not None and w is not held.get("w"):
                             w.close()
             finally:
-                dense.close()
+                if "w" in held:
+                    held["w"].close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
