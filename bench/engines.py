@@ -298,7 +298,7 @@ def save(doc: dict, path: Path, engines: list[str]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engines", default="vllm,mlx")
-    p.add_argument("--only", default=None, help="comma-separated model ids (dense always runs)")
+    p.add_argument("--only", default=None, help="comma-separated model ids (dense's own row only if named)")
     p.add_argument("--fresh", default="", help="comma-separated model ids to measure again")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--windows", type=int, default=AGREEMENT[0], help="held-out windows for the agreement")
@@ -345,7 +345,8 @@ def main() -> int:
             }
             results = doc.setdefault("engines", {}).setdefault(engine, {})
             # models already made first: a search still running elsewhere (under its lock) is waited for last
-            order = ["dense"] + sorted(keys, key=lambda k: not (serve.WORK / k / "report.json").is_file())
+            first = ["dense"] if args.only is None or "dense" in args.only.split(",") else []
+            order = first + sorted(keys, key=lambda k: not (serve.WORK / k / "report.json").is_file())
             todo = [k for k in order if "agreement" not in results.get(k, {}) or (k != "dense" and not args.no_speed
                     and "speed" not in results.get(k, {}))]  # fmt: skip
             if not todo:
