@@ -37,6 +37,7 @@ def export(
     with atomic_dir(out, overwrite=overwrite, inputs={"model folder": lm.path}) as tmp:
         if lm.offloaded:  # tensor by tensor into shards laid out like the input's
             lm.adapter.offload.save(tmp, dtype)
+            _state_dtype(tmp / "config.json", dtype)
         else:
             converted: dict = {}  # tied weights (embedding = lm_head) stay one tensor, stored once
             state = {}
@@ -73,11 +74,27 @@ def export(
 
 
 def _state_dtype(config: Path, dtype) -> None:
-    """config.json says the dtype its weights are stored in, so a reload with 'auto' computes in it."""
+    """config.json says the dtype its weights are stored in, so a reload with 'auto' computes in it;
+    and its RoPE in the older keys too (`legacy_rope`)."""
     doc = json.loads(config.read_text(encoding="utf-8"))
     doc["dtype"] = dtype_name(dtype)
     doc.pop("torch_dtype", None)  # the older name of the same field; one statement only
-    atomic_write_json(config, doc)
+    atomic_write_json(config, legacy_rope(doc))
+
+
+def legacy_rope(doc: dict) -> dict:
+    """transformers 5 writes RoPE only as `rope_parameters`; mlx-lm (0.32) reads `rope_theta` and
+    `rope_scaling` and silently takes 10000 without them (SmolLM2's is 100000: 82 % top-1 agreement with
+    the same weights). Both keys are written beside it, with the same values; transformers and vLLM read
+    either form. A per-layer-type (nested) rope_parameters has no such spelling and is left alone."""
+    rope = doc.get("rope_parameters")
+    if not isinstance(rope, dict) or not isinstance(rope.get("rope_theta"), (int, float)):
+        return doc
+    doc.setdefault("rope_theta", rope["rope_theta"])
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default":
+        doc.setdefault("rope_scaling", scaling)
+    return doc
 
 
 def read_record(model_dir: str | Path | None) -> tuple[Plan | None, dict]:
@@ -158,8 +175,9 @@ def model_card(plan: Plan | None, report: dict) -> str:
         lines += [
             "",
             "A DeciLM / Nemotron-NAS checkpoint (`block_configs`: per block, attention kept or removed, MLP",
-            "width from `ffn_mult`). vLLM serves it as `DeciLMForCausalLM` (with NVIDIA's `configuration_decilm.py`",
-            "beside it, see layerprune's README), mlx-lm as `nemotron-nas`, llama.cpp after",
+            "width from `ffn_mult`). vLLM serves it as `DeciLMForCausalLM` (`vllm serve this/folder` where layerprune",
+            "is installed beside vLLM: its plugin registers the config class, no remote code), mlx-lm as `nemotron-nas`",
+            "(`mlx_lm.generate --model this/folder`), llama.cpp after",
             "`layerprune export this/folder --gguf model.gguf` (architecture `deci`); layerprune reads it natively:",
             "",
             "```python",

@@ -30,44 +30,25 @@ from torch import nn
 
 from ..errors import LayerpruneError
 from ..registry import PARTS, Unit
+from ..serving.nemotron_nas import (  # the format's keys and arithmetic, torch-free (the vLLM plugin reads them)
+    ARCHITECTURE,
+    ATTENTION_DEFAULTS,
+    FFN_DEFAULTS,
+    FFN_MULTIPLE,
+    MODEL_TYPE,
+    ffn_mult,
+    ffn_width,
+)
 from .adapter import ModelAdapter, ZeroBranch, set_module
 
-MODEL_TYPE = "nemotron-nas"
-ARCHITECTURE = "DeciLMForCausalLM"
 DEPLOY_KEY = "layerprune_deploy"  # in-memory config: "decilm" = export writes config_dict()
 BLOCKS_KEY = "layerprune_decilm_blocks"  # in-memory config of a loaded DeciLM checkpoint
-FFN_MULTIPLE = 256  # the engines round ffn_mult's width up to a multiple of this
 DEPLOYABLE = ("llama", "mistral", "qwen2")
-# The per-block keys of NVIDIA's released checkpoints, with the values a plain block has.
-ATTENTION_DEFAULTS = {
-    "n_heads_in_group": None,
-    "no_op": False,
-    "num_sink_tokens": None,
-    "replace_with_linear": False,
-    "sparsify": None,
-    "unshifted_sink": False,
-    "use_prefill_window_in_sink_attention": False,
-    "window_length": None,
-}
-FFN_DEFAULTS = {"ffn_mult": None, "no_op": False, "replace_with_linear": False, "sparsify": None}
 # NVIDIA's checkpoints also carry "auto_map", naming remote-code classes (configuration_decilm.py,
 # modeling_decilm.py) that ship beside them. We write no code, so no auto_map either: a reference
 # to files that are absent makes transformers ask, or refuse, to run them. layerprune, llama.cpp's
-# converter and mlx-lm read config.json directly; vLLM reads it through the remote DeciLMConfig
-# (the README says how to add it).
-
-
-def find_multiple(n: int, k: int) -> int:
-    return n if n % k == 0 else n + k - n % k
-
-
-def ffn_mult(width: int, hidden: int) -> float:
-    return 3 * width / (2 * hidden)
-
-
-def ffn_width(mult: float, hidden: int) -> int:
-    """The MLP width the engines derive from ffn_mult."""
-    return find_multiple(int(2 * mult * hidden / 3), FFN_MULTIPLE)
+# converter and mlx-lm read config.json directly; vLLM through our own config class, which
+# layerprune's vLLM plugin registers (serving/vllm_plugin.py).
 
 
 def check_deployable(

