@@ -16,7 +16,10 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from _results import write
@@ -144,38 +147,54 @@ def main(args) -> None:
         "heldout": f"fixture:test, the first {args.heldout_windows} x 512 tokens",
         "other_domain": {**other_protocol, "windows": f"the first {args.heldout_windows} x 512 tokens"},
         "zeroshot": f"bundled offline lm-eval tasks (fixture), 0-shot, first {args.zeroshot_limit} examples per task",
-        "machine": f"{os.cpu_count()} CPU cores shared with other work, 1 thread per run, nice 10",
+        "machine": f"{os.cpu_count()} CPU cores shared with other work, 1 thread per run, nice 10, "
+        f"{args.jobs} run(s) at a time",
         "gap_recovered": "(log ppl_pruned - log ppl_recovered) / (log ppl_pruned - log ppl_dense), held-out",
     }  # fmt: skip
     rows_doc = doc.setdefault("rows", {})
+    lock = threading.Lock()
 
     def put(key: str, row: dict) -> None:
-        rows_doc[key] = row
-        write(doc, args.output)
+        with lock:
+            rows_doc[key] = row
+            write(doc, args.output)
 
     t0 = time.perf_counter()
     models = prune(work)
     doc["models"] = {k: v["how"] for k, v in models.items()}
     common = {**budget, "other": str(other), "heldout_windows": args.heldout_windows}
-    for k in sorted({64, *TOPK_OTHER}):  # every cache before any training row: a cached row never builds one
-        key = f"cache/k{k}"
-        if key not in rows_doc:
-            spec = {**common, "build_cache": str(work / f"cache-k{k}"), "topk": k, "teacher": DENSE}
-            put(key, run({**spec, "lr": LR["full"]}))
-            print(f"{key}: {rows_doc[key]['seconds']:.0f}s", flush=True)
-    for key, spec in rows(models):
-        if key in rows_doc:
-            continue
+
+    def cache(k: int) -> None:
+        spec = {
+            **common,
+            "build_cache": str(work / f"cache-k{k}"),
+            "topk": k,
+            "teacher": DENSE,
+            "lr": LR["full"],
+        }
+        put(f"cache/k{k}", run(spec))
+        print(f"cache/k{k}: {rows_doc[f'cache/k{k}']['seconds']:.0f}s", flush=True)
+
+    def row(key: str, spec: dict) -> None:
         spec = {**common, **spec, "zeroshot_limit": args.zeroshot_limit if spec.pop("zeroshot", True) else 0}
         if spec.get("topk") is not None:
             spec["cache"] = str(work / f"cache-k{spec['topk']}")
-        spec.setdefault("steps", args.steps)
-        row = run(spec)
-        row.update({k: spec.get(k) for k in ("method", "lr", "topk", "teacher")})
-        put(key, row)
-        print(f"{key}: held-out {row['heldout_ppl']:.2f}, other {row['other_ppl']:.2f}"
-              + (f", {row['seconds_per_token'] * 1e3:.1f} ms/token, peak {row['peak_rss_bytes'] / 2**20:.0f} MiB"
-                 if "seconds_per_token" in row else ""), flush=True)  # fmt: skip
+        out = run(spec)
+        out.update({k: spec.get(k) for k in ("method", "lr", "topk", "teacher")})
+        put(key, out)
+        print(f"{key}: held-out {out['heldout_ppl']:.2f}, other {out['other_ppl']:.2f}"
+              + (f", {out['seconds_per_token'] * 1e3:.1f} ms/token, peak {out['peak_rss_bytes'] / 2**20:.0f} MiB"
+                 if "seconds_per_token" in out else ""), flush=True)  # fmt: skip
+
+    todo = [(k, s) for k, s in rows(models) if k not in rows_doc]
+    # first the caches and the evaluations (every cache exists before a cached row runs), then training
+    first = [partial(cache, k) for k in sorted({64, *TOPK_OTHER}) if f"cache/k{k}" not in rows_doc]
+    first += [partial(row, k, s) for k, s in todo if k.startswith("eval/")]
+    then = [partial(row, k, s) for k, s in todo if not k.startswith("eval/")]
+    for phase in (first, then):
+        with ThreadPoolExecutor(args.jobs) as pool:  # threads that wait on fresh processes
+            for f in [pool.submit(job) for job in phase]:
+                f.result()
     doc["derived"] = derived(doc)
     doc["seconds"] = doc.get("seconds", 0) + time.perf_counter() - t0
     write(doc, args.output)
