@@ -127,6 +127,10 @@ def main() -> None:
         help="examples per task (fixture: 250, 0 = all 500, stderr ~0.03 at 250; smollm2: 20)",
     )
     ap.add_argument("--heldout-windows", type=int, default=8, help="smollm2: 512-token windows of each text")
+    ap.add_argument("--jobs", type=int, default=1, help="smollm2: rows run at once (fresh processes)")
+    ap.add_argument(
+        "--timing-rounds", type=int, default=3, help="smollm2: interleaved timing rounds (0: none)"
+    )
     ap.add_argument(
         "--markdown", action="store_true", help="smollm2: print the tables of the results and stop"
     )
