@@ -10,6 +10,8 @@ rerun skips the rows already there.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -33,6 +35,10 @@ CALIB = "fixture:val"
 LICENCES = ("Apache-2.0", "Artistic", "BSD", "GPL-3", "LGPL-3", "MPL-2.0")
 LICENCE_DIR = Path("/usr/share/common-licenses")
 # depth: the depth search's best 9 of 30 (search.json depth-9-fit512, 32 x 512 fitness windows)
+# width: the search's initial population of 30 (the heuristic allocations among them) and 2 generations
+# of 20 offspring: the default 20 generations cost ~1,265 s alone (serve.json search-30), too long on
+# the shared machine; the rates are not recorded in bench/results to reuse
+WIDTH_ITERATIONS = 2
 DEPTH9 = ["12", "13", "14", "15", "16", "17", "18", "25", "26"]
 # (label, method, live teacher, cache k); LoRA rows at LoRA's lr, full rows at CPT's
 METHODS = [
@@ -59,11 +65,22 @@ def licence_text(work: Path) -> tuple[Path, dict]:
                   "sha256": hashlib.sha256(text.encode()).hexdigest()}  # fmt: skip
 
 
-def prune(work: Path) -> dict[str, dict]:
-    """The three pruned models (kept in work/: delete a folder to redo it), with how each was made."""
+def prune(work: Path, only: set[str] | None = None) -> dict[str, dict]:
+    """The three pruned models (kept in work/: delete a folder to redo it), with how each was made;
+    `only`: these of them."""
+    makers = {"depth9": _depth9, "width30": _width30, "wanda70": _wanda70}
     out = {}
-    folder = work / "depth9"
-    if not (folder / "report.json").is_file():
+    for name, make in makers.items():
+        if only is not None and name not in only:
+            continue
+        folder = work / name
+        how = make(folder, work, (folder / "report.json").is_file())
+        out[name] = {"path": str(folder), "how": how}
+    return out
+
+
+def _depth9(folder: Path, work: Path, done: bool) -> str:
+    if not done:
         from layerprune.plans import DepthPlan
         from layerprune.provenance import stamp
         from layerprune.scorers.run import model_info
@@ -73,23 +90,27 @@ def prune(work: Path) -> dict[str, dict]:
                          provenance=stamp())  # fmt: skip
         lp.apply(lm, plan)
         lp.export(lm, folder, plan, overwrite=True)
-    out["depth9"] = {"path": str(folder), "how": "depth: blocks " + ",".join(DEPTH9) + " of 30 removed "
-                     "(search.json depth-9-fit512: the depth search with 32 x 512 fitness windows)"}  # fmt: skip
-    folder = work / "width30"
-    if not (folder / "report.json").is_file():
+    return ("depth: blocks " + ",".join(DEPTH9) + " of 30 removed (search.json depth-9-fit512: the depth "
+            "search with 32 x 512 fitness windows)")  # fmt: skip
+
+
+def _width30(folder: Path, work: Path, done: bool) -> str:
+    if not done:
         lm = lp.load(DENSE, dtype="float32", quiet=True)
         calib = lp.calibration(lm, CALIB, samples=16, seqlen=512)
         t0 = time.perf_counter()
         plan = lp.plan(lm, width=0.3, calib=calib, allocation="search", deploy="decilm", progress=False,
-                       store=str(work / "width30.store.db"))  # fmt: skip
+                       iterations=WIDTH_ITERATIONS, store=str(work / "width30.store.db"))  # fmt: skip
         seconds = time.perf_counter() - t0
         report = lp.apply(lm, plan, calib, progress=False)
         lp.export(lm, folder, plan, {"pruning": report, "plan_seconds": seconds}, overwrite=True)
-    out["width30"] = {"path": str(folder), "how": "width 30 %, searched allocation, --deploy decilm "
-                      "(bench/serve.py's deploy-search-30 recipe: Wanda-sp on 16 x 512 of fixture:val, "
-                      "default search), redone here"}  # fmt: skip
-    folder = work / "wanda70"
-    if not (folder / "report.json").is_file():
+    return ("width 30 %, searched allocation, --deploy decilm (bench/serve.py's deploy-search-30 recipe: "
+            "Wanda-sp on 16 x 512 of fixture:val), redone here with a short search: population 30, "
+            f"{WIDTH_ITERATIONS} generations")  # fmt: skip
+
+
+def _wanda70(folder: Path, work: Path, done: bool) -> str:
+    if not done:
         lm = lp.load(DENSE, dtype="float32", quiet=True)
         calib = lp.calibration(lm, CALIB, samples=16, seqlen=512, kind="sparsity")
         alpha = lp.score(lm, "alpha", progress=False)
@@ -97,11 +118,9 @@ def prune(work: Path) -> dict[str, dict]:
                        calib=calib, progress=False)  # fmt: skip
         report = lp.apply(lm, plan, calib, progress=False)
         lp.export(lm, folder, plan, {"pruning": report}, overwrite=True)
-    out["wanda70"] = {"path": str(folder), "how": "70 % Wanda, AlphaPruning allocation (eps 0.2): the "
-                      "allocation the sparsity search starts from and ends within 1 % of (search.json "
-                      "wanda-0.7: 141.5 searched vs 142.8 alpha); the searched per-layer rates are not "
-                      "recorded in bench/results"}  # fmt: skip
-    return out
+    return ("70 % Wanda, AlphaPruning allocation (eps 0.2): the allocation the sparsity search starts from "
+            "and ends within 1 % of (search.json wanda-0.7: 141.5 searched vs 142.8 alpha); the searched "
+            "per-layer rates are not recorded in bench/results")  # fmt: skip
 
 
 def run(spec: dict | None, *argv: str, script: str = "_recover_kd_run.py") -> dict:
@@ -152,20 +171,45 @@ def main(args) -> None:
         f"{args.jobs} run(s) at a time",
         "gap_recovered": "(log ppl_pruned - log ppl_recovered) / (log ppl_pruned - log ppl_dense), held-out",
     }  # fmt: skip
-    rows_doc = doc.setdefault("rows", {})
     lock = threading.Lock()
+    claims = work / "claims"
+    claims.mkdir(exist_ok=True)
+
+    def on_disk() -> dict:
+        return json.loads(args.output.read_text()) if args.output.exists() else {}
+
+    @contextlib.contextmanager
+    def locked():  # one writer at a time, across the threads and other instances of this bench
+        with lock, open(work / "json.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
 
     def put(key: str, row: dict) -> None:
-        with lock:
-            rows_doc[key] = row
+        with locked():  # merge: another instance (--models) may have written rows meanwhile
+            doc["rows"] = {**on_disk().get("rows", {}), **doc.get("rows", {}), key: row}
             write(doc, args.output)
 
+    def claim(key: str) -> bool:
+        """Whether this instance should run `key`: not done, not running in a live process."""
+        with locked():
+            doc["rows"] = {**on_disk().get("rows", {}), **doc.get("rows", {})}
+            if key in doc["rows"]:
+                return False
+            mark = claims / key.replace("/", "__")
+            if mark.exists() and Path(f"/proc/{mark.read_text().strip()}").exists():
+                return False
+            mark.write_text(str(os.getpid()))
+            return True
+
+    doc.setdefault("rows", {})
     t0 = time.perf_counter()
-    models = prune(work)
-    doc["models"] = {k: v["how"] for k, v in models.items()}
+    models = prune(work, set(args.models.split(",")) if args.models else None)
+    doc["models"] = {**doc.get("models", {}), **{k: v["how"] for k, v in models.items()}}
     common = {**budget, "other": str(other), "heldout_windows": args.heldout_windows}
 
     def cache(k: int) -> None:
+        if not claim(f"cache/k{k}"):
+            return
         spec = {
             **common,
             "build_cache": str(work / f"cache-k{k}"),
@@ -174,12 +218,16 @@ def main(args) -> None:
             "lr": LR["full"],
         }
         put(f"cache/k{k}", run(spec))
-        print(f"cache/k{k}: {rows_doc[f'cache/k{k}']['seconds']:.0f}s", flush=True)
+        print(f"cache/k{k}: {doc['rows'][f'cache/k{k}']['seconds']:.0f}s", flush=True)
 
     def row(key: str, spec: dict) -> None:
         spec = {**common, **spec, "zeroshot_limit": args.zeroshot_limit if spec.pop("zeroshot", True) else 0}
         if spec.get("topk") is not None:
             spec["cache"] = str(work / f"cache-k{spec['topk']}")
+            while not (Path(spec["cache"]) / "manifest.json").exists():  # another instance builds it
+                time.sleep(10)
+        if not claim(key):
+            return
         out = run(spec)
         out.update({k: spec.get(k) for k in ("method", "lr", "topk", "teacher")})
         put(key, out)
@@ -187,21 +235,25 @@ def main(args) -> None:
               + (f", {out['seconds_per_token'] * 1e3:.1f} ms/token, peak {out['peak_rss_bytes'] / 2**20:.0f} MiB"
                  if "seconds_per_token" in out else ""), flush=True)  # fmt: skip
 
-    todo = [(k, s) for k, s in rows(models) if k not in rows_doc]
+    todo = rows(models)
     # first the caches and the evaluations (every cache exists before a cached row runs), then training
-    first = [partial(cache, k) for k in sorted({64, *TOPK_OTHER}) if f"cache/k{k}" not in rows_doc]
+    first = [partial(cache, k) for k in sorted({64, *TOPK_OTHER})]
     first += [partial(row, k, s) for k, s in todo if k.startswith("eval/")]
     then = [partial(row, k, s) for k, s in todo if not k.startswith("eval/")]
     for phase in (first, then):
         with ThreadPoolExecutor(args.jobs) as pool:  # threads that wait on fresh processes
             for f in [pool.submit(job) for job in phase]:
                 f.result()
+    if args.models:  # a partial instance: the full one writes the timing and the figures
+        return
+    doc = {**on_disk(), **{k: v for k, v in doc.items() if k != "rows"}, "rows": on_disk().get("rows", {})}
     if "timing" not in doc and args.timing_rounds:  # the time figures, interleaved in one process
         doc["timing"] = {"model": TOPK_MODEL, **run(None, models[TOPK_MODEL]["path"], str(work / "cache-k64"),
                          str(args.timing_rounds), "4", script="_recover_kd_time.py")}  # fmt: skip
     doc["derived"] = derived(doc)
     doc["seconds"] = doc.get("seconds", 0) + time.perf_counter() - t0
-    write(doc, args.output)
+    with locked():
+        write(doc, args.output)
 
 
 # ---- what the rows say ---------------------------------------------------------------------------------

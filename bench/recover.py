@@ -128,6 +128,8 @@ def main() -> None:
     )
     ap.add_argument("--heldout-windows", type=int, default=8, help="smollm2: 512-token windows of each text")
     ap.add_argument("--jobs", type=int, default=1, help="smollm2: rows run at once (fresh processes)")
+    ap.add_argument("--models", default="", help="smollm2: only these models' rows, e.g. depth9 (a second "
+                    "instance beside a full one: rows are claimed, results merged)")  # fmt: skip
     ap.add_argument(
         "--timing-rounds", type=int, default=3, help="smollm2: interleaved timing rounds (0: none)"
     )
