@@ -127,7 +127,8 @@ def run(spec: dict | None, *argv: str, script: str = "_recover_kd_run.py") -> di
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread: the machine is shared, timings are ratios
     args = [json.dumps(spec)] if spec is not None else list(argv)
-    cmd = ["nice", "-n", "10", sys.executable, str(HERE / script), *args]
+    # niceness 10 (the machine is shared), not 10 more than this process's (19 starves behind other work)
+    cmd = ["nice", "-n", str(max(0, 10 - os.nice(0))), sys.executable, str(HERE / script), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
