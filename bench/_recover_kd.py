@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -148,7 +149,9 @@ def rows(models: dict) -> list[tuple[str, dict]]:
                     "teacher": DENSE if live or k else None}  # fmt: skip
             (out if label in ("cpt", "kd-full", "kd-full-cache") else later).append((f"{name}/{label}", spec))
             if name == TOPK_MODEL and k:
-                topk += [(f"{name}/{label}@{o}", {**spec, "topk": o, "zeroshot": False}) for o in TOPK_OTHER]
+                topk += [
+                    (f"{name}/{label}@{o}", {**spec, "topk": o, "zeroshot_later": False}) for o in TOPK_OTHER
+                ]
     return out + topk + later
 
 
@@ -222,7 +225,12 @@ def main(args) -> None:
         print(f"cache/k{k}: {doc['rows'][f'cache/k{k}']['seconds']:.0f}s", flush=True)
 
     def row(key: str, spec: dict) -> None:
-        spec = {**common, **spec, "zeroshot_limit": args.zeroshot_limit if spec.pop("zeroshot", True) else 0}
+        # training rows measure perplexity now and save the model; zero-shot runs last (the machine is
+        # shared: the rows the figures need come first)
+        zs = spec.pop("zeroshot", True) and key.startswith("eval/")
+        spec = {**common, **spec, "zeroshot_limit": args.zeroshot_limit if zs else 0}
+        if not key.startswith("eval/") and spec.pop("zeroshot_later", True):
+            spec["save"] = str(work / "recovered" / key.replace("/", "__"))
         if spec.get("topk") is not None:
             spec["cache"] = str(work / f"cache-k{spec['topk']}")
             while not (Path(spec["cache"]) / "manifest.json").exists():  # another instance builds it
@@ -241,7 +249,19 @@ def main(args) -> None:
     first = [partial(cache, k) for k in sorted({64, *TOPK_OTHER})]
     first += [partial(row, k, s) for k, s in todo if k.startswith("eval/")]
     then = [partial(row, k, s) for k, s in todo if not k.startswith("eval/")]
-    for phase in (first, then):
+
+    def zeroshot(key: str) -> None:
+        saved = work / "recovered" / key.replace("/", "__")
+        if not (saved / "report.json").is_file() or not claim(f"zeroshot/{key}"):
+            return
+        out = run({**common, "model": str(saved), "method": "none", "ppl": False,
+                   "zeroshot_limit": args.zeroshot_limit})  # fmt: skip
+        put(f"zeroshot/{key}", out)
+        shutil.rmtree(saved)  # 0.4-0.5 GB each
+        print(f"zeroshot/{key}: mean {out['zeroshot_mean']:.3f}", flush=True)
+
+    last = [partial(zeroshot, k) for k, _ in todo if not k.startswith("eval/")]
+    for phase in (first, then, last):
         with ThreadPoolExecutor(args.jobs) as pool:  # threads that wait on fresh processes
             for f in [pool.submit(job) for job in phase]:
                 f.result()
@@ -272,13 +292,13 @@ def derived(doc: dict) -> dict:
     for key, row in r.items():
         model = key.split("/")[0]
         base = r.get(f"eval/{model}")
-        if key.startswith(("eval/", "cache/")) or base is None:
+        if key.startswith(("eval/", "cache/", "zeroshot/")) or base is None:
             continue
         out["gap_recovered"][key] = {
             t: gap(dense[f"{t}_ppl"], base[f"{t}_ppl"], row[f"{t}_ppl"]) for t in ("heldout", "other")
         }
     fig = out["figures"]
-    names = sorted({k.split("/")[0] for k in r if not k.startswith(("eval/", "cache/"))})
+    names = sorted({k.split("/")[0] for k in r if not k.startswith(("eval/", "cache/", "zeroshot/"))})
     per = {}
     for m in names:
         cpt, kd, cached = r.get(f"{m}/cpt"), r.get(f"{m}/kd-full"), r.get(f"{m}/kd-full-cache")
@@ -349,7 +369,7 @@ def markdown(doc: dict) -> str:
             if row is None:
                 continue
             g = d["gap_recovered"].get(f"{m}/{label}", {})
-            zs = row.get("zeroshot_mean")
+            zs = r.get(f"zeroshot/{m}/{label}", {}).get("zeroshot_mean")
             out.append(f"| {m} | {name} | {row['heldout_ppl']:.2f} | {g.get('heldout', float('nan')):.2f} | "
                        f"{row['other_ppl']:.2f} | {g.get('other', float('nan')):.2f} | "
                        f"{'–' if zs is None else f'{zs:.3f}'} | {row['seconds_per_token'] * 1e3:.1f} | "

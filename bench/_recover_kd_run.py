@@ -47,7 +47,8 @@ def build_cache(spec: dict) -> dict:
 
 def evaluate(lm, spec: dict) -> dict:
     out = {}
-    for name, source in (("heldout", HELDOUT), ("other", spec["other"])):
+    texts = (("heldout", HELDOUT), ("other", spec["other"])) if spec.get("ppl", True) else ()
+    for name, source in texts:
         r = lp.perplexity(lm, source, seqlen=512, max_windows=spec["heldout_windows"], progress=False)
         out[f"{name}_ppl"], out[f"{name}_tokens"] = r.ppl, r.tokens
     if spec.get("zeroshot_limit"):
@@ -73,6 +74,9 @@ def train(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     peak = status("VmHWM")
     history = record["history"]
+    if spec.get("save"):  # for the zero-shot pass, which runs after every training row
+        lp.export(lm, spec["save"], None, {"recovery": {k: v for k, v in record.items() if k != "history"}},
+                  overwrite=True)  # fmt: skip
     return {
         "steps": record["steps"],
         "tokens": record["tokens"],
