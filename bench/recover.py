@@ -138,6 +138,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.model == "smollm2" or args.markdown:
+        sys.path.insert(0, str(HERE))  # run by docgen (runpy), bench/ is not on the path
         import _recover_kd
 
         args.output = args.output or HERE / "results" / "recover_kd.json"
