@@ -159,6 +159,7 @@ def main(args) -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     doc = json.loads(args.output.read_text()) if args.output.exists() else {}
+    doc.pop("status", None)  # a partial run's note
     other, other_protocol = licence_text(work)
     budget = {"steps": args.steps, "batch": 4, "seqlen": 128}
     doc["setup"] = {
