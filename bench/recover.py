@@ -1,6 +1,11 @@
-"""Recovery and zero-shot accuracy on the bundled model (issue: recovery, lm-eval, report).
+"""Recovery and zero-shot accuracy on the bundled model (issue: recovery, lm-eval, report), and
+recovery by distillation against LoRA and CPT on SmolLM2 (issue 34: `--model smollm2`, _recover_kd.py).
 
     python bench/recover.py [-o bench/results/recover.json] [--steps 200]
+    python bench/recover.py --model smollm2 [-o bench/results/recover_kd.json] [--steps 20]
+    python bench/recover.py --model smollm2 --markdown     # the tables of recover_kd.json
+
+The fixture mode (the default):
 
 1. Two pruned fixtures: 3 of 12 blocks removed by the ppl criterion (10 x 128 tokens of fixture:val)
    and 70% Wanda sparsity (uniform; 128 x 256 tokens of fixture:val).
@@ -110,13 +115,45 @@ class _Result:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-o", "--output", type=Path, default=HERE / "results" / "recover.json")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--work", type=Path, default=HERE / "work" / "recover")
+    ap.add_argument("--model", choices=("fixture", "smollm2"), default="fixture")
+    ap.add_argument("-o", "--output", type=Path, default=None, help="default results/recover.json (fixture), "
+                    "results/recover_kd.json (smollm2)")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (200 fixture, 20 smollm2)")
+    ap.add_argument("--work", type=Path, default=None)
     ap.add_argument(
-        "--zeroshot-limit", type=int, default=250, help="examples per task (0: all 500; stderr ~0.03 at 250)"
+        "--zeroshot-limit",
+        type=int,
+        default=None,
+        help="examples per task (fixture: 250, 0 = all 500, stderr ~0.03 at 250; smollm2: 20)",
+    )
+    ap.add_argument("--heldout-windows", type=int, default=8, help="smollm2: 512-token windows of each text")
+    ap.add_argument("--jobs", type=int, default=1, help="smollm2: rows run at once (fresh processes)")
+    ap.add_argument("--models", default="", help="smollm2: only these models' rows, e.g. depth9 (a second "
+                    "instance beside a full one: rows are claimed, results merged)")  # fmt: skip
+    ap.add_argument(
+        "--timing-rounds", type=int, default=3, help="smollm2: interleaved timing rounds (0: none)"
+    )
+    ap.add_argument(
+        "--markdown", action="store_true", help="smollm2: print the tables of the results and stop"
     )
     args = ap.parse_args()
+    if args.model == "smollm2" or args.markdown:
+        sys.path.insert(0, str(HERE))  # run by docgen (runpy), bench/ is not on the path
+        import _recover_kd
+
+        args.output = args.output or HERE / "results" / "recover_kd.json"
+        if args.markdown:
+            print(_recover_kd.markdown(json.loads(args.output.read_text())))
+            return
+        args.work = args.work or HERE / "work" / "recover_kd"
+        args.steps = args.steps or 20
+        args.zeroshot_limit = 20 if args.zeroshot_limit is None else args.zeroshot_limit
+        _recover_kd.main(args)
+        return
+    args.output = args.output or HERE / "results" / "recover.json"
+    args.work = args.work or HERE / "work" / "recover"
+    args.steps = args.steps or 200
+    args.zeroshot_limit = 250 if args.zeroshot_limit is None else args.zeroshot_limit
     args.zeroshot_limit = args.zeroshot_limit or None
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from . import ROOT
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-RENDERERS = ("real", "search", "peers", "serve")  # the benches with a --markdown renderer
+RENDERERS = ("real", "search", "peers", "serve", "recover")  # the benches with a --markdown renderer
 CHARTS = {  # charts the benches write beside their results, as the site names them
     "real_report/perplexity.png": "benchmarks/charts/real-perplexity.png",
     "real_report/allocation.png": "benchmarks/charts/real-allocation.png",

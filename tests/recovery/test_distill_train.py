@@ -158,3 +158,35 @@ def test_recover_cli_distils_from_a_cache_and_records_the_teacher(tmp_path, cli,
     # a second student of the sweep reuses the cache without its teacher
     r = cli(*[a for a in args if a not in ("--teacher", "fixture")], "-o", tmp_path / "out2")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_cache_holds_only_the_windows_training_uses(tmp_path, text, teacher):
+    """A short run over a long text caches the teacher on the windows it trains on, not all of them:
+    their rows are the teacher's own top-k (float64 by hand), a run that stays within them reuses the
+    cache, and one that needs more windows is one line."""
+    from safetensors.torch import load_file
+
+    lm = student()
+    data = examples(lm, text, n=16)
+    options = {"method": "full", "batch_size": 2, "warmup": 0, "lr": 1e-3, "progress": False}
+    recover(lm, data, teacher=teacher, teacher_cache=tmp_path / "c", kd_topk=4, steps=3, **options)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    cached = manifest["cached"]
+    assert manifest["examples"] == 16 and len(cached) == 6 == len(set(cached))  # 3 steps x 2, of 16
+    rows = load_file(str(tmp_path / "c" / "shard-00000.safetensors"))
+    assert rows["index"].shape[0] == 6
+    pad = teacher.tokenizer.pad_token_id or teacher.tokenizer.eos_token_id or 0
+    batch = data.batch(cached, pad)
+    with torch.no_grad():
+        logits = teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logq = torch.log_softmax(logits.double(), dim=-1)
+    for r in range(len(cached)):
+        width = int(batch["attention_mask"][r].sum())
+        want = logq[r, :width].topk(4, dim=-1)
+        torch.testing.assert_close(rows["logq"][r, :width].double(), want.values, atol=1e-5, rtol=1e-5)
+        rest = torch.logsumexp(logq[r, :width].scatter(-1, want.indices, float("-inf")), dim=-1)
+        torch.testing.assert_close(rows["rest"][r, :width].double(), rest, atol=1e-5, rtol=1e-5)
+    # a shorter run of the same sweep trains from it without a teacher; a longer one needs more windows
+    recover(student(), data, teacher_cache=tmp_path / "c", kd_topk=4, steps=2, **options)
+    with pytest.raises(LayerpruneError, match="not 4 of the 10 this run uses"):
+        recover(student(), data, teacher_cache=tmp_path / "c", kd_topk=4, steps=5, **options)

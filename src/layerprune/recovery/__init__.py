@@ -36,8 +36,8 @@ def recover(
 
     Distillation (distill.py): `teacher` (a loaded model or a MODEL name, loaded on the student's
     device and dtype) runs beside the student; with `teacher_cache` (a folder) it runs once over the
-    data into a cache of its top-`kd_topk` log-probabilities, and training reads only the cache (an
-    existing cache is used without loading the teacher)."""
+    windows this run trains on into a cache of its top-`kd_topk` log-probabilities, and training reads
+    only the cache (an existing cache that holds those windows is used without loading the teacher)."""
     lm.adapter.require_in_memory("recovery training")
     from ..errors import LayerpruneError
 
@@ -55,9 +55,12 @@ def recover(
         data = load_training_data(lm, data, seqlen)
     if teacher is not None or teacher_cache is not None:
         from .distill import DEFAULT_TOPK, prepare_teacher
+        from .train import used_examples
 
+        # a cache holds the teacher's view of the windows this run trains on only (not all of the text)
         teacher = prepare_teacher(lm, teacher, data, cfg.kd_temperature, teacher_cache,
-                                  kd_topk or DEFAULT_TOPK, progress=progress)  # fmt: skip
+                                  kd_topk or DEFAULT_TOPK, progress=progress,
+                                  examples=used_examples(cfg, len(data)))  # fmt: skip
     return train(
         lm,
         data,

@@ -110,10 +110,11 @@ def tokenizer_id(tokenizer) -> str:
 
 
 def prepare_teacher(student, teacher, data, temperature: float, cache: str | Path | None, k: int,
-                    progress: bool = True):  # fmt: skip
+                    progress: bool = True, examples: list[int] | None = None):  # fmt: skip
     """What training distils from: the loaded teacher (checked against the student), or a
     TeacherCache: an existing one checked against this run without loading the teacher, else one
-    built now (the teacher is then dropped before training)."""
+    built now (the teacher is then dropped before training). `examples`: the indices of the
+    examples training will use (None: all), all a cache must hold."""
     from ..models.loading import LoadedModel, load, resolve
 
     if cache is not None and (Path(cache) / "manifest.json").exists():
@@ -121,6 +122,7 @@ def prepare_teacher(student, teacher, data, temperature: float, cache: str | Pat
         want = {"data": cache_key("", data.protocol, k, temperature, "")["data"], "seqlen": data.protocol.get("seqlen"),
                 "k": k, "temperature": temperature}  # fmt: skip
         c.check(want)
+        c.check_holds(examples)
         if c.manifest.get("tokenizer") != tokenizer_id(student.tokenizer):
             raise LayerpruneError(
                 f"teacher cache {c.path} was made with a teacher of another tokenizer than the student's; "
@@ -152,7 +154,9 @@ def prepare_teacher(student, teacher, data, temperature: float, cache: str | Pat
         p.requires_grad_(False)
     if cache is None:
         return teacher
-    return build_cache(teacher, data, cache, k=k, temperature=temperature, progress=progress)
+    return build_cache(
+        teacher, data, cache, k=k, temperature=temperature, progress=progress, examples=examples
+    )
 
 
 def check_teacher(student, teacher) -> None:
@@ -190,8 +194,10 @@ def cache_key(teacher_fp: str, data_protocol: dict, k: int, temperature: float, 
 
 
 class TeacherCache:
-    """A folder of safetensors shards: per example, `index` (L, k) int32, `logq` (L, k) and `rest`
-    (L,) float32 for every position of the example, L = the data's seqlen. Read a batch at a time."""
+    """A folder of safetensors shards: per cached example, `index` (L, k) int32, `logq` (L, k) and
+    `rest` (L,) float32 for every position of the example, L = the data's seqlen. The manifest's
+    `cached` lists the examples held, in row order (absent: every example, row = index). Read a
+    batch at a time."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -204,6 +210,21 @@ class TeacherCache:
         if self.manifest.get("format") != CACHE_FORMAT:
             raise LayerpruneError(f"{self.path} is not a teacher cache ({CACHE_FORMAT})")
         self._files: dict[int, object] = {}
+        cached = self.manifest.get("cached")
+        cached = range(self.manifest["examples"]) if cached is None else cached
+        self._row = {int(i): r for r, i in enumerate(cached)}
+
+    def check_holds(self, examples: list[int] | None) -> None:
+        """One line if this run trains on windows the cache does not hold (a cache made for a shorter
+        run, another seed or batch size)."""
+        want = range(self.manifest["examples"]) if examples is None else examples
+        missing = sum(1 for i in want if i not in self._row)
+        if missing:
+            raise LayerpruneError(
+                f"teacher cache {self.path} holds {len(self._row)} training windows but not {missing} of the "
+                f"{len(want)} this run uses (made for fewer steps, or another --seed or batch size); "
+                "choose another --teacher-cache folder"
+            )
 
     def check(self, key: dict) -> None:
         have = self.manifest["key"]
@@ -225,8 +246,9 @@ class TeacherCache:
         """The TopK of the student's positions 0 .. width-2 of these examples, stacked."""
         rows = {"index": [], "logq": [], "rest": []}
         for i in indices:
-            f = self._shard(i // SHARD_EXAMPLES)
-            j = i % SHARD_EXAMPLES
+            r = self._row[i]
+            f = self._shard(r // SHARD_EXAMPLES)
+            j = r % SHARD_EXAMPLES
             for name in rows:
                 rows[name].append(f.get_slice(name)[j : j + 1, : width - 1])
         index, logq, rest = (torch.cat(rows[n]) for n in ("index", "logq", "rest"))
@@ -235,8 +257,9 @@ class TeacherCache:
 
 @torch.no_grad()
 def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, batch_size: int = 8,
-                progress: bool = True) -> TeacherCache:  # fmt: skip
-    """Run the teacher once over every example and store its top-k; reused when it exists and matches."""
+                progress: bool = True, examples: list[int] | None = None) -> TeacherCache:  # fmt: skip
+    """Run the teacher once over the examples training will use (`examples`, sorted indices; None:
+    every example) and store its top-k; reused when it exists, matches and holds them."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -247,6 +270,7 @@ def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, 
     if (path / "manifest.json").exists():
         cache = TeacherCache(path)
         cache.check(key)
+        cache.check_holds(examples)
         return cache
     if k > teacher.model.config.vocab_size:
         raise LayerpruneError(
@@ -256,7 +280,8 @@ def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, 
     pad = teacher.tokenizer.pad_token_id
     pad = pad if pad is not None else (teacher.tokenizer.eos_token_id or 0)
     teacher.model.eval()
-    n = len(data)
+    cached = list(range(len(data))) if examples is None else sorted(set(int(i) for i in examples))
+    n = len(cached)
     bar = tqdm(total=n, desc="teacher cache", unit="example", disable=not progress)
     with atomic_dir(path, overwrite=path.exists()) as tmp:
         for s0 in range(0, n, SHARD_EXAMPLES):
@@ -265,7 +290,7 @@ def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, 
             logq = torch.full((count, seqlen, k), float("-inf"))
             rest = torch.full((count, seqlen), float("-inf"))
             for b0 in range(0, count, batch_size):
-                idx = list(range(s0 + b0, s0 + min(b0 + batch_size, count)))
+                idx = cached[s0 + b0 : s0 + min(b0 + batch_size, count)]
                 batch = {name: v.to(teacher.device) for name, v in data.batch(idx, pad).items()}
                 logits = teacher.model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -286,7 +311,8 @@ def build_cache(teacher, data, path: str | Path, *, k: int, temperature: float, 
             {
                 "format": CACHE_FORMAT,
                 "key": key,
-                "examples": n,
+                "examples": len(data),
+                "cached": cached,
                 "teacher_name": teacher.name,
                 "teacher_source": str(teacher.path.resolve()) if teacher.path else None,
                 "tokenizer": tokenizer_id(teacher.tokenizer),

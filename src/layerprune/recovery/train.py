@@ -161,6 +161,15 @@ def _micro_batches(step: int, cfg: RecoveryConfig, n: int) -> list[list[int]]:
     return [indices[j : j + cfg.batch_size] for j in range(0, per_step, cfg.batch_size)]
 
 
+def used_examples(cfg: RecoveryConfig, n: int) -> list[int]:
+    """The indices of the examples a run of `cfg` over `n` examples trains on, sorted, each once:
+    what a teacher cache must hold (a short run over a large text sees a few of its windows)."""
+    count = cfg.total_steps(n) * cfg.batch_size * cfg.grad_accum
+    if count >= n:  # the first epoch's permutation reaches every example
+        return list(range(n))
+    return sorted(int(i) for i in _order(n, cfg.seed, 0)[:count])
+
+
 def compute_dtype(lm) -> torch.dtype:
     return next(lm.model.parameters()).dtype
 

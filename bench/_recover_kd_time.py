@@ -1,0 +1,46 @@
+"""Time per training token of CPT, KD + full (teacher live) and KD + full (teacher cache), interleaved
+in one process (the machine is shared: a ratio taken across separate runs minutes apart measures the
+other work as much as ours), for bench/recover.py --model smollm2.
+
+    python bench/_recover_kd_time.py STUDENT_DIR CACHE_DIR ROUNDS STEPS
+
+Each round trains a fresh copy of the student `STEPS` steps by each method in turn (4 x 128 tokens a
+step, the bench's batch); prints JSON: every round's seconds per token, and the medians of the
+per-round ratios to CPT.
+"""
+
+import json
+import statistics
+import sys
+
+import layerprune as lp
+from layerprune.recovery import load_training_data
+
+
+def main(student: str, cache: str, rounds: int, steps: int) -> dict:
+    teacher = lp.load("smollm2", device="cpu", dtype="float32", quiet=True)
+    options = {"method": "full", "steps": steps, "batch_size": 4, "lr": 2e-5, "progress": False}
+    methods = {
+        "cpt": {},
+        "kd-live": {"teacher": teacher},
+        "kd-cache": {"teacher_cache": cache, "kd_topk": 64},
+    }
+    per_round = []
+    for _ in range(rounds):
+        times = {}
+        for name, kd in methods.items():
+            lm = lp.load(student, device="cpu", dtype="float32", quiet=True)
+            data = load_training_data(lm, "fixture:train", 128)
+            record = lp.recover(lm, data, **options, **kd)
+            times[name] = record["seconds"] / record["tokens"]
+            del lm, data
+        per_round.append(times)
+    ratios = {
+        f"{name}_over_cpt": statistics.median(r[name] / r["cpt"] for r in per_round)
+        for name in ("kd-live", "kd-cache")
+    }
+    return {"rounds": per_round, "steps": steps, "tokens_per_step": 512, **ratios}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
