@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test docs lint bench clean
+.PHONY: setup llamacpp demo test docs lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# llama.cpp's CPU library and tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench), from
+# the same llama-cpp-python source distribution as the converter, built once with cmake into the cache
+# ($$LAYERPRUNE_CACHE/llama.cpp/0.3.36/, default ~/.cache/layerprune): `export --quant`, `eval --engine
+# llama.cpp` and bench/serve.py, bench/frontier.py use them. Needs cmake and a C++ compiler.
+llamacpp: $(VENV)/.installed
+	$(PY) -c "from layerprune.models.llamacpp_tools import build; build()"
 
 demo: setup
 	$(VENV)/bin/layerprune demo -o $(OUT)
