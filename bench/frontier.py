@@ -1,6 +1,6 @@
 """Prune or quantize? The size–quality–speed frontier of pruned × quantized SmolLM2-135M-Instruct in llama.cpp.
 
-    python bench/frontier.py [--grid reduced|full] [--windows 32] [--rounds 3] [--threads 2] [--no-speed]
+    python bench/frontier.py [--grid reduced|full] [--windows 16] [--rounds 3] [--threads 2] [--no-speed]
     python bench/frontier.py --charts      # the charts and the answer from frontier.json, nothing measured
 
 Models (bench/work/frontier/, kept: a rerun reuses them): dense; depth-pruned at 20 / 30 % of the
@@ -56,8 +56,13 @@ def make_model(key: str, dense: str) -> Path:
     kind, target = PRUNED[key]
     lm = lp.load(dense, quiet=True)
     if kind == "depth":
-        calib = lp.calibration(lm, CALIB, samples=10, seqlen=128, kind="depth")
-        scores = lp.score(lm, "ppl", calib, progress=False)
+        cached = WORK / "depth_scores.json"  # one scoring for both targets (minutes on a busy CPU)
+        if cached.is_file():
+            scores = lp.Scores.load(cached)
+        else:
+            calib = lp.calibration(lm, CALIB, samples=10, seqlen=128, kind="depth")
+            scores = lp.score(lm, "ppl", calib, progress=False)
+            scores.save(cached)
         per_block = sum(p.numel() for p in lm.adapter.blocks[0].parameters())
         count = round(target * sum(p.numel() for p in lm.adapter.blocks.parameters()) / per_block)
         plan = lp.plan(lm, scores, remove=count)
@@ -71,11 +76,22 @@ def make_model(key: str, dense: str) -> Path:
 
 
 def points(grid: str) -> list[tuple[str, str, bool]]:
-    """(model, quant, imatrix) in measuring order: dense first, F16 and Q8_0 without imatrix only."""
+    """(model, quant, imatrix) in measuring order, the reduced grid's answer first: dense at every type,
+    the 20 % models, the 4- and 3-bit points with imatrix, the 30 % models, then the rest. F16 and
+    Q8_0 without imatrix only (it changes nothing there)."""
     out = [("dense", q, False) for q in DENSE_QUANTS if q != "IQ4_XS"]
-    out += [("dense", q, True) for q in DENSE_QUANTS if q not in ("F16", "Q8_0")]
-    for key in PRUNED:
-        out += [(key, q, imat) for q in GRIDS[grid] for imat in ((False,) if q == "Q8_0" else (False, True))]
+    first, second = [k for k in PRUNED if k.endswith("20")], [k for k in PRUNED if k.endswith("30")]
+    out += [(k, q, False) for k in first for q in GRIDS[grid]]
+    out += [("dense", "Q4_K_M", True), ("dense", "Q3_K_M", True)]
+    out += [(k, q, True) for k in first for q in GRIDS[grid] if q != "Q8_0"]
+    out += [
+        (k, q, imat)
+        for k in second
+        for q in GRIDS[grid]
+        for imat in (False, True)
+        if not (imat and q == "Q8_0")
+    ]
+    out += [("dense", q, True) for q in ("Q6_K", "Q5_K_M", "Q2_K", "IQ4_XS")]
     return out
 
 
@@ -227,21 +243,50 @@ def charts(doc: dict, folder: Path) -> list[Path]:
     return made
 
 
+def markdown(doc: dict) -> str:
+    """The tables of the docs page from frontier.json: every point by size, and the engine check."""
+    ans = doc.get("answer") or answer(doc)
+    fronts = {what: set(a["front"]) for what, a in ans.items()}
+    out = ["| point | MiB | held-out ppl (llama.cpp) | generation × dense Q4_K_M | prompt × dense Q4_K_M | "
+           "on a front |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for key, p in sorted(doc["points"].items(), key=lambda kv: kv[1]["bytes"]):
+        on = ", ".join("size" if w == "bytes" else "speed" for w, f in fronts.items() if key in f)
+        tg, pp = p.get("tg64_vs_ref"), p.get("pp128_vs_ref")
+        out.append(f"| {key} | {p['bytes'] / 2**20:.1f} | {p['heldout_ppl']:.2f} | "
+                   f"{f'{tg:.2f}' if tg else '—'} | {f'{pp:.2f}' if pp else '—'} | {on} |")  # fmt: skip
+    if doc.get("engine_check"):
+        out += ["", "| model (F32 GGUF) | layerprune ppl | llama.cpp ppl | ratio | same windows |",
+                "|---|---:|---:|---:|---|"]  # fmt: skip
+        for key, c in doc["engine_check"].items():
+            out.append(f"| {key} | {c['layerprune_ppl']:.4f} | {c['llama_cpp_ppl']:.4f} | {c['ratio']:.5f} | "
+                       f"{'✓' if c['same_windows'] else '✗'} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", choices=tuple(GRIDS), default="reduced")
-    p.add_argument("--windows", type=int, default=32, help="held-out windows of 512 tokens")
+    p.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=1, help="llama.cpp threads (1: on a busy machine OpenMP threads spin)"
+    )
     p.add_argument("--only", default=None, help="comma-separated model keys (dense, depth-20, ...)")
+    p.add_argument(
+        "--points", default=None, help="comma-separated point names ('dense Q4_K_M,width-20 Q8_0')"
+    )
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-check", action="store_true", help="skip the F32 llama.cpp vs layerprune check")
     p.add_argument(
         "--charts", action="store_true", help="charts and the answer from the results; measure nothing"
     )
+    p.add_argument("--markdown", action="store_true", help="print the docs page's tables from the results")
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
     doc = json.loads(args.output.read_text()) if args.output.exists() else {}
+    if args.markdown:
+        print(markdown(doc))
+        return 0
     if args.charts:
         doc["answer"] = answer(doc)
         write(doc, args.output)
@@ -269,7 +314,7 @@ def main() -> int:
         if wanted is not None and model not in wanted:
             continue
         key = name(model, quant, imatrix)
-        if key in doc["points"]:
+        if key in doc["points"] or (args.points and key not in args.points.split(",")):
             continue
         if model not in folders:
             folders[model] = make_model(model, dense)

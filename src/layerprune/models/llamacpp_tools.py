@@ -122,11 +122,17 @@ def build(sdist: str | Path | None = None, jobs: int | None = None, log=print) -
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = ["cmake", "-S", str(src), "-B", str(out), *generator, "-DCMAKE_BUILD_TYPE=Release",
                  "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"]  # fmt: skip
-    subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                 # not -march=native: on a machine that lists AMX but whose kernel (a VM's) does not enable
+                 # it, ggml's AMX kernels die of SIGILL; x86-64-v3 (AVX2, FMA, F16C, BMI2) runs everywhere
+                 "-DGGML_NATIVE=OFF"]  # fmt: skip
     jobs = jobs or os.cpu_count() or 2
-    subprocess.run(["cmake", "--build", str(out), "-j", str(jobs), "--target", "llama", *TOOLS], check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    compile_ = ["cmake", "--build", str(out), "-j", str(jobs), "--target", "llama", *TOOLS]
+    for cmd in (configure, compile_):
+        if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+            raise LayerpruneError(
+                f"building llama.cpp failed in `{' '.join(cmd[:2])}` (its errors are above); fix them and run `{INSTALL}` again"
+            )
     seconds = time.perf_counter() - t0
     doc = {"version": VERSION, "tools": list(TOOLS), "jobs": jobs, "seconds": round(seconds, 1),
            "built": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
@@ -203,3 +209,18 @@ def describe() -> dict:
         doc["tools"] = None
         doc["tools_missing"] = str(e)
     return doc
+
+
+def main() -> int:
+    """`python -m layerprune.models.llamacpp_tools` (what `make llamacpp` runs): build, or say why not."""
+    try:
+        tools = build()
+    except LayerpruneError as e:
+        print(f"layerprune: error: {e}", file=sys.stderr)
+        return 2
+    print(f"llama.cpp {tools.version}: {tools.bin}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
