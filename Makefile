@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	rm -rf $(VENV)/share/sdist
 	touch $@
 
-# setup builds llama.cpp's tools too (once; about 11 CPU-minutes, ~6 min on 2 free cores); where that
+# setup builds llama.cpp's tools too (once; measured 13 CPU-minutes, so ~6.5 min on 2 free cores); where that
 # fails (no cmake / C++ compiler) setup goes on, and what needs them says `run make llamacpp`
 setup: $(VENV)/.installed
 	-@$(MAKE) --no-print-directory llamacpp
