@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test docs lint bench clean
+.PHONY: setup llamacpp demo test docs lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,7 +26,17 @@ $(VENV)/.installed: pyproject.toml
 	rm -rf $(VENV)/share/sdist
 	touch $@
 
+# setup builds llama.cpp's tools too (once; measured 13 CPU-minutes, so ~6.5 min on 2 free cores); where that
+# fails (no cmake / C++ compiler) setup goes on, and what needs them says `run make llamacpp`
 setup: $(VENV)/.installed
+	-@$(MAKE) --no-print-directory llamacpp
+
+# llama.cpp's CPU library and tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench), from
+# the same llama-cpp-python source distribution as the converter, built once with cmake into the cache
+# ($$LAYERPRUNE_CACHE/llama.cpp/0.3.36/, default ~/.cache/layerprune): `export --quant`, `eval --engine
+# llama.cpp` and bench/serve.py, bench/frontier.py use them. Needs cmake and a C++ compiler.
+llamacpp: $(VENV)/.installed
+	$(PY) -m layerprune.models.llamacpp_tools
 
 demo: setup
 	$(VENV)/bin/layerprune demo -o $(OUT)

@@ -3,8 +3,9 @@
     python bench/serve.py [--setup] [--only ROW,...] [--fresh ROW,...] [--rounds 5] [--threads 2]
 
 1. llama.cpp's CPU runtime, built once from the llama-cpp-python source distribution (which vendors
-   llama.cpp and its converter) into $LAYERPRUNE_CACHE/llama.cpp/<version>/: `pip download` of the
-   sdist, cmake, the `llama` library and `llama-bench`. `--setup` stops there. The Python bindings of
+   llama.cpp and its converter) into $LAYERPRUNE_CACHE/llama.cpp/<version>/ by
+   layerprune.models.llamacpp_tools (`make llamacpp`): the `llama` library and its tools. `--setup`
+   stops there. The Python bindings of
    the same sdist are loaded against that library (LLAMA_CPP_LIB_PATH), for logits.
 2. Plans on SmolLM2 (structured scores: Wanda-sp on 16 x 512 tokens of fixture:val; the searches'
    fitness: 10 x 128 tokens of the same text, default search, evaluation stores under
@@ -27,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -42,9 +40,10 @@ sys.path.insert(0, str(HERE))
 from _results import write  # noqa: E402
 
 import layerprune as lp  # noqa: E402
-from layerprune.models.llamacpp import cache_root, to_gguf  # noqa: E402
+from layerprune.models.llamacpp import to_gguf  # noqa: E402
+from layerprune.models.llamacpp_tools import VERSION, build, find_tools  # noqa: E402
+from layerprune.models.llamacpp_tools import bindings as llamacpp_bindings  # noqa: E402
 
-VERSION = "0.3.36"  # llama-cpp-python, and the llama.cpp it vendors
 RESULTS = HERE / "results" / "serve.json"
 WORK = HERE / "work" / "serve"
 CALIB, HELDOUT = "fixture:val", "fixture:test"
@@ -55,43 +54,15 @@ AGREEMENT = (8, 256)  # windows x tokens
 
 # ---- 1. llama.cpp -------------------------------------------------------------------------------------
 def setup(log=print) -> Path:
-    """The cached llama.cpp build: its folder (src/ = the unpacked sdist, build/bin/ = binaries)."""
-    root = cache_root() / VERSION
-    stamp = root / "ok"
-    if stamp.is_file():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"llama_cpp_python-{VERSION}.tar.gz"
-    if not sdist.is_file():
-        log(f"downloading the llama-cpp-python {VERSION} source distribution")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={VERSION}", "-d", str(root)], check=True)  # fmt: skip
-    if not (root / "src" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").is_file():
-        tmp = root / "src.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tarfile.open(sdist) as t:
-            t.extractall(tmp, filter="data")
-        (tmp / f"llama_cpp_python-{VERSION}").rename(root / "src")
-        tmp.rmdir()
-    src = root / "src" / "vendor" / "llama.cpp"
-    log("building llama.cpp (CPU; the llama library and llama-bench; several minutes on 2 cores)")
-    subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    subprocess.run(["cmake", "--build", str(root / "build"), "-j", str(os.cpu_count() or 2), "--target", "llama",
-                    "llama-bench"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    stamp.write_text(json.dumps({"version": VERSION, "built": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-    return root
+    """The cached llama.cpp build (layerprune.models.llamacpp_tools, what `make llamacpp` runs): its
+    folder (src/ = the unpacked sdist, build/bin/ = binaries)."""
+    tools = build(log=log)
+    return tools.bin.parent.parent
 
 
 def bindings(root: Path):
     """llama.cpp's Python bindings (the sdist's pure-Python package) on the library built here."""
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(root / "build" / "bin")
-    sys.path.insert(0, str(root / "src"))
-    import llama_cpp
-
-    return llama_cpp
+    return llamacpp_bindings(find_tools())
 
 
 # ---- 2. plans and models -------------------------------------------------------------------------------

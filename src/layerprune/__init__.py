@@ -27,6 +27,7 @@ _LAZY = {
     "recover": "layerprune.recovery",
     "export": "layerprune.checkpoint",
     "export_gguf": "layerprune.api",
+    "perplexity_gguf": "layerprune.api",
     "perplexity": "layerprune.evaluation.perplexity",
     "report": "layerprune.reports.compare",
     # the types a user keeps or passes

@@ -24,7 +24,18 @@ from .models.loading import LoadedModel, load
 from .plans import READABLE_FORMATS, DepthPlan, Plan, SparsityPlan, WidthPlan
 from .scorers.base import Scores
 
-__all__ = ["load", "calibration", "score", "plan", "apply", "export", "export_gguf", "perplexity", "info"]
+__all__ = [
+    "load",
+    "calibration",
+    "score",
+    "plan",
+    "apply",
+    "export",
+    "export_gguf",
+    "perplexity",
+    "perplexity_gguf",
+    "info",
+]
 
 
 def score(
@@ -353,15 +364,92 @@ def export_gguf(
     out: str | Path,
     *,
     outtype: str | None = None,
+    quant: str | None = None,
+    imatrix: str | None = None,
+    imatrix_samples: int = 128,
+    imatrix_seqlen: int = 512,
     converter: str | Path | None = None,
     overwrite: bool = False,
+    threads: int | None = None,
 ) -> Path:
     """Convert a model folder (what `export` wrote) to GGUF with llama.cpp's own converter:
     depth-pruned and uniform-width models as their architecture, DeciLM ones as `deci`. `outtype`
-    None: the type the weights are stored in (a bf16 model is not doubled to f32)."""
+    None: the type the weights are stored in (a bf16 model is not doubled to f32). `quant` (a
+    llama-quantize type, e.g. Q4_K_M): then quantized by llama.cpp; `imatrix` (a text source, as
+    --calib takes) steers the quantization with an importance matrix computed by llama-imatrix on
+    `imatrix_samples` calibration windows of `imatrix_seqlen` tokens (seed 0) of that text."""
     from .models.llamacpp import to_gguf
 
-    return to_gguf(model_dir, out, outtype=outtype, converter=converter, overwrite=overwrite)
+    if quant is None:
+        if imatrix is not None:
+            raise LayerpruneError("--imatrix steers a quantization; pass --quant TYPE (e.g. Q4_K_M) with it")
+        return to_gguf(model_dir, out, outtype=outtype, converter=converter, overwrite=overwrite)
+    if outtype is not None:
+        raise LayerpruneError("--outtype and --quant both set the GGUF's type; pass one of them")
+    from .checkpoint import read_record
+    from .models.llamacpp_quant import check_quant, quantize
+    from .models.llamacpp_tools import find_tools
+
+    check_quant(quant, find_tools())  # an unknown type or missing tools fail before any model is read
+    plan, report = read_record(model_dir)
+    record = {"plan": plan.to_dict() if plan else None, "base_model": report.get("base_model")}
+    windows = tokenizer = None
+    if imatrix is not None:
+        lm = load(str(model_dir), quiet=True)
+        if lm.tokenizer.bos_token_id is None:
+            raise LayerpruneError(
+                f"--imatrix separates its windows with BOS, and the tokenizer of {model_dir} has none; drop --imatrix"
+            )
+        # BOS first in every window: the separator llama.cpp's tokenizer cannot merge across (models/llamacpp_quant.py)
+        windows = calibration(
+            lm, imatrix, samples=imatrix_samples, seqlen=imatrix_seqlen, bos="first", kind="sparsity"
+        )
+        tokenizer = lm.tokenizer
+        record["source_fingerprint"] = lm.fingerprint
+    quantize(model_dir, out, quant, windows=windows, tokenizer=tokenizer, record=record, converter=converter,
+             overwrite=overwrite, threads=threads)  # fmt: skip
+    return Path(out)
+
+
+def perplexity_gguf(
+    gguf: str | Path,
+    source: str,
+    *,
+    tokenizer: str | Path | None = None,
+    seqlen: int | None = None,
+    bos: str | None = None,
+    max_windows: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+):
+    """Perplexity of a .gguf file computed by llama.cpp on layerprune's windows of `source`: tokenized
+    by the tokenizer of the model folder the file was exported from (its sidecar names it), or of
+    `tokenizer` (a model folder or name), so that the token ids are those layerprune evaluates that
+    model on. `seqlen` None: the file's context up to 2048."""
+    from .data import default_bos, eval_windows, load_text
+    from .data.windows import check_seqlen
+    from .evaluation.llamacpp import check_gguf, context_length, perplexity_in_llamacpp
+    from .models.llamacpp_quant import sidecar
+    from .models.loading import read_tokenizer, resolve
+
+    gguf = check_gguf(gguf)
+    if tokenizer is None:
+        side = sidecar(gguf)
+        source_dir = (
+            read_json(side, "GGUF record", "layerprune export").get("source") if side.is_file() else None
+        )
+        if not source_dir or not Path(source_dir).is_dir():
+            raise LayerpruneError(
+                f"{gguf.name} names no model folder whose tokenizer makes the windows (no {side.name}, or its "
+                "source is gone); pass --tokenizer MODEL_DIR"
+            )
+        tokenizer = source_dir
+    tok = read_tokenizer(resolve(str(tokenizer))[0], None, str(tokenizer))
+    context = context_length(gguf)
+    seqlen = (min(context, 2048) if context else 2048) if seqlen is None else seqlen
+    check_seqlen(seqlen, context)
+    windows = eval_windows(tok, load_text(source, "test"), seqlen, bos or default_bos(tok), max_windows)
+    return perplexity_in_llamacpp(gguf, windows, threads=threads, progress=progress)
 
 
 def info(lm: LoadedModel) -> dict:

@@ -14,6 +14,10 @@ def cmd_eval(args) -> int:
 
     from ..io import atomic_write_json
 
+    if args.engine == "llama.cpp":
+        return _eval_llamacpp(args)
+    if args.speed or args.tokenizer or args.threads:
+        raise LayerpruneError("--speed, --tokenizer and --threads are for --engine llama.cpp (a .gguf file)")
     if not args.ppl and not args.tasks:
         raise LayerpruneError(
             "nothing to evaluate; pass --ppl SOURCE (e.g. --ppl fixture:test) and/or --tasks NAMES (e.g. --tasks fixture)"
@@ -73,6 +77,65 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_llamacpp(args) -> int:
+    """A .gguf file measured inside llama.cpp: perplexity on layerprune's windows, speed in llama-bench."""
+    from ..api import perplexity_gguf
+    from ..evaluation.llamacpp import check_gguf, gguf_summary, speed
+    from ..io import atomic_write_json, check_destination, check_file_path, check_writable
+    from ..models.llamacpp_tools import find_tools
+    from ..provenance import stamp
+
+    gguf = check_gguf(args.model)
+    find_tools()  # missing tools: the command that builds them, before any work
+    if args.tasks or args.mask is not None:
+        raise LayerpruneError(
+            "--engine llama.cpp measures perplexity (--ppl) and speed (--speed); drop --tasks / --mask"
+        )
+    if not args.ppl and not args.speed:
+        raise LayerpruneError(
+            "nothing to evaluate; pass --ppl SOURCE (e.g. --ppl fixture:test) and/or --speed"
+        )
+    if args.output is not None:
+        check_destination(args.output, {"model": gguf})
+        check_file_path(args.output)
+        check_writable(args.output)
+    results = []
+    for source in args.ppl or ():
+        r = perplexity_gguf(gguf, source, tokenizer=args.tokenizer, seqlen=args.seqlen, bos=args.bos,
+                            max_windows=args.max_windows, threads=args.threads, progress=not args.quiet)  # fmt: skip
+        p = r.protocol
+        print(
+            f"{source}: perplexity {r.ppl:.4f} in llama.cpp  ({p['windows']} windows x {p['seqlen']} tokens, "
+            f"BOS {p['bos']}, {r.seconds:.1f}s)"
+        )
+        results.append(r.to_dict())
+    summary = gguf_summary(gguf)
+    facts = {"bytes": summary["bytes"]}
+    if args.speed:
+        s = speed(gguf, threads=args.threads)
+        print(
+            f"llama-bench: prompt {s['pp128_tokens_per_s']:.1f} tok/s, generation {s['tg64_tokens_per_s']:.1f} tok/s"
+        )
+        facts.update({"pp128 tok/s": s["pp128_tokens_per_s"], "tg64 tok/s": s["tg64_tokens_per_s"]})
+    if args.output:
+        doc = {
+            "model": str(args.model),
+            "model_path": None,
+            "model_fingerprint": summary["fingerprint"],
+            "numerics": {"dtype": summary["type"], "device": "llama.cpp (CPU)"},
+            "parameters": summary["parameters"],
+            "gguf": facts,
+            "speed": s if args.speed else None,
+            "record": summary["record"],
+            "perplexity": results,
+            "zeroshot": None,
+            **stamp(),
+        }
+        atomic_write_json(args.output, doc)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy (under an optional layer mask)")
     _model(p)
@@ -117,6 +180,22 @@ def add_parser(sub) -> None:
         default=0,
         metavar="K",
         help="examples in the prompt (default 0)",
+    )
+    g = p.add_argument_group("llama.cpp (a .gguf file; needs `make llamacpp`)")
+    g.add_argument(
+        "--engine",
+        choices=("torch", "llama.cpp"),
+        default="torch",
+        help="llama.cpp: the GGUF's perplexity computed by llama.cpp on layerprune's windows (default torch)",
+    )
+    g.add_argument("--speed", action="store_true", help="prompt / generation tokens/s in llama-bench")
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the model whose tokenizer makes the windows (default: the folder the GGUF was exported from)",
+    )
+    g.add_argument(
+        "--threads", type=positive_int, default=None, help="llama.cpp threads (default: cores, ≤ 8)"
     )
     _output(p, "write results JSON here", required=False)
     _common(p)

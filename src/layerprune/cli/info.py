@@ -4,13 +4,36 @@ from __future__ import annotations
 
 import json
 
+from ..errors import LayerpruneError
 from . import common
-from .common import _common, _model
+from .common import MODEL_HELP, _common
+
+
+def _env(as_json: bool) -> int:
+    """Which llama.cpp layerprune uses (converter, tools, bindings) and where; what installs it if missing."""
+    from ..models.llamacpp_tools import describe
+
+    d = {"llama.cpp": describe()}
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return 0
+    lc = d["llama.cpp"]
+    print(f"llama.cpp      {lc['version']} (llama-cpp-python's source distribution)")
+    print(f"  converter    {lc['converter'] or lc['converter_missing']}")
+    print(f"  tools        {lc['tools'] or lc['tools_missing']}")
+    if lc.get("build"):
+        b = lc["build"]
+        print(f"  built        {b['built']} ({b['seconds'] / 60:.1f} min, -j{b['jobs']})")
+    return 0
 
 
 def cmd_info(args) -> int:
     from ..api import info
 
+    if args.env:
+        return _env(args.json)
+    if args.model is None:
+        raise LayerpruneError("name a model (e.g. `layerprune info fixture`), or pass --env")
     d = info(common._load(args))
     if args.json:
         print(json.dumps(d, indent=2))
@@ -34,7 +57,8 @@ def cmd_info(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="blocks, parameters per block, architecture of a model")
-    _model(p)
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--env", action="store_true", help="which llama.cpp (converter, tools) is used and where")
     _common(p)
     p.set_defaults(func=cmd_info)

@@ -129,7 +129,7 @@ def _row(run: _Run) -> dict:
             after[_protocol_key(r)] = r
         if isinstance(doc.get("zeroshot"), dict):
             zeroshot = doc["zeroshot"]
-        for key in ("latency", "memory"):
+        for key in ("latency", "memory", "gguf"):  # gguf: the file's bytes and llama-bench's tokens/s
             _flat_numbers(doc.get(key), key, latency)
         eval_params = _num(doc.get("parameters")) or eval_params
         numerics = doc.get("numerics") if isinstance(doc.get("numerics"), dict) else numerics

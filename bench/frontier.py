@@ -1,0 +1,341 @@
+"""Prune or quantize? The size–quality–speed frontier of pruned × quantized SmolLM2-135M-Instruct in llama.cpp.
+
+    python bench/frontier.py [--grid reduced|full] [--windows 16] [--rounds 3] [--threads 2] [--no-speed]
+    python bench/frontier.py --charts      # the charts and the answer from frontier.json, nothing measured
+
+Models (bench/work/frontier/, kept: a rerun reuses them): dense; depth-pruned at 20 / 30 % of the
+blocks' parameters (Shortened LLaMA's ppl criterion on 10 x 128 tokens of fixture:val, the blocks
+nearest the target); deployable width (`--deploy decilm`, OWL allocation, Wanda-sp on 16 x 512 tokens
+of fixture:val) at 20 / 30 %. All as pruned (no recovery).
+
+Points: every model exported by `layerprune export --quant TYPE [--imatrix fixture:val]` (the
+calibration text, never the held-out text; 32 windows of 512 tokens), perplexity computed by llama.cpp
+on layerprune's held-out windows (fixture:test, seqlen 512, the first --windows windows), file bytes;
+then llama-bench (prompt 128, generation 64 tokens) in --rounds interleaved rounds over every file,
+tokens/s as ratios to dense Q4_K_M in the same round (medians). Also, per model, llama.cpp's
+perplexity of the F32 GGUF against layerprune's own (torch, float32) on the same windows.
+
+bench/results/frontier.json is written after every point; a rerun resumes (points there are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _results import write  # noqa: E402
+
+import layerprune as lp  # noqa: E402
+from layerprune.evaluation.llamacpp import speed  # noqa: E402
+from layerprune.models.llamacpp import to_gguf  # noqa: E402
+from layerprune.models.llamacpp_tools import VERSION  # noqa: E402
+
+RESULTS = HERE / "results" / "frontier.json"
+WORK = HERE / "work" / "frontier"
+CALIB, HELDOUT, SEQLEN = "fixture:val", "fixture:test", 512
+IMATRIX = {"samples": 32, "seqlen": 512}
+DENSE_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")
+GRIDS = {"reduced": ("Q8_0", "Q4_K_M"), "full": ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M")}
+PRUNED = {"depth-20": ("depth", 0.2), "depth-30": ("depth", 0.3), "width-20": ("width", 0.2),
+          "width-30": ("width", 0.3)}  # fmt: skip
+REFERENCE = "dense Q4_K_M"
+
+
+def make_model(key: str, dense: str) -> Path:
+    """Plan, apply and export one pruned model into WORK/key (kept)."""
+    folder = WORK / key
+    if (folder / "report.json").is_file():
+        return folder
+    kind, target = PRUNED[key]
+    lm = lp.load(dense, quiet=True)
+    if kind == "depth":
+        cached = WORK / "depth_scores.json"  # one scoring for both targets (minutes on a busy CPU)
+        if cached.is_file():
+            scores = lp.Scores.load(cached)
+        else:
+            calib = lp.calibration(lm, CALIB, samples=10, seqlen=128, kind="depth")
+            scores = lp.score(lm, "ppl", calib, progress=False)
+            scores.save(cached)
+        per_block = sum(p.numel() for p in lm.adapter.blocks[0].parameters())
+        count = round(target * sum(p.numel() for p in lm.adapter.blocks.parameters()) / per_block)
+        plan = lp.plan(lm, scores, remove=count)
+        report = lp.apply(lm, plan, None, progress=False)
+    else:
+        calib = lp.calibration(lm, CALIB, samples=16, seqlen=512)
+        plan = lp.plan(lm, width=target, calib=calib, progress=False, allocation="owl", deploy="decilm")
+        report = lp.apply(lm, plan, calib, progress=False)
+    lp.export(lm, folder, plan, {"pruning": report}, overwrite=True)
+    return folder
+
+
+def points(grid: str) -> list[tuple[str, str, bool]]:
+    """(model, quant, imatrix) in measuring order, the reduced grid's answer first: dense at every type,
+    the 20 % models, the 4- and 3-bit points with imatrix, the 30 % models, then the rest. F16 and
+    Q8_0 without imatrix only (it changes nothing there)."""
+    out = [("dense", q, False) for q in DENSE_QUANTS if q != "IQ4_XS"]
+    first, second = [k for k in PRUNED if k.endswith("20")], [k for k in PRUNED if k.endswith("30")]
+    out += [(k, q, False) for k in first for q in GRIDS[grid]]
+    out += [("dense", "Q4_K_M", True), ("dense", "Q3_K_M", True)]
+    out += [(k, q, True) for k in first for q in GRIDS[grid] if q != "Q8_0"]
+    out += [
+        (k, q, imat)
+        for k in second
+        for q in GRIDS[grid]
+        for imat in (False, True)
+        if not (imat and q == "Q8_0")
+    ]
+    out += [("dense", q, True) for q in ("Q6_K", "Q5_K_M", "Q2_K", "IQ4_XS")]
+    return out
+
+
+def name(model: str, quant: str, imatrix: bool) -> str:
+    return f"{model} {quant}" + (" imatrix" if imatrix else "")
+
+
+def measure_point(folder: Path, model: str, quant: str, imatrix: bool, windows: int, threads: int) -> dict:
+    gguf = WORK / "gguf" / f"{model}.{quant}{'.imatrix' if imatrix else ''}.gguf"
+    t0 = time.perf_counter()
+    if not gguf.is_file():
+        lp.export_gguf(folder, gguf, quant=quant, imatrix=CALIB if imatrix else None, threads=threads,
+                       imatrix_samples=IMATRIX["samples"], imatrix_seqlen=IMATRIX["seqlen"])  # fmt: skip
+    export_s = time.perf_counter() - t0
+    r = lp.perplexity_gguf(gguf, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads, progress=False)
+    return {"model": model, "quant": quant, "imatrix": imatrix, "gguf": str(gguf.relative_to(HERE)),
+            "bytes": gguf.stat().st_size, "heldout_ppl": r.ppl, "windows_fingerprint": r.protocol["fingerprint"],
+            "export_seconds": export_s, "eval_seconds": r.seconds}  # fmt: skip
+
+
+def engine_check(folder: Path, model: str, windows: int, threads: int) -> dict:
+    """llama.cpp's perplexity of the F32 GGUF against layerprune's own of the folder, same windows."""
+    gguf = WORK / "gguf" / f"{model}.F32.gguf"
+    if not gguf.is_file():
+        to_gguf(folder, gguf, outtype="f32")
+    ours = lp.perplexity(
+        lp.load(str(folder), quiet=True), HELDOUT, seqlen=SEQLEN, max_windows=windows, progress=False
+    )
+    theirs = lp.perplexity_gguf(gguf, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads,
+                                tokenizer=str(folder), progress=False)  # fmt: skip
+    gguf.unlink()  # 0.5 GB each; not a point of the frontier
+    return {"layerprune_ppl": ours.ppl, "llama_cpp_ppl": theirs.ppl, "ratio": theirs.ppl / ours.ppl,
+            "same_windows": ours.protocol["fingerprint"] == theirs.protocol["fingerprint"]}  # fmt: skip
+
+
+def speed_rounds(doc: dict, rounds: int, threads: int, path: Path) -> None:
+    """llama-bench over every point, interleaved; ratios to dense Q4_K_M of the same round."""
+    pts = doc["points"]
+    done = min((len(p.get("speed_runs", [])) for p in pts.values()), default=0)
+    for _ in range(done, rounds):
+        runs = {k: speed(HERE / p["gguf"], threads=threads, repetitions=2) for k, p in pts.items()}
+        ref = runs[REFERENCE]
+        for k, r in runs.items():
+            row = {m: r[f"{m}_tokens_per_s"] for m in ("pp128", "tg64")}
+            row.update(
+                {f"{m}_vs_ref": r[f"{m}_tokens_per_s"] / ref[f"{m}_tokens_per_s"] for m in ("pp128", "tg64")}
+            )
+            pts[k].setdefault("speed_runs", []).append(row)
+        for p in pts.values():
+            for m in ("pp128", "tg64"):
+                p[f"{m}_tokens_per_s"] = statistics.median(r[m] for r in p["speed_runs"])
+                p[f"{m}_vs_ref"] = statistics.median(r[f"{m}_vs_ref"] for r in p["speed_runs"])
+        write(doc, path)
+
+
+def pareto(pts: list[dict], x: str, lower_x: bool) -> list[dict]:
+    """The points no other beats on both x and perplexity (x lower or higher is better)."""
+
+    def beats(a, b):
+        bx = a[x] <= b[x] if lower_x else a[x] >= b[x]
+        strict = (a[x] != b[x]) or (a["heldout_ppl"] < b["heldout_ppl"])
+        return bx and a["heldout_ppl"] <= b["heldout_ppl"] and strict
+
+    front = [p for p in pts if not any(beats(q, p) for q in pts if q is not p)]
+    return sorted(front, key=lambda p: p[x])
+
+
+def answer(doc: dict) -> dict:
+    """Which pruned points lie on each front, and the distance of the best pruned point to the front."""
+    pts = [{"name": k, **p} for k, p in doc["points"].items()]
+    out = {}
+    for x, lower, what in (
+        ("bytes", True, "bytes"),
+        ("tg64_vs_ref", False, "generation tok/s (x dense Q4_K_M)"),
+    ):
+        have = [p for p in pts if x in p]
+        if not have:
+            continue
+        front = pareto(have, x, lower)
+        on = [p["name"] for p in front if p["model"] != "dense"]
+        # distance: for each pruned point, the ppl of the best dense point at least as good on x, over its own
+        gaps = []
+        for p in have:
+            if p["model"] == "dense":
+                continue
+            dense = [q for q in have if q["model"] == "dense" and (q[x] <= p[x] if lower else q[x] >= p[x])]
+            if dense:
+                best = min(dense, key=lambda q: q["heldout_ppl"])
+                gaps.append(
+                    {
+                        "point": p["name"],
+                        "dense": best["name"],
+                        "ppl_ratio": p["heldout_ppl"] / best["heldout_ppl"],
+                    }
+                )
+        out[what] = {"front": [p["name"] for p in front], "pruned_on_front": on,
+                     "closest_pruned": min(gaps, key=lambda g: g["ppl_ratio"]) if gaps else None}  # fmt: skip
+    return out
+
+
+def charts(doc: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [{"name": k, **p} for k, p in doc["points"].items()]
+    colors = {"dense": "black", "depth-20": "tab:blue", "depth-30": "tab:cyan", "width-20": "tab:red",
+              "width-30": "tab:orange"}  # fmt: skip
+    made = []
+    for x, lower, label, file in (
+        ("bytes", True, "file size (MiB)", "frontier_bytes.png"),
+        (
+            "tg64_vs_ref",
+            False,
+            "generation tokens/s, x dense Q4_K_M in the same round (llama-bench tg64)",
+            "frontier_speed.png",
+        ),
+    ):
+        have = [p for p in pts if x in p]
+        if not have:
+            continue
+        scale = 2**20 if x == "bytes" else 1
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        for model in colors:
+            for imat, marker in ((False, "o"), (True, "^")):
+                sel = [p for p in have if p["model"] == model and p["imatrix"] == imat]
+                if sel:
+                    ax.scatter([p[x] / scale for p in sel], [p["heldout_ppl"] for p in sel], c=colors[model],
+                               marker=marker, label=f"{model}{' +imatrix' if imat else ''}", zorder=3)  # fmt: skip
+                for p in sel:
+                    ax.annotate(p["quant"], (p[x] / scale, p["heldout_ppl"]), fontsize=6, xytext=(3, 2),
+                                textcoords="offset points")  # fmt: skip
+        front = pareto(have, x, lower)
+        ax.step([p[x] / scale for p in front], [p["heldout_ppl"] for p in front], where="post" if lower else "pre",
+                c="gray", ls="--", lw=1, label="Pareto front", zorder=2)  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"held-out perplexity in llama.cpp ({HELDOUT}, seqlen {SEQLEN})")
+        ax.set_yscale("log")
+        ax.set_title("SmolLM2-135M-Instruct: pruned × quantized (llama.cpp, CPU)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / file
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(path)
+        print(f"wrote {path}")
+    return made
+
+
+def markdown(doc: dict) -> str:
+    """The tables of the docs page from frontier.json: every point by size, and the engine check."""
+    ans = doc.get("answer") or answer(doc)
+    fronts = {what: set(a["front"]) for what, a in ans.items()}
+    out = ["| point | MiB | held-out ppl (llama.cpp) | generation × dense Q4_K_M | prompt × dense Q4_K_M | "
+           "on a front |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for key, p in sorted(doc["points"].items(), key=lambda kv: kv[1]["bytes"]):
+        on = ", ".join("size" if w == "bytes" else "speed" for w, f in fronts.items() if key in f)
+        tg, pp = p.get("tg64_vs_ref"), p.get("pp128_vs_ref")
+        out.append(f"| {key} | {p['bytes'] / 2**20:.1f} | {p['heldout_ppl']:.2f} | "
+                   f"{f'{tg:.2f}' if tg else '—'} | {f'{pp:.2f}' if pp else '—'} | {on} |")  # fmt: skip
+    if doc.get("engine_check"):
+        out += ["", "| model (F32 GGUF) | layerprune ppl | llama.cpp ppl | ratio | same windows |",
+                "|---|---:|---:|---:|---|"]  # fmt: skip
+        for key, c in doc["engine_check"].items():
+            out.append(f"| {key} | {c['layerprune_ppl']:.4f} | {c['llama_cpp_ppl']:.4f} | {c['ratio']:.5f} | "
+                       f"{'✓' if c['same_windows'] else '✗'} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", choices=tuple(GRIDS), default="reduced")
+    p.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=1, help="llama.cpp threads (1: on a busy machine OpenMP threads spin)"
+    )
+    p.add_argument("--only", default=None, help="comma-separated model keys (dense, depth-20, ...)")
+    p.add_argument(
+        "--points", default=None, help="comma-separated point names ('dense Q4_K_M,width-20 Q8_0')"
+    )
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="skip the F32 llama.cpp vs layerprune check")
+    p.add_argument(
+        "--charts", action="store_true", help="charts and the answer from the results; measure nothing"
+    )
+    p.add_argument("--markdown", action="store_true", help="print the docs page's tables from the results")
+    p.add_argument("-o", "--output", type=Path, default=RESULTS)
+    args = p.parse_args()
+    doc = json.loads(args.output.read_text()) if args.output.exists() else {}
+    if args.markdown:
+        print(markdown(doc))
+        return 0
+    if args.charts:
+        doc["answer"] = answer(doc)
+        write(doc, args.output)
+        charts(doc, args.output.parent)
+        print(json.dumps(doc["answer"], indent=1))
+        return 0
+    doc["benchmark"] = "prune or quantize: pruned x quantized SmolLM2-135M-Instruct in llama.cpp (CPU)"
+    doc["protocol"] = {
+        "heldout": {"dataset": HELDOUT, "seqlen": SEQLEN, "windows": args.windows, "engine": "llama.cpp (bindings)",
+                    "kv_cache": "f32"},
+        "imatrix": {"source": CALIB, **IMATRIX, "bos": "first"},
+        "speed": {"tool": "llama-bench", "prompt": 128, "generate": 64, "repetitions": 2, "threads": args.threads,
+                  "rounds": args.rounds, "reference": REFERENCE},
+        "pruning": {"depth": "ppl scores, 10 x 128 fixture:val", "width": "OWL, Wanda-sp 16 x 512 fixture:val, "
+                    "--deploy decilm", "recovery": None},
+        "grid": args.grid, "llama_cpp": VERSION,
+    }  # fmt: skip
+    doc.setdefault("points", {})
+    doc.setdefault("engine_check", {})
+    WORK.mkdir(parents=True, exist_ok=True)
+    dense = str(lp.load("smollm2", quiet=True).path)
+    wanted = set(args.only.split(",")) if args.only else None
+    folders = {"dense": Path(dense)}
+    for model, quant, imatrix in points(args.grid):
+        if wanted is not None and model not in wanted:
+            continue
+        key = name(model, quant, imatrix)
+        if key in doc["points"] or (args.points and key not in args.points.split(",")):
+            continue
+        if model not in folders:
+            folders[model] = make_model(model, dense)
+        doc["points"][key] = measure_point(folders[model], model, quant, imatrix, args.windows, args.threads)
+        print(
+            f"{key}: ppl {doc['points'][key]['heldout_ppl']:.3f}, {doc['points'][key]['bytes'] / 2**20:.1f} MiB"
+        )
+        write(doc, args.output)
+    if not args.no_check:
+        for model, folder in folders.items():
+            if model not in doc["engine_check"]:
+                doc["engine_check"][model] = engine_check(folder, model, args.windows, args.threads)
+                print(f"engine check {model}: {doc['engine_check'][model]}")
+                write(doc, args.output)
+    if not args.no_speed and REFERENCE in doc["points"]:
+        speed_rounds(doc, args.rounds, args.threads, args.output)
+    doc["answer"] = answer(doc)
+    write(doc, args.output)
+    charts(doc, args.output.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Quantized GGUF: llama.cpp's converter to the folder's own float type, then `llama-quantize` to the
+asked type, optionally steered by an importance matrix that `llama-imatrix` computes on layerprune's
+calibration windows.
+
+The windows reach llama-imatrix as text, since it reads nothing else: each window's tokens after its
+BOS are decoded on their own and the windows joined by the BOS token's text, which the tool parses
+as the special token (--parse-special), so that no merge crosses a window's edge; the tool cuts
+chunks of seqlen tokens, so chunk i is window i. (The windows therefore start with BOS even for a
+model evaluated without one, as SmolLM2 is: one token of seqlen, the separator.) Whether llama.cpp's tokenizer gives back
+exactly the windows' token ids is checked before the tool runs (with llama.cpp's own tokenizer, the
+function the tool calls); a window that does not round-trip is one line, and the fingerprint of the
+ids llama-imatrix sees is recorded beside the windows' own.
+
+The output is written beside its destination under a temporary name and renamed when complete; its
+metadata carries `layerprune.*` keys (source, plan, quantization, imatrix windows) and a sidecar
+`OUT.gguf.json` the whole record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import LayerpruneError
+from ..io import atomic_write_json, check_destination, publish, temp_dir_beside
+from .llamacpp import check_convertible, stored_outtype, to_gguf
+from .llamacpp_tools import Tools, bindings, find_tools, quant_types, run_tool
+
+SIDECAR_SUFFIX = ".json"
+
+
+def sidecar(gguf: str | Path) -> Path:
+    return Path(str(gguf) + SIDECAR_SUFFIX)
+
+
+def check_quant(quant: str, tools: Tools) -> str:
+    """The type as llama-quantize names it; an unknown one is one line listing those it offers."""
+    offered = quant_types(tools)
+    for name in offered:
+        if name.lower() == quant.lower():
+            return name
+    raise LayerpruneError(f"--quant {quant}: llama-quantize offers {', '.join(offered)}")
+
+
+def ids_fingerprint(rows: list[list[int]]) -> str:
+    """sha256 of token ids (int64, row after row), 16 hex digits: equal ids, equal fingerprints."""
+    import numpy as np
+
+    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def window_bodies(tokenizer, rows: list[list[int]]) -> tuple[str, list[str]]:
+    """The BOS token's text and each window's text after its BOS, decoded on its own."""
+    bos_id = tokenizer.bos_token_id
+    bodies = []
+    for row in rows:
+        if bos_id is None or row[0] != bos_id:
+            raise LayerpruneError(
+                "--imatrix needs windows that start with BOS (their separator in llama-imatrix's text)"
+            )
+        bodies.append(
+            tokenizer.decode(row[1:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        )
+    return tokenizer.convert_ids_to_tokens(bos_id), bodies
+
+
+def imatrix_input(
+    tools: Tools, gguf: Path, bos_text: str, bodies: list[str], seqlen: int
+) -> tuple[str, list[list[int]]]:
+    """The text for llama-imatrix and the chunks it forms from it, as the tool does: llama.cpp's
+    tokenization (common_tokenize: BOS added where the vocabulary says so, special tokens parsed),
+    cut into rows of seqlen tokens, the first of each set to BOS where the vocabulary adds one."""
+    llama_cpp = bindings(tools)
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        add_bos = bool(llm.tokenize(b"", add_bos=True, special=True))
+        text = ("" if add_bos else bos_text) + bos_text.join(bodies)
+        ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+        bos = llm.token_bos()
+    finally:
+        llm.close()
+    rows = [ids[i : i + seqlen] for i in range(0, len(ids) - seqlen + 1, seqlen)]
+    return text, [[bos, *r[1:]] if add_bos else r for r in rows]
+
+
+def compute_imatrix(
+    tools: Tools, gguf: Path, tokenizer, windows, work: Path, threads: int
+) -> tuple[Path, dict]:
+    """llama-imatrix on the calibration windows (a layerprune Windows); the file and its record."""
+    rows = windows.input_ids.tolist()
+    seqlen = len(rows[0])
+    if len(rows) < 2:
+        raise LayerpruneError("--imatrix needs at least 2 calibration windows (llama-imatrix's minimum)")
+    bos_text, bodies = window_bodies(tokenizer, rows)
+    text, seen = imatrix_input(tools, gguf, bos_text, bodies, seqlen)
+    bad = [i for i, (a, b) in enumerate(zip(rows, seen)) if a != b] + list(range(len(seen), len(rows)))
+    if bad or len(seen) != len(rows):
+        raise LayerpruneError(
+            f"{len(bad)} of {len(rows)} calibration windows do not tokenize back to the same ids in llama.cpp "
+            f"(first: window {bad[0] if bad else len(rows)}); use another --imatrix source or --imatrix-seqlen"
+        )
+    (work / "calib.txt").write_text(text + "\n", encoding="utf-8")  # -f drops one trailing newline
+    out = work / "imatrix.gguf"
+    args = ["-m", str(gguf), "-f", str(work / "calib.txt"), "--parse-special", "-c", str(seqlen), "-b", str(seqlen),
+            "--chunks", str(len(rows)), "--no-ppl", "-o", str(out), "-t", str(threads)]  # fmt: skip
+    run_tool(tools, "llama-imatrix", args, "the calibration windows")
+    if not out.is_file():
+        raise LayerpruneError(f"llama-imatrix wrote no {out.name}")
+    record = {"windows": dict(windows.protocol), "ids_fingerprint": ids_fingerprint(rows),
+              "llama_cpp_ids_fingerprint": ids_fingerprint(seen), "chunks": len(seen), "chunk_tokens": seqlen}  # fmt: skip
+    return out, record
+
+
+def quantize(
+    model_dir: str | Path,
+    out: str | Path,
+    quant: str,
+    *,
+    windows=None,
+    tokenizer=None,
+    record: dict | None = None,
+    converter: str | Path | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+) -> dict:
+    """A model folder as one quantized .gguf (`quant`: a llama-quantize type); with `windows` (and the
+    model's `tokenizer`) an importance matrix from them steers it. The record written beside it."""
+    model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
+    tools = find_tools()
+    quant = check_quant(quant, tools)
+    if out.suffix.lower() != ".gguf":
+        raise LayerpruneError(f"{out}: name the output file *.gguf")
+    if out.exists() and not overwrite:
+        raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
+    check_destination(out, {"model folder": model_dir})
+    check_convertible(model_dir)
+    threads = threads or min(os.cpu_count() or 2, 8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = temp_dir_beside(out)  # the intermediate GGUF, the imatrix and the output until it is whole
+    try:
+        base_type = stored_outtype(model_dir)
+        base = to_gguf(model_dir, work / f"base.{base_type}.gguf", outtype=base_type, converter=converter)
+        doc = {
+            **(record or {}),
+            "source": str(model_dir.resolve()),
+            "quantization": {"type": quant, "from": base_type, "llama_cpp": tools.version, "imatrix": None},
+        }
+        args = []
+        if windows is not None:
+            imatrix, doc["quantization"]["imatrix"] = compute_imatrix(
+                tools, base, tokenizer, windows, work, threads
+            )
+            args += ["--imatrix", str(imatrix)]
+        for key, value in _metadata(doc).items():
+            args += ["--override-kv", f"{key}=str:{value}"]
+        tmp = work / "out.gguf"
+        run_tool(tools, "llama-quantize", [*args, str(base), str(tmp), quant, str(threads)], str(model_dir))
+        doc["bytes"] = tmp.stat().st_size
+        atomic_write_json(sidecar(out), doc)
+        publish(tmp)
+        os.replace(tmp, out)
+        return doc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _metadata(doc: dict) -> dict[str, str]:
+    """The record's short facts as GGUF metadata (llama-quantize --override-kv: ≤ 127 characters each)."""
+    q = doc["quantization"]
+    plan = doc.get("plan")
+    meta = {
+        "layerprune.source": Path(doc["source"]).name,
+        "layerprune.source_fingerprint": doc.get("source_fingerprint") or "",
+        "layerprune.quantization": f"{q['type']} from {q['from']}",
+        "layerprune.plan": hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+        if plan
+        else "dense",
+    }
+    if q["imatrix"]:
+        w = q["imatrix"]["windows"]
+        meta["layerprune.imatrix"] = (
+            f"{w['dataset']} {w['samples']}x{w['seqlen']} seed {w['seed']} fingerprint {w['fingerprint']}"
+        )
+    return {k: v[:127] for k, v in meta.items() if v}
