@@ -45,7 +45,8 @@ test: setup
 	$(PY) -m ruff check src tests bench recipes docgen
 	$(PY) -m ruff format --check src tests bench recipes docgen
 	$(VENV)/bin/lint-imports --no-logo  # the import contracts in pyproject.toml
-	$(PY) -m pytest
+	# two workers, one per core; a file's tests stay in one worker (torchrun's tests share its default port)
+	$(PY) -m pytest -n 2 --dist loadfile
 	$(MAKE) docs
 
 # --strict: a broken link, a page outside the nav, a missing reference or any other warning fails

@@ -122,6 +122,17 @@ def check_convertible(model_dir: Path) -> dict:
     return doc
 
 
+def check_gguf_output(model_dir: Path, out: Path, overwrite: bool) -> None:
+    """Before any work: the output is a new *.gguf outside the model folder (or --overwrite), and the
+    folder is of a kind llama.cpp's converter takes."""
+    if out.suffix.lower() != ".gguf":
+        raise LayerpruneError(f"{out}: name the output file *.gguf")
+    if out.exists() and not overwrite:
+        raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
+    check_destination(out, {"model folder": model_dir})
+    check_convertible(model_dir)
+
+
 def to_gguf(
     model_dir: str | Path,
     out: str | Path,
@@ -138,12 +149,7 @@ def to_gguf(
         outtype = stored_outtype(model_dir)
     if outtype not in OUTTYPES:
         raise LayerpruneError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)}")
-    if out.suffix.lower() != ".gguf":
-        raise LayerpruneError(f"{out}: name the output file *.gguf")
-    if out.exists() and not overwrite:
-        raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
-    check_destination(out, {"model folder": model_dir})
-    check_convertible(model_dir)
+    check_gguf_output(model_dir, out, overwrite)
     # what the converter would fail on after loading the model, in its own words, is refused here
     from .loading import check_weights, read_tokenizer
 

@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import LayerpruneError
-from ..io import atomic_write_json, check_destination, publish, temp_dir_beside
-from .llamacpp import check_convertible, stored_outtype, to_gguf
+from ..io import atomic_write_json, publish, temp_dir_beside
+from .llamacpp import check_gguf_output, stored_outtype, to_gguf
 from .llamacpp_tools import Tools, bindings, find_tools, quant_types, run_tool
 
 SIDECAR_SUFFIX = ".json"
@@ -131,12 +131,7 @@ def quantize(
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
     tools = find_tools()
     quant = check_quant(quant, tools)
-    if out.suffix.lower() != ".gguf":
-        raise LayerpruneError(f"{out}: name the output file *.gguf")
-    if out.exists() and not overwrite:
-        raise LayerpruneError(f"{out} already exists; choose another path or pass --overwrite")
-    check_destination(out, {"model folder": model_dir})
-    check_convertible(model_dir)
+    check_gguf_output(model_dir, out, overwrite)
     threads = threads or min(os.cpu_count() or 2, 8)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = temp_dir_beside(out)  # the intermediate GGUF, the imatrix and the output until it is whole
