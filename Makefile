@@ -45,8 +45,9 @@ test: setup
 	$(PY) -m ruff check src tests bench recipes docgen
 	$(PY) -m ruff format --check src tests bench recipes docgen
 	$(VENV)/bin/lint-imports --no-logo  # the import contracts in pyproject.toml
-	# two workers, one per core; a file's tests stay in one worker (torchrun's tests share its default port)
-	$(PY) -m pytest -n 2 --dist loadfile
+	# two workers, one per core, one thread each (tests/conftest.py); worksteal: each takes half of the tests
+	# in order (a module's fixtures are built about once per worker) and an idle one takes from the other's tail
+	$(PY) -m pytest -n 2 --dist worksteal
 	$(MAKE) docs
 
 # --strict: a broken link, a page outside the nav, a missing reference or any other warning fails

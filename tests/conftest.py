@@ -7,8 +7,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # must not depend on which CPU runs it, so it pins float32; test_numerics.py tests the choice itself
 os.environ["LAYERPRUNE_CPU_DTYPE"] = "float32"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: a worker (and the commands it starts) computes on one thread,
+    # or two workers' thread pools fight over the two cores (tiny models: many times slower)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

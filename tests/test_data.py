@@ -101,3 +101,29 @@ def _write(text):
     p = Path(tempfile.mkdtemp()) / "short.txt"
     p.write_text(text)
     return p
+
+
+def test_whole_texts_are_tokenized_once_per_tokenizer_state(tmp_path):
+    """The in-process cache of whole-text token ids gives exactly the tokenizer's own ids, and a
+    tokenizer whose state changed (an added token) or another text is never served the old ids."""
+    from transformers import AutoTokenizer
+
+    from layerprune.data import windows
+    from layerprune.models.loading import resolve
+
+    folder = resolve("fixture", quiet=True)[1]
+    tok = AutoTokenizer.from_pretrained(folder)
+    (tmp_path / "t.txt").write_text("zebra crossing and a zebra " * 40)
+    text = load_text(str(tmp_path / "t.txt"))
+    direct = tok(text.text, add_special_tokens=False)["input_ids"]
+    assert list(windows.encode_text(tok, text)) == direct
+    assert list(windows.encode_text(tok, text)) == direct  # served from the cache
+    assert (
+        eval_windows(tok, text, 16, "none").input_ids.flatten().tolist() == direct[: len(direct) // 16 * 16]
+    )
+    tok.add_tokens(["zebra"])  # the same object, another state
+    changed = tok(text.text, add_special_tokens=False)["input_ids"]
+    assert changed != direct and list(windows.encode_text(tok, text)) == changed
+    (tmp_path / "u.txt").write_text("crossing " * 50)
+    other = load_text(str(tmp_path / "u.txt"))
+    assert list(windows.encode_text(tok, other)) == tok(other.text, add_special_tokens=False)["input_ids"]

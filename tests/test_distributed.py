@@ -22,7 +22,9 @@ SMALL = ["--samples", "4", "--seqlen", "64", "--quiet", "--no-plot"]
 
 
 def torchrun(*args, env=None, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "layerprune", "--"]
+    # --standalone: a free port each job, so the suite's workers can run several torchrun tests at once
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "layerprune", "--"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.Popen(
         cmd + [str(a) for a in args],

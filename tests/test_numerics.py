@@ -161,7 +161,8 @@ def test_the_cli_runs_every_stage_in_bfloat16(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e.json").read_text())["numerics"] == {"dtype": "bfloat16", "device": "cpu"}
     r = cli("recover", tmp_path / "m", "--data", "fixture:train", "--steps", "2", "--seqlen", "64",
-            "--batch-size", "2", "--warmup", "0", "-o", tmp_path / "rec", "--no-plot", *common)  # fmt: skip
+            "--batch-size", "2", "--warmup", "0", "--eval-windows", "2", "-o", tmp_path / "rec", "--no-plot",
+            *common)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "rec" / "config.json").read_text())["dtype"] == "bfloat16"
     r = cli("report", tmp_path / "m", tmp_path / "e.json", tmp_path / "rec", "-o", tmp_path / "report")

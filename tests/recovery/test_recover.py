@@ -163,7 +163,7 @@ def _spawn(*args):
 
 
 def test_kill_9_during_recover_then_rerun_gives_the_uninterrupted_weights(tmp_path, train_text):
-    args = ["recover", "fixture", "--data", train_text, "--steps", "60", "--seqlen", "32"]
+    args = ["recover", "fixture", "--data", train_text, "--steps", "24", "--seqlen", "32"]
     args += [
         "--batch-size",
         "2",

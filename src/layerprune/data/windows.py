@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,36 @@ def default_bos(tokenizer, adapter=None) -> str:
 def encode(tokenizer, text: str) -> list[int]:
     # verbose=False: a long text is expected here; it is cut into windows afterwards.
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+# Whole texts tokenized in this process, newest last: one run evaluates and calibrates on the same text
+# many times (recover's before/after, the demo's four models, a search's stages), and tokenizing a few
+# hundred thousand tokens costs about a second each time. Keyed by the text's sha256 and the tokenizer's
+# serialized state (a tokenizer given added tokens is another key); only texts up to _CACHED_CHARS.
+_ENCODED: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
+_CACHED_TEXTS, _CACHED_CHARS = 4, 4_000_000
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: their whole state as JSON
+    if backend is None:
+        return None
+    return hashlib.sha256(f"{type(tokenizer).__name__}\0{backend.to_str()}".encode()).hexdigest()
+
+
+def encode_text(tokenizer, text: Text) -> Sequence[int]:
+    """The token ids of a whole text (do not modify them: they may be shared)."""
+    tok = _tokenizer_key(tokenizer) if len(text.text) <= _CACHED_CHARS else None
+    if tok is None:
+        return encode(tokenizer, text.text)
+    key = (tok, hashlib.sha256(text.text.encode()).hexdigest())
+    hit = _ENCODED.get(key)
+    if hit is None:
+        hit = _ENCODED[key] = tuple(encode(tokenizer, text.text))
+        while len(_ENCODED) > _CACHED_TEXTS:
+            _ENCODED.popitem(last=False)
+    _ENCODED.move_to_end(key)
+    return hit
 
 
 @dataclass
@@ -92,7 +124,7 @@ def eval_windows(
 ) -> Windows:
     """Non-overlapping windows of the joined text. Every window predicts seqlen - 1 tokens."""
     bos_id = _bos_id(tokenizer, bos)
-    ids = encode(tokenizer, text.text)
+    ids = encode_text(tokenizer, text)
     if bos == "every":
         step = seqlen - 1
         n = len(ids) // step
@@ -100,7 +132,7 @@ def eval_windows(
         windows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), body], dim=1)
     else:
         if bos == "first":
-            ids = [bos_id, *ids]
+            ids = (bos_id, *ids)
         n = len(ids) // seqlen
         windows = torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
     if n == 0:
@@ -147,14 +179,14 @@ def calibration_windows(
         if len(rows) < n:
             raise LayerpruneError(f"{text.name}: too few documents of {body_len}+ tokens for {n} samples")
     else:
-        ids = encode(tokenizer, text.text)
+        ids = encode_text(tokenizer, text)
         if len(ids) < n * body_len:
             raise LayerpruneError(
                 f"{text.name} has {len(ids)} tokens; {n} samples x {body_len} tokens need {n * body_len}. "
                 "Use more text, fewer --samples or a smaller --seqlen"
             )
         starts = [rng.randrange(len(ids) - body_len + 1) for _ in range(n)]
-        rows = [ids[s : s + body_len] for s in starts]
+        rows = [list(ids[s : s + body_len]) for s in starts]
     windows = torch.tensor(rows, dtype=torch.long)
     if bos_id is not None:
         windows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), windows], dim=1)
