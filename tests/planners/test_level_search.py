@@ -375,7 +375,10 @@ def test_the_default_depth_fitness_is_32_windows_of_512_tokens_at_most_the_conte
     import layerprune as lp
 
     lm = lp.load("fixture", quiet=True)
-    plan = lp.plan(lm, remove=2, allocation="search", calib="fixture:val", generations=0, progress=False)
+    # seed plans given (what the seeds are does not matter here): no ppl / bi scoring, only the fitness
+    seeds = [_depth_plan(lm, b, m).save(tmp_path / f"{m}.json") for m, b in (("ppl", (3, 7)), ("bi", (5, 8)))]
+    plan = lp.plan(lm, remove=2, allocation="search", calib="fixture:val", generations=0, progress=False,
+                   seed_scores=seeds)  # fmt: skip
     assert plan.calibration["samples"] == 32 and plan.calibration["seqlen"] == 256
     assert plan.params["stage_windows"] == [2, 8, 32] and plan.params["survivors"] == [4, 1]
     small = tmp_path / "small.txt"  # enough for the seeds' 10 x 128, not for 32 x 256
@@ -383,5 +386,5 @@ def test_the_default_depth_fitness_is_32_windows_of_512_tokens_at_most_the_conte
     with pytest.raises(LayerpruneError, match="--fitness-samples, --fitness-seqlen"):
         lp.plan(lm, remove=2, allocation="search", calib=str(small), generations=0, progress=False)
     plan = lp.plan(lm, remove=2, allocation="search", calib=str(small), fitness_samples=4, generations=0,
-                   progress=False)  # fmt: skip
+                   progress=False, seed_scores=seeds)  # fmt: skip
     assert plan.calibration["samples"] == 4 and plan.calibration["dataset"] == str(small)
