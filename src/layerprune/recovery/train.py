@@ -402,7 +402,11 @@ def _prepare(lm, cfg: RecoveryConfig):
         fan_in_fan_out=bool(conv1d),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(lm.model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads transformers 5's deprecated `is_gradient_checkpointing`: a FutureWarning on every
+        # recover that the user can do nothing about (neither calls it from their code)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(lm.model, config)
     return model, [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
