@@ -95,3 +95,33 @@ def test_positions_without_an_entry_contribute_nothing():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     assert float(student.grad[0, 1:].abs().max()) == 0.0
+
+
+def _buckets_kl64(student: torch.Tensor, top: TopK) -> torch.Tensor:
+    """KL over the k buckets and the rest by hand in float64: explicit softmax, the rest summed."""
+    p = torch.softmax(student.double(), dim=-1)
+    q_top, q_rest = top.logq.double().exp(), top.rest.double().exp()
+    p_top = p.gather(-1, top.index)
+    p_rest = p.sum(-1) - p_top.sum(-1)
+    return (q_top * (q_top.log() - p_top.log())).sum(-1) + q_rest * (q_rest.log() - p_rest.log())
+
+
+def test_the_rest_bucket_is_exact_where_the_student_leaves_almost_nothing_outside_the_top_k():
+    """Rows whose student puts ~1e-11 of its mass outside the teacher's top 3 (where 1 - sum(top) is lost
+    to float32 rounding) and rows with a wide rest: loss and gradient as the float64 computation's."""
+    g = torch.Generator().manual_seed(4)
+    V, k = 50, 3
+    teacher = torch.randn(2, 3, V, generator=g, dtype=torch.float64)
+    top = teacher_topk(teacher.float(), k, 1.0)
+    student = torch.randn(2, 3, V, generator=g)
+    peaked = student.clone()
+    peaked.scatter_(-1, top.index, 30.0)  # the top 3 hold all but ~1e-11 of the mass
+    student[0] = peaked[0]  # first example peaked, the second with a wide rest
+    x = student.clone().requires_grad_(True)
+    kl = kl_topk(x, top, 1.0)
+    x64 = student.double().requires_grad_(True)
+    ref = _buckets_kl64(x64, top)
+    assert torch.allclose(kl.double(), ref, rtol=1e-4, atol=1e-6), (kl, ref)
+    kl.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-6)

@@ -79,8 +79,11 @@ def test_cached_at_the_vocabulary_size_trains_as_the_live_teacher(tmp_path, text
                  kd_topk=V, progress=False, **options)  # fmt: skip
     assert r2["history"]["kd"] == pytest.approx(r1["history"]["kd"], rel=1e-4)
     a, b = weights(live), weights(cached)
+    # AdamW moves each weight by about lr (1e-3) a step whatever its gradient's size: where a gradient is
+    # near 0, the two computations' rounding (the live KL and the cached one sum q in another order) shows
+    # up as a few % of one step (seen: 2.8e-5); a wrong loss moves weights by whole steps
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_a_sparse_student_keeps_exactly_its_zeros(text, teacher):
