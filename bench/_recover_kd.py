@@ -161,8 +161,8 @@ def migrate(rows: dict) -> list[str]:
     (lr_sweep/...), not as the rows; a sweep row at this run's lr becomes the row. Returns the moves."""
     moves = []
     for key in list(rows):
-        row = rows[key]
-        if key.startswith(("eval/", "cache/", "zeroshot/", "lr_sweep/")) or row.get("lr") is None:
+        row = rows.get(key)  # None: a zero-shot row moved with its row
+        if row is None or key.startswith(("eval/", "cache/", "zeroshot/", "lr_sweep/")) or row.get("lr") is None:
             continue
         if row["lr"] != LR[row["method"]]:
             rows.setdefault(sweep_key(key, row["lr"]), rows.pop(key))
