@@ -162,7 +162,11 @@ def migrate(rows: dict) -> list[str]:
     moves = []
     for key in list(rows):
         row = rows.get(key)  # None: a zero-shot row moved with its row
-        if row is None or key.startswith(("eval/", "cache/", "zeroshot/", "lr_sweep/")) or row.get("lr") is None:
+        if (
+            row is None
+            or key.startswith(("eval/", "cache/", "zeroshot/", "lr_sweep/"))
+            or row.get("lr") is None
+        ):
             continue
         if row["lr"] != LR[row["method"]]:
             rows.setdefault(sweep_key(key, row["lr"]), rows.pop(key))
