@@ -513,7 +513,22 @@ def markdown(doc: dict) -> str:
                  "cached_within_2pct_of_live": "cached_over_live_heldout",
                  "cached_time_le_1.1_cpt": "cached_time_over_cpt",
                  "cached_rss_le_cpt_plus_10pct": "cached_rss_over_cpt"}  # fmt: skip
+        t = doc.get("timing", {})
         for name, met in figs.items():
-            vals = ", ".join(f"{m} {p[field[name]]:.3f}" for m, p in per.items() if field[name] in p)
+            if name.startswith("interleaved_"):  # one process, the model of the timing
+                ratio = t["kd-live_over_cpt" if "live" in name else "kd-cache_over_cpt"]
+                vals = f"{t['model']} {ratio:.3f} (interleaved)"
+            else:
+                vals = ", ".join(f"{m} {p[field[name]]:.3f}" for m, p in per.items() if field[name] in p)
             out.append(f"| {name} | {'yes' if met else 'no'} | {vals} |")
+    t = doc.get("timing")
+    if t:
+        out += ["", f"Time per training token interleaved in one process on {t['model']} ({len(t['rounds'])} "
+                f"rounds of {t['steps']} steps per method, the order rotated; ms / token):", "",
+                "| round | CPT | KD + full, live | KD + full, cache | live / CPT | cache / CPT |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for i, r in enumerate(t["rounds"], 1):
+            out.append(f"| {i} | {r['cpt'] * 1e3:.1f} | {r['kd-live'] * 1e3:.1f} | {r['kd-cache'] * 1e3:.1f} | "
+                       f"{r['kd-live'] / r['cpt']:.2f} | {r['kd-cache'] / r['cpt']:.2f} |")  # fmt: skip
+        out.append(f"| median ratio | | | | {t['kd-live_over_cpt']:.2f} | {t['kd-cache_over_cpt']:.2f} |")
     return "\n".join(out)
