@@ -2,11 +2,13 @@
 in one process (the machine is shared: a ratio taken across separate runs minutes apart measures the
 other work as much as ours), for bench/recover.py --model smollm2.
 
-    python bench/_recover_kd_time.py STUDENT_DIR CACHE_DIR ROUNDS STEPS
+    python bench/_recover_kd_time.py STUDENT_DIR CACHE_DIR ROUNDS STEPS LR K
 
 Each round trains a fresh copy of the student `STEPS` steps by each method in turn (4 x 128 tokens a
-step, the bench's batch); prints JSON: every round's seconds per token, and the medians of the
-per-round ratios to CPT.
+step, the bench's batch, at the bench's full-training `LR`; the cache holds top-`K`), the order
+rotated from round to round so that no method always runs first or after the same neighbour; prints
+JSON: every round's seconds per token, and the medians of the per-round ratios to CPT. The teacher
+is loaded once, before the first round (its loading is not training time in a run either).
 """
 
 import json
@@ -17,21 +19,22 @@ import layerprune as lp
 from layerprune.recovery import load_training_data
 
 
-def main(student: str, cache: str, rounds: int, steps: int) -> dict:
+def main(student: str, cache: str, rounds: int, steps: int, lr: float, k: int) -> dict:
     teacher = lp.load("smollm2", device="cpu", dtype="float32", quiet=True)
-    options = {"method": "full", "steps": steps, "batch_size": 4, "lr": 2e-5, "progress": False}
+    options = {"method": "full", "steps": steps, "batch_size": 4, "lr": lr, "progress": False}
     methods = {
         "cpt": {},
         "kd-live": {"teacher": teacher},
-        "kd-cache": {"teacher_cache": cache, "kd_topk": 64},
+        "kd-cache": {"teacher_cache": cache, "kd_topk": k},
     }
+    names = list(methods)
     per_round = []
-    for _ in range(rounds):
+    for i in range(rounds):
         times = {}
-        for name, kd in methods.items():
+        for name in names[i % 3 :] + names[: i % 3]:
             lm = lp.load(student, device="cpu", dtype="float32", quiet=True)
             data = load_training_data(lm, "fixture:train", 128)
-            record = lp.recover(lm, data, **options, **kd)
+            record = lp.recover(lm, data, **options, **methods[name])
             times[name] = record["seconds"] / record["tokens"]
             del lm, data
         per_round.append(times)
@@ -39,8 +42,9 @@ def main(student: str, cache: str, rounds: int, steps: int) -> dict:
         f"{name}_over_cpt": statistics.median(r[name] / r["cpt"] for r in per_round)
         for name in ("kd-live", "kd-cache")
     }
-    return {"rounds": per_round, "steps": steps, "tokens_per_step": 512, **ratios}
+    return {"rounds": per_round, "steps": steps, "tokens_per_step": 512, "lr": lr, "topk": k, **ratios}
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    a = sys.argv[1:]
+    print(json.dumps(main(a[0], a[1], int(a[2]), int(a[3]), float(a[4]), int(a[5]))))

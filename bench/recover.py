@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="smollm2: rows run at once (fresh processes)")
     ap.add_argument("--models", default="", help="smollm2: only these models' rows, e.g. depth9 (a second "
                     "instance beside a full one: rows are claimed, results merged)")  # fmt: skip
+    ap.add_argument("--lr-sweep-only", action="store_true", help="smollm2: only the evaluations and CPT's "
+                    "learning-rate sweep on depth9 (the sweep that chose _recover_kd.LR_FULL)")  # fmt: skip
     ap.add_argument(
         "--timing-rounds", type=int, default=3, help="smollm2: interleaved timing rounds (0: none)"
     )
