@@ -288,10 +288,11 @@ def charts(doc: dict, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     pts = [{"name": k, **p} for k, p in doc["points"].items()]
-    colors = {"dense": "black", "depth-20": "tab:blue", "depth-30": "tab:cyan", "width-20": "tab:red",
-              "width-30": "tab:orange"}  # fmt: skip
+    colors = {"dense": "black", "depth-10": "tab:purple", "depth-20": "tab:blue", "depth-30": "tab:cyan",
+              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange"}  # fmt: skip
     made = []
     for x, lower, label, file in (
         ("bytes", True, "file size (MiB)", "frontier_bytes.png"),
@@ -322,6 +323,8 @@ def charts(doc: dict, folder: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.set_ylabel(f"held-out perplexity in llama.cpp ({HELDOUT}, seqlen {SEQLEN})")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 20, 30, not 2 x 10^1
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_title("SmolLM2-135M-Instruct: pruned × quantized (llama.cpp, CPU)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
