@@ -13,8 +13,10 @@ of fixture:val) at 10 / 20 / 30 %. All as pruned (no recovery).
 Points (`points`): every model exported by `layerprune export --quant TYPE [--imatrix fixture:val]` (the
 calibration text, never the held-out text; 8 windows of 512 tokens), perplexity computed by llama.cpp
 on layerprune's held-out windows (fixture:test, seqlen 512, the first --windows windows), file bytes;
-then llama-bench (prompt 128, generation 64 tokens) in --rounds interleaved rounds over every file,
-tokens/s as ratios to dense Q4_K_M in the same round (medians). Checks: per model, llama.cpp's
+then speed in --rounds interleaved rounds over every file, as ratios to dense Q4_K_M in the same round
+(medians): tokens per CPU-second of one llama.cpp thread, prompt 128 and generation 64 tokens
+(`cpu_speed`; --speed-by wall: llama-bench's wall clock, which a niced process on this shared machine
+cannot measure: its `speed_runs` in frontier.json varied 18-fold between rounds). Checks: per model, llama.cpp's
 perplexity of the F32 GGUF against layerprune's own (torch, float32) on the same windows; and the
 depth-20 blocks dropped by llama.cpp's `llama-quantize --prune-layers` against our export, tensor by tensor.
 
@@ -238,6 +240,61 @@ def speed_rounds(doc: dict, folders: dict, rounds: int, repetitions: int, thread
         write(doc, path)
 
 
+def cpu_speed(gguf: Path, prompt: int = 128, generate: int = 64) -> dict:
+    """Tokens per CPU-second of one llama.cpp thread (the bindings, the library llama-bench links):
+    a prompt of `prompt` tokens in one batch, then `generate` tokens one at a time (batch 1). CPU time,
+    not wall time: on this shared machine a niced process waits most of its wall time (llama-bench's
+    wall-clock tokens/s of one file varied 18-fold between rounds), and its own CPU time does not count
+    the waiting. The ids are fixed and arbitrary (the cost of a token does not depend on which it is)."""
+    from layerprune.models.llamacpp_tools import bindings, find_tools
+
+    ids = [(1000 + 7919 * i) % 40000 for i in range(prompt + generate)]
+    llm = bindings(find_tools()).Llama(model_path=str(gguf), n_ctx=prompt + generate, n_batch=prompt,
+                                       n_threads=1, n_threads_batch=1, verbose=False)  # fmt: skip
+    try:
+        llm.eval(ids[:16])  # warm-up: first-touch of the weights, buffers
+        llm.reset()
+        t = time.process_time()
+        llm.eval(ids[:prompt])
+        pp = prompt / (time.process_time() - t)
+        t = time.process_time()
+        for tok in ids[prompt:]:
+            llm.eval([tok])
+        tg = generate / (time.process_time() - t)
+    finally:
+        llm.close()
+    return {"pp128": pp, "tg64": tg}
+
+
+def cpu_rounds(doc: dict, folders: dict, rounds: int, threads: int, path: Path) -> None:
+    """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians)."""
+    pts = doc["points"]
+    for p in pts.values():
+        if p["model"] not in folders:
+            folders[p["model"]] = make_model(p["model"], str(folders["dense"]))
+        ensure_gguf(folders[p["model"]], p["model"], p["quant"], p["imatrix"], threads)
+    timed = {k: p for k, p in pts.items() if not p["imatrix"]}  # an imatrix file runs as its twin: same types
+    done = min((len(p.get("cpu_runs", [])) for p in timed.values()), default=0)
+    for _ in range(done, rounds):
+        runs = {k: cpu_speed(HERE / p["gguf"]) for k, p in timed.items()}
+        ref = runs[REFERENCE]
+        for k, r in runs.items():
+            pts[k].setdefault("cpu_runs", []).append({**r, **{f"{m}_vs_ref": r[m] / ref[m] for m in r}})
+        for p in timed.values():
+            for m in ("pp128", "tg64"):
+                p[f"{m}_cpu_tokens_per_s"] = statistics.median(r[m] for r in p["cpu_runs"])
+                p[f"{m}_cpu_vs_ref"] = statistics.median(r[f"{m}_vs_ref"] for r in p["cpu_runs"])
+        write(doc, path)
+    for p in pts.values():
+        twin = timed.get(name(p["model"], p["quant"], False))
+        if p["imatrix"] and twin and "tg64_cpu_vs_ref" in twin:
+            p.update(
+                {k: v for k, v in twin.items() if "_cpu_" in k},
+                speed_from=name(p["model"], p["quant"], False),
+            )
+    write(doc, path)
+
+
 def pareto(pts: list[dict], x: str, lower_x: bool) -> list[dict]:
     """The points no other beats on both x and perplexity (x lower or higher is better)."""
 
@@ -256,7 +313,7 @@ def answer(doc: dict) -> dict:
     out = {}
     for x, lower, what in (
         ("bytes", True, "bytes"),
-        ("tg64_vs_ref", False, "generation tok/s (x dense Q4_K_M)"),
+        ("tg64_cpu_vs_ref", False, "generation tok/s (x dense Q4_K_M)"),
     ):
         have = [p for p in pts if x in p]
         if not have:
@@ -297,9 +354,9 @@ def charts(doc: dict, folder: Path) -> list[Path]:
     for x, lower, label, file in (
         ("bytes", True, "file size (MiB)", "frontier_bytes.png"),
         (
-            "tg64_vs_ref",
+            "tg64_cpu_vs_ref",
             False,
-            "generation tokens/s, x dense Q4_K_M in the same round (llama-bench tg64)",
+            "generation tokens per CPU-second, batch 1, x dense Q4_K_M in the same round (1 thread)",
             "frontier_speed.png",
         ),
     ):
@@ -347,7 +404,7 @@ def markdown(doc: dict) -> str:
            "on a front |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for key, p in sorted(pts.items(), key=lambda kv: kv[1]["bytes"]):
         on = ", ".join("size" if w == "bytes" else "speed" for w, f in fronts.items() if key in f)
-        tg, pp = p.get("tg64_vs_ref"), p.get("pp128_vs_ref")
+        tg, pp = p.get("tg64_cpu_vs_ref"), p.get("pp128_cpu_vs_ref")
         out.append(f"| {key} | {p['bytes'] / 2**20:.1f} | {p['heldout_ppl']:.2f} | "
                    f"{f'{tg:.2f}' if tg else '—'} | {f'{pp:.2f}' if pp else '—'} | {on} |")  # fmt: skip
     pairs = [(k, pts[k], pts[f"{k} imatrix"]) for k in pts if f"{k} imatrix" in pts]
@@ -398,6 +455,8 @@ def main() -> int:
         "--points", default=None, help="comma-separated point names ('dense Q4_K_M,width-20 Q8_0')"
     )
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--speed-by", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: tokens per CPU-second in the bindings (what a busy machine can measure); wall: llama-bench")  # fmt: skip
     p.add_argument("--no-check", action="store_true",
                    help="skip the checks: F32 llama.cpp vs layerprune, llama-quantize --prune-layers vs our export")  # fmt: skip
     p.add_argument(
@@ -421,8 +480,11 @@ def main() -> int:
         "heldout": {"dataset": HELDOUT, "seqlen": SEQLEN, "windows": args.windows, "engine": "llama.cpp (bindings)",
                     "kv_cache": "f32"},
         "imatrix": {"source": CALIB, **IMATRIX, "bos": "first"},
-        "speed": {"tool": "llama-bench", "prompt": 128, "generate": 64, "repetitions": args.repetitions, "threads": args.threads,
-                  "rounds": args.rounds, "reference": REFERENCE},
+        "speed": {"cpu": {"engine": "llama.cpp (bindings)", "clock": "process CPU time", "prompt": 128, "generate": 64,
+                          "threads": 1, "rounds": args.rounds, "reference": REFERENCE},
+                  "wall": {"tool": "llama-bench", "prompt": 128, "generate": 64, "threads": args.threads,
+                           "rounds": 2, "repetitions": 1, "reference": REFERENCE,
+                           "note": "speed_runs: wall clock on the shared 2-core machine, niced; too noisy to use"}},
         "pruning": {"depth": "ppl scores, 10 x 128 fixture:val", "width": "OWL, Wanda-sp 16 x 512 fixture:val, "
                     "--deploy decilm", "recovery": None},
         "grid": args.grid, "llama_cpp": VERSION,
@@ -461,7 +523,10 @@ def main() -> int:
             print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
             write(doc, args.output)
     if not args.no_speed and REFERENCE in doc["points"]:
-        speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
+        if args.speed_by == "wall":
+            speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
+        else:
+            cpu_rounds(doc, folders, args.rounds, args.threads, args.output)
     doc["answer"] = answer(doc)
     write(doc, args.output)
     charts(doc, args.output.parent)
