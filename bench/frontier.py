@@ -189,14 +189,20 @@ def prune_layers_check(doc: dict, folders: dict, model: str, quant: str, windows
         return tensors, fields
 
     (ta, fa), (tb, fb) = read(ours), read(theirs)
-    r = lp.perplexity_gguf(theirs, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads,
-                           tokenizer=str(folders[model]), progress=False)  # fmt: skip
+    tensors_differing = sorted(k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k))
+    metadata_differing = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
     point = doc["points"][name(model, quant, False)]
+    if tensors_differing or metadata_differing:
+        r = lp.perplexity_gguf(theirs, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads,
+                               tokenizer=str(folders[model]), progress=False)  # fmt: skip
+        theirs_ppl, same = r.ppl, r.protocol["fingerprint"] == point["windows_fingerprint"]
+    else:  # the same tensors, bit for bit, and the same hyperparameters: the same computation
+        theirs_ppl, same = point["heldout_ppl"], True
     return {"model": model, "quant": quant, "pruned_layers": layers, "tensors": len(ta),
-            "tensors_differing": sorted(k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k)),
-            "metadata_differing": sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)),
-            "heldout_ppl": {"layerprune_export": point["heldout_ppl"], "llama_quantize_prune_layers": r.ppl},
-            "ratio": r.ppl / point["heldout_ppl"], "same_windows": r.protocol["fingerprint"] == point["windows_fingerprint"],
+            "tensors_differing": tensors_differing, "metadata_differing": metadata_differing,
+            "heldout_ppl": {"layerprune_export": point["heldout_ppl"], "llama_quantize_prune_layers": theirs_ppl},
+            "ppl_by": "llama.cpp" if tensors_differing or metadata_differing else "identical files but general.*",
+            "ratio": theirs_ppl / point["heldout_ppl"], "same_windows": same,
             "bytes": {"layerprune_export": ours.stat().st_size, "llama_quantize_prune_layers": theirs.stat().st_size}}  # fmt: skip
 
 
@@ -455,6 +461,7 @@ def main() -> int:
         "--points", default=None, help="comma-separated point names ('dense Q4_K_M,width-20 Q8_0')"
     )
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--checks", default="engine,prune-layers", help="which checks run (comma-separated)")
     p.add_argument("--speed-by", choices=("cpu", "wall"), default="cpu",
                    help="cpu: tokens per CPU-second in the bindings (what a busy machine can measure); wall: llama-bench")  # fmt: skip
     p.add_argument("--no-check", action="store_true",
@@ -508,20 +515,25 @@ def main() -> int:
             f"{key}: ppl {doc['points'][key]['heldout_ppl']:.3f}, {doc['points'][key]['bytes'] / 2**20:.1f} MiB"
         )
         write(doc, args.output)
-    if not args.no_check:
+    checks = set() if args.no_check else set(args.checks.split(","))
+    if "engine" in checks:
         for model, folder in folders.items():
             if model not in doc["engine_check"]:
                 doc["engine_check"][model] = engine_check(folder, model, args.windows, args.threads)
                 print(f"engine check {model}: {doc['engine_check'][model]}")
                 write(doc, args.output)
-        key = f"{PRUNE_LAYERS[0]} {PRUNE_LAYERS[1]}"
-        if key in doc["points"] and key not in doc.setdefault("prune_layers_check", {}):
-            folders.setdefault(PRUNE_LAYERS[0], make_model(PRUNE_LAYERS[0], dense))
-            doc["prune_layers_check"][key] = prune_layers_check(
-                folders, *PRUNE_LAYERS, args.windows, args.threads
-            )
-            print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
-            write(doc, args.output)
+    key = f"{PRUNE_LAYERS[0]} {PRUNE_LAYERS[1]}"
+    if (
+        "prune-layers" in checks
+        and key in doc["points"]
+        and key not in doc.setdefault("prune_layers_check", {})
+    ):
+        folders.setdefault(PRUNE_LAYERS[0], make_model(PRUNE_LAYERS[0], dense))
+        doc["prune_layers_check"][key] = prune_layers_check(
+            doc, folders, *PRUNE_LAYERS, args.windows, args.threads
+        )
+        print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
+        write(doc, args.output)
     if not args.no_speed and REFERENCE in doc["points"]:
         if args.speed_by == "wall":
             speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
