@@ -201,7 +201,7 @@ def prune_layers_check(doc: dict, folders: dict, model: str, quant: str, windows
     return {"model": model, "quant": quant, "pruned_layers": layers, "tensors": len(ta),
             "tensors_differing": tensors_differing, "metadata_differing": metadata_differing,
             "heldout_ppl": {"layerprune_export": point["heldout_ppl"], "llama_quantize_prune_layers": theirs_ppl},
-            "ppl_by": "llama.cpp" if tensors_differing or metadata_differing else "identical files but general.*",
+            "ppl_by": "llama.cpp" if tensors_differing or metadata_differing else "same tensors and hyperparameters as ours",
             "ratio": theirs_ppl / point["heldout_ppl"], "same_windows": same,
             "bytes": {"layerprune_export": ours.stat().st_size, "llama_quantize_prune_layers": theirs.stat().st_size}}  # fmt: skip
 
