@@ -155,7 +155,9 @@ def measure_point(folder: Path, model: str, quant: str, imatrix: bool, windows: 
             "export_seconds": export_s, "eval_seconds": r.seconds}  # fmt: skip
 
 
-def prune_layers_check(doc: dict, folders: dict, model: str, quant: str, windows: int, threads: int) -> dict:
+def prune_layers_check(
+    doc: dict, folders: dict, model: str, quant: str, windows: int, threads: int, evaluate: bool = True
+) -> dict:
     """The depth model's blocks dropped by llama.cpp's own `llama-quantize --prune-layers` from the dense
     model's GGUF (stored type), against our export of the pruned folder at the same type: tensor by
     tensor (name, type, data), metadata (all but general.* and layerprune.*), and held-out perplexity
@@ -192,7 +194,9 @@ def prune_layers_check(doc: dict, folders: dict, model: str, quant: str, windows
     tensors_differing = sorted(k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k))
     metadata_differing = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
     point = doc["points"][name(model, quant, False)]
-    if tensors_differing or metadata_differing:
+    if (tensors_differing or metadata_differing) and not evaluate:
+        theirs_ppl, same = None, None
+    elif tensors_differing or metadata_differing:
         r = lp.perplexity_gguf(theirs, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads,
                                tokenizer=str(folders[model]), progress=False)  # fmt: skip
         theirs_ppl, same = r.ppl, r.protocol["fingerprint"] == point["windows_fingerprint"]
@@ -201,8 +205,10 @@ def prune_layers_check(doc: dict, folders: dict, model: str, quant: str, windows
     return {"model": model, "quant": quant, "pruned_layers": layers, "tensors": len(ta),
             "tensors_differing": tensors_differing, "metadata_differing": metadata_differing,
             "heldout_ppl": {"layerprune_export": point["heldout_ppl"], "llama_quantize_prune_layers": theirs_ppl},
-            "ppl_by": "llama.cpp" if tensors_differing or metadata_differing else "same tensors and hyperparameters as ours",
-            "ratio": theirs_ppl / point["heldout_ppl"], "same_windows": same,
+            "ppl_by": ("llama.cpp" if evaluate else "not measured") if tensors_differing or metadata_differing
+            else "same tensors and hyperparameters as ours",
+            "ratio": theirs_ppl / point["heldout_ppl"] if theirs_ppl else None, "same_windows": same,
+            "types_differing": {k: [ta[k][0], tb[k][0]] for k in tensors_differing if k in ta and k in tb},
             "bytes": {"layerprune_export": ours.stat().st_size, "llama_quantize_prune_layers": theirs.stat().st_size}}  # fmt: skip
 
 
@@ -428,11 +434,15 @@ def markdown(doc: dict) -> str:
                        f"{'✓' if c['same_windows'] else '✗'} |")  # fmt: skip
     for key, c in (doc.get("prune_layers_check") or {}).items():
         ppl = c["heldout_ppl"]
+        theirs = ppl["llama_quantize_prune_layers"]
+        theirs_s = "not measured" if theirs is None else f"{theirs:.4f}"
+        ratio_s = "—" if c.get("ratio") is None else f"{c['ratio']:.5f}"
+        types = ", ".join(f"{k}: ours {a}, theirs {b}" for k, (a, b) in c.get("types_differing", {}).items())
         out += ["", "| llama-quantize --prune-layers | blocks dropped | tensors differing | metadata differing | "
                 "ppl ours | ppl llama-quantize | ratio |", "|---|---|---:|---|---:|---:|---:|",
                 f"| {key} | {', '.join(map(str, c['pruned_layers']))} | {len(c['tensors_differing'])} of "
-                f"{c['tensors']} | {', '.join(c['metadata_differing']) or 'none'} | {ppl['layerprune_export']:.4f} | {ppl['llama_quantize_prune_layers']:.4f} | "
-                f"{c['ratio']:.5f} |"]  # fmt: skip
+                f"{c['tensors']} ({types}) | {', '.join(c['metadata_differing']) or 'none'} | "
+                f"{ppl['layerprune_export']:.4f} | {theirs_s} | {ratio_s} |"]  # fmt: skip
     out.append("")
     for what, a in ans.items():
         close = a.get("closest_pruned")
@@ -461,7 +471,8 @@ def main() -> int:
         "--points", default=None, help="comma-separated point names ('dense Q4_K_M,width-20 Q8_0')"
     )
     p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--checks", default="engine,prune-layers", help="which checks run (comma-separated)")
+    p.add_argument("--checks", default="engine,prune-layers,prune-layers-ppl",
+                   help="which checks run (comma-separated; prune-layers-ppl: evaluate llama-quantize's file when it differs)")  # fmt: skip
     p.add_argument("--speed-by", choices=("cpu", "wall"), default="cpu",
                    help="cpu: tokens per CPU-second in the bindings (what a busy machine can measure); wall: llama-bench")  # fmt: skip
     p.add_argument("--no-check", action="store_true",
@@ -529,9 +540,8 @@ def main() -> int:
         and key not in doc.setdefault("prune_layers_check", {})
     ):
         folders.setdefault(PRUNE_LAYERS[0], make_model(PRUNE_LAYERS[0], dense))
-        doc["prune_layers_check"][key] = prune_layers_check(
-            doc, folders, *PRUNE_LAYERS, args.windows, args.threads
-        )
+        doc["prune_layers_check"][key] = prune_layers_check(doc, folders, *PRUNE_LAYERS, args.windows, args.threads,
+                                                            evaluate="prune-layers-ppl" in checks)  # fmt: skip
         print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
         write(doc, args.output)
     if not args.no_speed and REFERENCE in doc["points"]:
