@@ -1,21 +1,27 @@
 """Prune or quantize? The size–quality–speed frontier of pruned × quantized SmolLM2-135M-Instruct in llama.cpp.
 
-    python bench/frontier.py [--grid reduced|full] [--windows 16] [--rounds 3] [--threads 2] [--no-speed]
+    python bench/frontier.py [--grid reduced|medium|full] [--windows 4] [--rounds 3] [--threads 1] [--no-speed]
+    python bench/frontier.py --points "dense Q2_K,width-20 Q2_K imatrix"   # only these points
     python bench/frontier.py --charts      # the charts and the answer from frontier.json, nothing measured
+    python bench/frontier.py --markdown    # the docs page's tables
 
-Models (bench/work/frontier/, kept: a rerun reuses them): dense; depth-pruned at 20 / 30 % of the
+Models (bench/work/frontier/, kept: a rerun reuses them): dense; depth-pruned at 10 / 20 / 30 % of the
 blocks' parameters (Shortened LLaMA's ppl criterion on 10 x 128 tokens of fixture:val, the blocks
 nearest the target); deployable width (`--deploy decilm`, OWL allocation, Wanda-sp on 16 x 512 tokens
-of fixture:val) at 20 / 30 %. All as pruned (no recovery).
+of fixture:val) at 10 / 20 / 30 %. All as pruned (no recovery).
 
-Points: every model exported by `layerprune export --quant TYPE [--imatrix fixture:val]` (the
-calibration text, never the held-out text; 32 windows of 512 tokens), perplexity computed by llama.cpp
+Points (`points`): every model exported by `layerprune export --quant TYPE [--imatrix fixture:val]` (the
+calibration text, never the held-out text; 8 windows of 512 tokens), perplexity computed by llama.cpp
 on layerprune's held-out windows (fixture:test, seqlen 512, the first --windows windows), file bytes;
-then llama-bench (prompt 128, generation 64 tokens) in --rounds interleaved rounds over every file,
-tokens/s as ratios to dense Q4_K_M in the same round (medians). Also, per model, llama.cpp's
-perplexity of the F32 GGUF against layerprune's own (torch, float32) on the same windows.
+then speed in --rounds interleaved rounds over every file, as ratios to dense Q4_K_M in the same round
+(medians): tokens per CPU-second of one llama.cpp thread, prompt 128 and generation 64 tokens
+(`cpu_speed`; --speed-by wall: llama-bench's wall clock, which a niced process on this shared machine
+cannot measure: its `speed_runs` in frontier.json varied 18-fold between rounds). Checks: per model, llama.cpp's
+perplexity of the F32 GGUF against layerprune's own (torch, float32) on the same windows; and the
+depth-20 blocks dropped by llama.cpp's `llama-quantize --prune-layers` against our export, tensor by tensor.
 
-bench/results/frontier.json is written after every point; a rerun resumes (points there are kept).
+bench/results/frontier.json is written after every point; a rerun resumes (points there are kept, so
+keep --windows as they were measured).
 """
 
 from __future__ import annotations
@@ -40,12 +46,14 @@ from layerprune.models.llamacpp_tools import VERSION  # noqa: E402
 RESULTS = HERE / "results" / "frontier.json"
 WORK = HERE / "work" / "frontier"
 CALIB, HELDOUT, SEQLEN = "fixture:val", "fixture:test", 512
-IMATRIX = {"samples": 32, "seqlen": 512}
+IMATRIX = {"samples": 8, "seqlen": 512}  # 4,096 tokens: llama-imatrix on f32 is minutes a window here
 DENSE_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")
-GRIDS = {"reduced": ("Q8_0", "Q4_K_M"), "full": ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M")}
-PRUNED = {"depth-20": ("depth", 0.2), "depth-30": ("depth", 0.3), "width-20": ("width", 0.2),
-          "width-30": ("width", 0.3)}  # fmt: skip
+GRIDS = {"reduced": ("Q8_0", "Q4_K_M"), "medium": ("Q8_0", "Q4_K_M", "Q3_K_M"),
+         "full": ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M")}  # fmt: skip
+PRUNED = {"depth-10": ("depth", 0.1), "depth-20": ("depth", 0.2), "depth-30": ("depth", 0.3),
+          "width-10": ("width", 0.1), "width-20": ("width", 0.2), "width-30": ("width", 0.3)}  # fmt: skip
 REFERENCE = "dense Q4_K_M"
+PRUNE_LAYERS = ("depth-20", "Q4_K_M")  # the depth point llama-quantize --prune-layers re-makes
 
 
 def make_model(key: str, dense: str) -> Path:
@@ -56,16 +64,18 @@ def make_model(key: str, dense: str) -> Path:
     kind, target = PRUNED[key]
     lm = lp.load(dense, quiet=True)
     if kind == "depth":
-        cached = WORK / "depth_scores.json"  # one scoring for both targets (minutes on a busy CPU)
-        if cached.is_file():
-            scores = lp.Scores.load(cached)
-        else:
-            calib = lp.calibration(lm, CALIB, samples=10, seqlen=128, kind="depth")
-            scores = lp.score(lm, "ppl", calib, progress=False)
-            scores.save(cached)
         per_block = sum(p.numel() for p in lm.adapter.blocks[0].parameters())
         count = round(target * sum(p.numel() for p in lm.adapter.blocks.parameters()) / per_block)
-        plan = lp.plan(lm, scores, remove=count)
+        plan = real_depth_plan(lm, count)
+        if plan is None:
+            cached = WORK / "depth_scores.json"  # one scoring for every target (minutes on a busy CPU)
+            if cached.is_file():
+                scores = lp.Scores.load(cached)
+            else:
+                calib = lp.calibration(lm, CALIB, samples=10, seqlen=128, kind="depth")
+                scores = lp.score(lm, "ppl", calib, progress=False)
+                scores.save(cached)
+            plan = lp.plan(lm, scores, remove=count)
         report = lp.apply(lm, plan, None, progress=False)
     else:
         calib = lp.calibration(lm, CALIB, samples=16, seqlen=512)
@@ -75,36 +85,69 @@ def make_model(key: str, dense: str) -> Path:
     return folder
 
 
+def real_depth_plan(lm, count: int):
+    """The blocks bench/real.py's `ppl` scoring chose for `count` blocks on this model, where it scored
+    on the same calibration windows (fixture:val, 10 x 128, seed 0): the set this bench would find,
+    without scoring 30 blocks again (a quarter hour on this busy CPU). None when real.json has no such set."""
+    from layerprune.plans import DepthPlan
+    from layerprune.scorers.run import model_info
+
+    path = HERE / "results" / "real.json"
+    if not path.is_file():
+        return None
+    real = json.loads(path.read_text())
+    meta = real.get("protocol", {})
+    row = real.get("depth", {}).get(f"ppl-{count}")
+    same = meta.get("calibration_text") == CALIB and meta.get("sizes", {}).get("depth") == {
+        "samples": 10,
+        "seqlen": 128,
+    }
+    params = sum(p.numel() for p in lm.model.parameters())
+    if not (row and same and meta.get("model") == "smollm2" and meta.get("parameters") == params):
+        return None
+    return DepthPlan(model=model_info(lm), method="ppl", remove=[str(b) for b in row["blocks"]],
+                     params={"remove": count, "from": f"bench/results/real.json depth/ppl-{count}"})  # fmt: skip
+
+
 def points(grid: str) -> list[tuple[str, str, bool]]:
-    """(model, quant, imatrix) in measuring order, the reduced grid's answer first: dense at every type,
-    the 20 % models, the 4- and 3-bit points with imatrix, the 30 % models, then the rest. F16 and
-    Q8_0 without imatrix only (it changes nothing there)."""
-    out = [("dense", q, False) for q in DENSE_QUANTS if q != "IQ4_XS"]
-    first, second = [k for k in PRUNED if k.endswith("20")], [k for k in PRUNED if k.endswith("30")]
-    out += [(k, q, False) for k in first for q in GRIDS[grid]]
-    out += [("dense", "Q4_K_M", True), ("dense", "Q3_K_M", True)]
-    out += [(k, q, True) for k in first for q in GRIDS[grid] if q != "Q8_0"]
-    out += [
-        (k, q, imat)
-        for k in second
-        for q in GRIDS[grid]
-        for imat in (False, True)
-        if not (imat and q == "Q8_0")
-    ]
-    out += [("dense", q, True) for q in ("Q6_K", "Q5_K_M", "Q2_K", "IQ4_XS")]
-    return out
+    """(model, quant, imatrix) in measuring order, the answer's skeleton first: dense at every type,
+    the 20 % models at the grid's types, the imatrix comparison (dense and width-20 at Q4_K_M /
+    Q3_K_M / Q2_K, with and without), the 10 % and 30 % models, then imatrix everywhere else. F16
+    and Q8_0 without imatrix only (it changes nothing there); F16 last of the dense (its eval is slow)."""
+    out = [("dense", q, False) for q in DENSE_QUANTS if q not in ("IQ4_XS", "F16")]
+    by_share = {s: [k for k in PRUNED if k.endswith(s)] for s in ("20", "10", "30")}
+    out += [(k, q, False) for k in by_share["20"] for q in GRIDS[grid]]
+    low = ("Q4_K_M", "Q3_K_M", "Q2_K")
+    out += [("dense", q, True) for q in low]
+    out += [("width-20", q, imat) for q in low for imat in (False, True)]
+    out += [(k, q, False) for s in ("10", "30") for k in by_share[s] for q in GRIDS[grid]]
+    out += [("dense", "F16", False)]
+    out += [(k, q, True) for s in ("20", "10", "30") for k in by_share[s] for q in GRIDS[grid] if q != "Q8_0"]
+    out += [("dense", q, True) for q in ("Q6_K", "Q5_K_M", "IQ4_XS")]
+    seen = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
 
 
 def name(model: str, quant: str, imatrix: bool) -> str:
     return f"{model} {quant}" + (" imatrix" if imatrix else "")
 
 
-def measure_point(folder: Path, model: str, quant: str, imatrix: bool, windows: int, threads: int) -> dict:
-    gguf = WORK / "gguf" / f"{model}.{quant}{'.imatrix' if imatrix else ''}.gguf"
-    t0 = time.perf_counter()
+def gguf_path(model: str, quant: str, imatrix: bool) -> Path:
+    return WORK / "gguf" / f"{model}.{quant}{'.imatrix' if imatrix else ''}.gguf"
+
+
+def ensure_gguf(folder: Path, model: str, quant: str, imatrix: bool, threads: int) -> Path:
+    """The point's file, exported by `layerprune export --quant` unless it is there (kept for speed)."""
+    gguf = gguf_path(model, quant, imatrix)
     if not gguf.is_file():
         lp.export_gguf(folder, gguf, quant=quant, imatrix=CALIB if imatrix else None, threads=threads,
                        imatrix_samples=IMATRIX["samples"], imatrix_seqlen=IMATRIX["seqlen"])  # fmt: skip
+    return gguf
+
+
+def measure_point(folder: Path, model: str, quant: str, imatrix: bool, windows: int, threads: int) -> dict:
+    t0 = time.perf_counter()
+    gguf = ensure_gguf(folder, model, quant, imatrix, threads)
     export_s = time.perf_counter() - t0
     r = lp.perplexity_gguf(gguf, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads, progress=False)
     return {"model": model, "quant": quant, "imatrix": imatrix, "gguf": str(gguf.relative_to(HERE)),
@@ -112,9 +155,66 @@ def measure_point(folder: Path, model: str, quant: str, imatrix: bool, windows: 
             "export_seconds": export_s, "eval_seconds": r.seconds}  # fmt: skip
 
 
+def prune_layers_check(
+    doc: dict, folders: dict, model: str, quant: str, windows: int, threads: int, evaluate: bool = True
+) -> dict:
+    """The depth model's blocks dropped by llama.cpp's own `llama-quantize --prune-layers` from the dense
+    model's GGUF (stored type), against our export of the pruned folder at the same type: tensor by
+    tensor (name, type, data), metadata (all but general.* and layerprune.*), and held-out perplexity
+    on the same windows (ours: the frontier's point)."""
+    import hashlib
+
+    from gguf import GGUFReader
+
+    from layerprune.checkpoint import read_record
+    from layerprune.models.llamacpp import stored_outtype
+    from layerprune.models.llamacpp_tools import find_tools, run_tool
+
+    plan, _ = read_record(folders[model])
+    layers = sorted(int(r) for r in plan.remove)  # whole blocks (the depth models here remove only those)
+    ours = ensure_gguf(folders[model], model, quant, False, threads)
+    base = WORK / "gguf" / "dense.base.gguf"
+    if not base.is_file():
+        to_gguf(folders["dense"], base, outtype=stored_outtype(folders["dense"]))
+    theirs = WORK / "gguf" / f"{model}.{quant}.prune-layers.gguf"
+    if not theirs.is_file():
+        run_tool(find_tools(), "llama-quantize", ["--prune-layers", ",".join(map(str, layers)), str(base),
+                 str(theirs), quant, str(threads)], "the dense GGUF")  # fmt: skip
+
+    def read(path: Path) -> tuple[dict, dict]:
+        r = GGUFReader(str(path))
+        tensors = {
+            t.name: (t.tensor_type.name, hashlib.sha256(bytes(t.data)).hexdigest()[:16]) for t in r.tensors
+        }
+        fields = {k: repr(f.contents()) for k, f in r.fields.items()
+                  if not k.startswith(("general.", "layerprune.", "GGUF."))}  # fmt: skip
+        return tensors, fields
+
+    (ta, fa), (tb, fb) = read(ours), read(theirs)
+    tensors_differing = sorted(k for k in ta.keys() | tb.keys() if ta.get(k) != tb.get(k))
+    metadata_differing = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    point = doc["points"][name(model, quant, False)]
+    if (tensors_differing or metadata_differing) and not evaluate:
+        theirs_ppl, same = None, None
+    elif tensors_differing or metadata_differing:
+        r = lp.perplexity_gguf(theirs, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads,
+                               tokenizer=str(folders[model]), progress=False)  # fmt: skip
+        theirs_ppl, same = r.ppl, r.protocol["fingerprint"] == point["windows_fingerprint"]
+    else:  # the same tensors, bit for bit, and the same hyperparameters: the same computation
+        theirs_ppl, same = point["heldout_ppl"], True
+    return {"model": model, "quant": quant, "pruned_layers": layers, "tensors": len(ta),
+            "tensors_differing": tensors_differing, "metadata_differing": metadata_differing,
+            "heldout_ppl": {"layerprune_export": point["heldout_ppl"], "llama_quantize_prune_layers": theirs_ppl},
+            "ppl_by": ("llama.cpp" if evaluate else "not measured") if tensors_differing or metadata_differing
+            else "same tensors and hyperparameters as ours",
+            "ratio": theirs_ppl / point["heldout_ppl"] if theirs_ppl else None, "same_windows": same,
+            "types_differing": {k: [ta[k][0], tb[k][0]] for k in tensors_differing if k in ta and k in tb},
+            "bytes": {"layerprune_export": ours.stat().st_size, "llama_quantize_prune_layers": theirs.stat().st_size}}  # fmt: skip
+
+
 def engine_check(folder: Path, model: str, windows: int, threads: int) -> dict:
     """llama.cpp's perplexity of the F32 GGUF against layerprune's own of the folder, same windows."""
-    gguf = WORK / "gguf" / f"{model}.F32.gguf"
+    gguf = gguf_path(model, "F32", False)
     if not gguf.is_file():
         to_gguf(folder, gguf, outtype="f32")
     ours = lp.perplexity(
@@ -127,12 +227,17 @@ def engine_check(folder: Path, model: str, windows: int, threads: int) -> dict:
             "same_windows": ours.protocol["fingerprint"] == theirs.protocol["fingerprint"]}  # fmt: skip
 
 
-def speed_rounds(doc: dict, rounds: int, threads: int, path: Path) -> None:
-    """llama-bench over every point, interleaved; ratios to dense Q4_K_M of the same round."""
+def speed_rounds(doc: dict, folders: dict, rounds: int, repetitions: int, threads: int, path: Path) -> None:
+    """llama-bench over every point, interleaved; ratios to dense Q4_K_M of the same round. A point's
+    file that is gone is exported again first (the export is deterministic: same bytes)."""
     pts = doc["points"]
+    for p in pts.values():
+        if p["model"] not in folders:
+            folders[p["model"]] = make_model(p["model"], str(folders["dense"]))
+        ensure_gguf(folders[p["model"]], p["model"], p["quant"], p["imatrix"], threads)
     done = min((len(p.get("speed_runs", [])) for p in pts.values()), default=0)
     for _ in range(done, rounds):
-        runs = {k: speed(HERE / p["gguf"], threads=threads, repetitions=2) for k, p in pts.items()}
+        runs = {k: speed(HERE / p["gguf"], threads=threads, repetitions=repetitions) for k, p in pts.items()}
         ref = runs[REFERENCE]
         for k, r in runs.items():
             row = {m: r[f"{m}_tokens_per_s"] for m in ("pp128", "tg64")}
@@ -145,6 +250,61 @@ def speed_rounds(doc: dict, rounds: int, threads: int, path: Path) -> None:
                 p[f"{m}_tokens_per_s"] = statistics.median(r[m] for r in p["speed_runs"])
                 p[f"{m}_vs_ref"] = statistics.median(r[f"{m}_vs_ref"] for r in p["speed_runs"])
         write(doc, path)
+
+
+def cpu_speed(gguf: Path, prompt: int = 128, generate: int = 64) -> dict:
+    """Tokens per CPU-second of one llama.cpp thread (the bindings, the library llama-bench links):
+    a prompt of `prompt` tokens in one batch, then `generate` tokens one at a time (batch 1). CPU time,
+    not wall time: on this shared machine a niced process waits most of its wall time (llama-bench's
+    wall-clock tokens/s of one file varied 18-fold between rounds), and its own CPU time does not count
+    the waiting. The ids are fixed and arbitrary (the cost of a token does not depend on which it is)."""
+    from layerprune.models.llamacpp_tools import bindings, find_tools
+
+    ids = [(1000 + 7919 * i) % 40000 for i in range(prompt + generate)]
+    llm = bindings(find_tools()).Llama(model_path=str(gguf), n_ctx=prompt + generate, n_batch=prompt,
+                                       n_threads=1, n_threads_batch=1, verbose=False)  # fmt: skip
+    try:
+        llm.eval(ids[:16])  # warm-up: first-touch of the weights, buffers
+        llm.reset()
+        t = time.process_time()
+        llm.eval(ids[:prompt])
+        pp = prompt / (time.process_time() - t)
+        t = time.process_time()
+        for tok in ids[prompt:]:
+            llm.eval([tok])
+        tg = generate / (time.process_time() - t)
+    finally:
+        llm.close()
+    return {"pp128": pp, "tg64": tg}
+
+
+def cpu_rounds(doc: dict, folders: dict, rounds: int, threads: int, path: Path) -> None:
+    """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians)."""
+    pts = doc["points"]
+    for p in pts.values():
+        if p["model"] not in folders:
+            folders[p["model"]] = make_model(p["model"], str(folders["dense"]))
+        ensure_gguf(folders[p["model"]], p["model"], p["quant"], p["imatrix"], threads)
+    timed = {k: p for k, p in pts.items() if not p["imatrix"]}  # an imatrix file runs as its twin: same types
+    done = min((len(p.get("cpu_runs", [])) for p in timed.values()), default=0)
+    for _ in range(done, rounds):
+        runs = {k: cpu_speed(HERE / p["gguf"]) for k, p in timed.items()}
+        ref = runs[REFERENCE]
+        for k, r in runs.items():
+            pts[k].setdefault("cpu_runs", []).append({**r, **{f"{m}_vs_ref": r[m] / ref[m] for m in r}})
+        for p in timed.values():
+            for m in ("pp128", "tg64"):
+                p[f"{m}_cpu_tokens_per_s"] = statistics.median(r[m] for r in p["cpu_runs"])
+                p[f"{m}_cpu_vs_ref"] = statistics.median(r[f"{m}_vs_ref"] for r in p["cpu_runs"])
+        write(doc, path)
+    for p in pts.values():
+        twin = timed.get(name(p["model"], p["quant"], False))
+        if p["imatrix"] and twin and "tg64_cpu_vs_ref" in twin:
+            p.update(
+                {k: v for k, v in twin.items() if "_cpu_" in k},
+                speed_from=name(p["model"], p["quant"], False),
+            )
+    write(doc, path)
 
 
 def pareto(pts: list[dict], x: str, lower_x: bool) -> list[dict]:
@@ -165,7 +325,7 @@ def answer(doc: dict) -> dict:
     out = {}
     for x, lower, what in (
         ("bytes", True, "bytes"),
-        ("tg64_vs_ref", False, "generation tok/s (x dense Q4_K_M)"),
+        ("tg64_cpu_vs_ref", False, "generation tok/s (x dense Q4_K_M)"),
     ):
         have = [p for p in pts if x in p]
         if not have:
@@ -197,17 +357,18 @@ def charts(doc: dict, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     pts = [{"name": k, **p} for k, p in doc["points"].items()]
-    colors = {"dense": "black", "depth-20": "tab:blue", "depth-30": "tab:cyan", "width-20": "tab:red",
-              "width-30": "tab:orange"}  # fmt: skip
+    colors = {"dense": "black", "depth-10": "tab:purple", "depth-20": "tab:blue", "depth-30": "tab:cyan",
+              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange"}  # fmt: skip
     made = []
     for x, lower, label, file in (
         ("bytes", True, "file size (MiB)", "frontier_bytes.png"),
         (
-            "tg64_vs_ref",
+            "tg64_cpu_vs_ref",
             False,
-            "generation tokens/s, x dense Q4_K_M in the same round (llama-bench tg64)",
+            "generation tokens per CPU-second, batch 1, x dense Q4_K_M in the same round (1 thread)",
             "frontier_speed.png",
         ),
     ):
@@ -231,6 +392,8 @@ def charts(doc: dict, folder: Path) -> list[Path]:
         ax.set_xlabel(label)
         ax.set_ylabel(f"held-out perplexity in llama.cpp ({HELDOUT}, seqlen {SEQLEN})")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 20, 30, not 2 x 10^1
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_title("SmolLM2-135M-Instruct: pruned × quantized (llama.cpp, CPU)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -244,30 +407,62 @@ def charts(doc: dict, folder: Path) -> list[Path]:
 
 
 def markdown(doc: dict) -> str:
-    """The tables of the docs page from frontier.json: every point by size, and the engine check."""
-    ans = doc.get("answer") or answer(doc)
+    """The docs page's tables from frontier.json: every point by size, the imatrix pairs, the checks,
+    the answer, and the grid's points not measured."""
+    ans = answer(doc)  # from the points, not a stored answer that may predate some
     fronts = {what: set(a["front"]) for what, a in ans.items()}
+    pts = doc["points"]
     out = ["| point | MiB | held-out ppl (llama.cpp) | generation × dense Q4_K_M | prompt × dense Q4_K_M | "
            "on a front |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
-    for key, p in sorted(doc["points"].items(), key=lambda kv: kv[1]["bytes"]):
+    for key, p in sorted(pts.items(), key=lambda kv: kv[1]["bytes"]):
         on = ", ".join("size" if w == "bytes" else "speed" for w, f in fronts.items() if key in f)
-        tg, pp = p.get("tg64_vs_ref"), p.get("pp128_vs_ref")
+        tg, pp = p.get("tg64_cpu_vs_ref"), p.get("pp128_cpu_vs_ref")
         out.append(f"| {key} | {p['bytes'] / 2**20:.1f} | {p['heldout_ppl']:.2f} | "
                    f"{f'{tg:.2f}' if tg else '—'} | {f'{pp:.2f}' if pp else '—'} | {on} |")  # fmt: skip
+    pairs = [(k, pts[k], pts[f"{k} imatrix"]) for k in pts if f"{k} imatrix" in pts]
+    if pairs:
+        out += ["", "| point | ppl without imatrix | ppl with imatrix (fixture:val) | with / without |",
+                "|---|---:|---:|---:|"]  # fmt: skip
+        for key, without, with_ in pairs:
+            out.append(f"| {key} | {without['heldout_ppl']:.2f} | {with_['heldout_ppl']:.2f} | "
+                       f"{with_['heldout_ppl'] / without['heldout_ppl']:.3f} |")  # fmt: skip
     if doc.get("engine_check"):
         out += ["", "| model (F32 GGUF) | layerprune ppl | llama.cpp ppl | ratio | same windows |",
                 "|---|---:|---:|---:|---|"]  # fmt: skip
         for key, c in doc["engine_check"].items():
             out.append(f"| {key} | {c['layerprune_ppl']:.4f} | {c['llama_cpp_ppl']:.4f} | {c['ratio']:.5f} | "
                        f"{'✓' if c['same_windows'] else '✗'} |")  # fmt: skip
+    for key, c in (doc.get("prune_layers_check") or {}).items():
+        ppl = c["heldout_ppl"]
+        theirs = ppl["llama_quantize_prune_layers"]
+        theirs_s = "not measured" if theirs is None else f"{theirs:.4f}"
+        ratio_s = "—" if c.get("ratio") is None else f"{c['ratio']:.5f}"
+        types = ", ".join(f"{k}: ours {a}, theirs {b}" for k, (a, b) in c.get("types_differing", {}).items())
+        out += ["", "| llama-quantize --prune-layers | blocks dropped | tensors differing | metadata differing | "
+                "ppl ours | ppl llama-quantize | ratio |", "|---|---|---:|---|---:|---:|---:|",
+                f"| {key} | {', '.join(map(str, c['pruned_layers']))} | {len(c['tensors_differing'])} of "
+                f"{c['tensors']} ({types}) | {', '.join(c['metadata_differing']) or 'none'} | "
+                f"{ppl['layerprune_export']:.4f} | {theirs_s} | {ratio_s} |"]  # fmt: skip
+    out.append("")
+    for what, a in ans.items():
+        close = a.get("closest_pruned")
+        gap = (f"; the closest pruned point, {close['point']}, has {close['ppl_ratio']:.2f} × the perplexity of "
+               f"{close['dense']}, the best dense point at least as small / fast" if close else "")  # fmt: skip
+        out.append(f"- Front of ({what}, perplexity): {', '.join(a['front'])}. Pruned points on it: "
+                   f"{', '.join(a['pruned_on_front']) or 'none'}{gap}.")  # fmt: skip
+    grid = doc.get("protocol", {}).get("grid", "medium")
+    missing = [name(*p) for p in points(grid if grid in GRIDS else "medium") if name(*p) not in pts]
+    if missing:
+        out.append(f"- Not measured yet ({grid} grid): {', '.join(missing)}.")
     return "\n".join(out)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", choices=tuple(GRIDS), default="reduced")
-    p.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens")
+    p.add_argument("--grid", choices=tuple(GRIDS), default="medium")
+    p.add_argument("--windows", type=int, default=4, help="held-out windows of 512 tokens (as measured: 4)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repetitions", type=int, default=2, help="llama-bench repetitions per round")
     p.add_argument(
         "--threads", type=int, default=1, help="llama.cpp threads (1: on a busy machine OpenMP threads spin)"
     )
@@ -276,7 +471,12 @@ def main() -> int:
         "--points", default=None, help="comma-separated point names ('dense Q4_K_M,width-20 Q8_0')"
     )
     p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--no-check", action="store_true", help="skip the F32 llama.cpp vs layerprune check")
+    p.add_argument("--checks", default="engine,prune-layers,prune-layers-ppl",
+                   help="which checks run (comma-separated; prune-layers-ppl: evaluate llama-quantize's file when it differs)")  # fmt: skip
+    p.add_argument("--speed-by", choices=("cpu", "wall"), default="cpu",
+                   help="cpu: tokens per CPU-second in the bindings (what a busy machine can measure); wall: llama-bench")  # fmt: skip
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the checks: F32 llama.cpp vs layerprune, llama-quantize --prune-layers vs our export")  # fmt: skip
     p.add_argument(
         "--charts", action="store_true", help="charts and the answer from the results; measure nothing"
     )
@@ -298,8 +498,11 @@ def main() -> int:
         "heldout": {"dataset": HELDOUT, "seqlen": SEQLEN, "windows": args.windows, "engine": "llama.cpp (bindings)",
                     "kv_cache": "f32"},
         "imatrix": {"source": CALIB, **IMATRIX, "bos": "first"},
-        "speed": {"tool": "llama-bench", "prompt": 128, "generate": 64, "repetitions": 2, "threads": args.threads,
-                  "rounds": args.rounds, "reference": REFERENCE},
+        "speed": {"cpu": {"engine": "llama.cpp (bindings)", "clock": "process CPU time", "prompt": 128, "generate": 64,
+                          "threads": 1, "rounds": args.rounds, "reference": REFERENCE},
+                  "wall": {"tool": "llama-bench", "prompt": 128, "generate": 64, "threads": args.threads,
+                           "rounds": 2, "repetitions": 1, "reference": REFERENCE,
+                           "note": "speed_runs: wall clock on the shared 2-core machine, niced; too noisy to use"}},
         "pruning": {"depth": "ppl scores, 10 x 128 fixture:val", "width": "OWL, Wanda-sp 16 x 512 fixture:val, "
                     "--deploy decilm", "recovery": None},
         "grid": args.grid, "llama_cpp": VERSION,
@@ -323,14 +526,29 @@ def main() -> int:
             f"{key}: ppl {doc['points'][key]['heldout_ppl']:.3f}, {doc['points'][key]['bytes'] / 2**20:.1f} MiB"
         )
         write(doc, args.output)
-    if not args.no_check:
+    checks = set() if args.no_check else set(args.checks.split(","))
+    if "engine" in checks:
         for model, folder in folders.items():
             if model not in doc["engine_check"]:
                 doc["engine_check"][model] = engine_check(folder, model, args.windows, args.threads)
                 print(f"engine check {model}: {doc['engine_check'][model]}")
                 write(doc, args.output)
+    key = f"{PRUNE_LAYERS[0]} {PRUNE_LAYERS[1]}"
+    if (
+        "prune-layers" in checks
+        and key in doc["points"]
+        and key not in doc.setdefault("prune_layers_check", {})
+    ):
+        folders.setdefault(PRUNE_LAYERS[0], make_model(PRUNE_LAYERS[0], dense))
+        doc["prune_layers_check"][key] = prune_layers_check(doc, folders, *PRUNE_LAYERS, args.windows, args.threads,
+                                                            evaluate="prune-layers-ppl" in checks)  # fmt: skip
+        print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
+        write(doc, args.output)
     if not args.no_speed and REFERENCE in doc["points"]:
-        speed_rounds(doc, args.rounds, args.threads, args.output)
+        if args.speed_by == "wall":
+            speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
+        else:
+            cpu_rounds(doc, folders, args.rounds, args.threads, args.output)
     doc["answer"] = answer(doc)
     write(doc, args.output)
     charts(doc, args.output.parent)

@@ -17,12 +17,15 @@ from . import ROOT
 
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-RENDERERS = ("real", "search", "peers", "serve", "recover")  # the benches with a --markdown renderer
+# the benches with a --markdown renderer
+RENDERERS = ("real", "search", "peers", "serve", "recover", "frontier")
 CHARTS = {  # charts the benches write beside their results, as the site names them
     "real_report/perplexity.png": "benchmarks/charts/real-perplexity.png",
     "real_report/allocation.png": "benchmarks/charts/real-allocation.png",
     "recover_report/perplexity.png": "benchmarks/charts/recover-perplexity.png",
     "recover_report/allocation.png": "benchmarks/charts/recover-allocation.png",
+    "frontier_bytes.png": "benchmarks/charts/frontier-bytes.png",
+    "frontier_speed.png": "benchmarks/charts/frontier-speed.png",
 }
 
 

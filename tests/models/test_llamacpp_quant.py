@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import layerprune as lp
 from layerprune.checkpoint import export
@@ -109,6 +110,47 @@ def test_imatrix_is_computed_on_the_calibration_windows(folders, tmp_path):
     meta = bytes(GGUFReader(str(out)).fields["layerprune.imatrix"].parts[-1]).decode()
     assert w.fingerprint in meta
     assert np.isfinite(lp.perplexity_gguf(out, "fixture:test", progress=False, **HELDOUT).ppl)
+
+
+@needs_tools
+def test_a_window_llamacpp_does_not_give_back_is_left_out_of_the_imatrix(folders, tmp_path):
+    """llama-imatrix reads text: a window whose ids are not what the tokenizer makes of its text (here
+    one token written as two pieces that BPE merges back; on SmolLM2, whitespace before a digit, where
+    llama.cpp and HF split differently) cannot reach it, and would shift every chunk after it. It is
+    left out; the other windows reach the tool exactly."""
+    from layerprune.data import Windows
+    from layerprune.models.llamacpp_quant import quantize
+
+    folder = folders / "llama"
+    lm = lp.load(str(folder), quiet=True)
+    tok, vocab = lm.tokenizer, lm.tokenizer.get_vocab()
+    w = lp.calibration(lm, "fixture:val", samples=4, seqlen=128, bos="first", kind="sparsity")
+    rows = w.input_ids.tolist()
+    for j in range(1, 127):
+        piece = tok.convert_ids_to_tokens(rows[2][j])
+        cuts = [k for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        if not cuts:
+            continue
+        split = (rows[2][:j] + [vocab[piece[: cuts[0]]], vocab[piece[cuts[0] :]]] + rows[2][j + 1 :])[:128]
+        if tok(tok.decode(split[1:]), add_special_tokens=False)["input_ids"] != split[1:]:  # merged back
+            rows[2] = split
+            break
+    else:
+        pytest.fail("no token of window 2 splits into two pieces the tokenizer merges back")
+    quantize(folder, tmp_path / "m.gguf", "Q4_K_M", windows=Windows(torch.tensor(rows), dict(w.protocol)),
+             tokenizer=tok, threads=1)  # fmt: skip
+    record = json.loads((tmp_path / "m.gguf.json").read_text())["quantization"]["imatrix"]
+    kept = [r for i, r in enumerate(rows) if i != 2]
+    assert record["windows_left_out"] == [2] and record["chunks"] == 3
+    assert (
+        record["llama_cpp_ids_fingerprint"]
+        == hashlib.sha256(np.asarray(kept, dtype=np.int64).tobytes()).hexdigest()[:16]
+    )
+    assert np.isfinite(
+        lp.perplexity_gguf(
+            tmp_path / "m.gguf", "fixture:test", progress=False, tokenizer=str(folder), **HELDOUT
+        ).ppl
+    )
 
 
 @needs_tools

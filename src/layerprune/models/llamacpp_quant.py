@@ -6,10 +6,13 @@ The windows reach llama-imatrix as text, since it reads nothing else: each windo
 BOS are decoded on their own and the windows joined by the BOS token's text, which the tool parses
 as the special token (--parse-special), so that no merge crosses a window's edge; the tool cuts
 chunks of seqlen tokens, so chunk i is window i. (The windows therefore start with BOS even for a
-model evaluated without one, as SmolLM2 is: one token of seqlen, the separator.) Whether llama.cpp's tokenizer gives back
-exactly the windows' token ids is checked before the tool runs (with llama.cpp's own tokenizer, the
-function the tool calls); a window that does not round-trip is one line, and the fingerprint of the
-ids llama-imatrix sees is recorded beside the windows' own.
+model evaluated without one, as SmolLM2 is: one token of seqlen, the separator.) Whether llama.cpp's
+tokenizer gives back exactly each window's token ids is checked before the tool runs (with llama.cpp's
+own tokenizer, the function the tool calls). A window it does not give back is left out, and the
+record names it: llama.cpp's and Hugging Face's tokenizers disagree on rare text (on SmolLM2, a
+newline, spaces and a digit: HF 'ĊĠĠ' 'Ġ' '2', llama.cpp 'ĊĠĠĠ' '2'; about one window of 512 tokens
+in five of fixture:val), and one such window would shift every chunk after it. Fewer than 2 windows
+left is one line. The fingerprint of the ids llama-imatrix sees is recorded beside the windows' own.
 
 The output is written beside its destination under a temporary name and renamed when complete; its
 metadata carries `layerprune.*` keys (source, plan, quantization, imatrix windows) and a sidecar
@@ -67,6 +70,17 @@ def window_bodies(tokenizer, rows: list[list[int]]) -> tuple[str, list[str]]:
     return tokenizer.convert_ids_to_tokens(bos_id), bodies
 
 
+def window_ids(tools: Tools, gguf: Path, texts: list[str]) -> list[list[int]]:
+    """Each text as llama.cpp's tokenizer gives it (special tokens parsed, no BOS added: each text
+    starts with the BOS token's own text)."""
+    llama_cpp = bindings(tools)
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+    finally:
+        llm.close()
+
+
 def imatrix_input(
     tools: Tools, gguf: Path, bos_text: str, bodies: list[str], seqlen: int
 ) -> tuple[str, list[list[int]]]:
@@ -95,12 +109,21 @@ def compute_imatrix(
     if len(rows) < 2:
         raise LayerpruneError("--imatrix needs at least 2 calibration windows (llama-imatrix's minimum)")
     bos_text, bodies = window_bodies(tokenizer, rows)
-    text, seen = imatrix_input(tools, gguf, bos_text, bodies, seqlen)
-    bad = [i for i, (a, b) in enumerate(zip(rows, seen)) if a != b] + list(range(len(seen), len(rows)))
-    if bad or len(seen) != len(rows):
+    back = window_ids(tools, gguf, [bos_text + b for b in bodies])
+    dropped = [i for i, (row, ids) in enumerate(zip(rows, back)) if row != ids]
+    kept = [i for i in range(len(rows)) if i not in dropped]
+    if len(kept) < 2:
         raise LayerpruneError(
-            f"{len(bad)} of {len(rows)} calibration windows do not tokenize back to the same ids in llama.cpp "
-            f"(first: window {bad[0] if bad else len(rows)}); use another --imatrix source or --imatrix-seqlen"
+            f"{len(dropped)} of {len(rows)} calibration windows do not tokenize back to the same ids in llama.cpp, "
+            "and llama-imatrix needs 2; use another --imatrix source or a shorter --imatrix-seqlen"
+        )
+    text, seen = imatrix_input(tools, gguf, bos_text, [bodies[i] for i in kept], seqlen)
+    if seen != [
+        rows[i] for i in kept
+    ]:  # each window gives itself back, so only a broken separator lands here
+        raise LayerpruneError(
+            "llama.cpp's tokenizer does not split the calibration text at the BOS token between windows; "
+            "drop --imatrix for this model"
         )
     (work / "calib.txt").write_text(text + "\n", encoding="utf-8")  # -f drops one trailing newline
     out = work / "imatrix.gguf"
@@ -110,7 +133,8 @@ def compute_imatrix(
     if not out.is_file():
         raise LayerpruneError(f"llama-imatrix wrote no {out.name}")
     record = {"windows": dict(windows.protocol), "ids_fingerprint": ids_fingerprint(rows),
-              "llama_cpp_ids_fingerprint": ids_fingerprint(seen), "chunks": len(seen), "chunk_tokens": seqlen}  # fmt: skip
+              "llama_cpp_ids_fingerprint": ids_fingerprint(seen), "chunks": len(seen), "chunk_tokens": seqlen,
+              "windows_left_out": dropped}  # fmt: skip
     return out, record
 
 
