@@ -533,7 +533,7 @@ def main() -> int:
         "agreement": {**windows.protocol, "top_k_vllm": TOPK, "dtype": "float32", "reference": "layerprune, float64 log-softmax of fp32 logits"},
         "greedy": {"prompt": GREEDY[0], "new": GREEDY[1]},
         "speed": {"prompts": prompts_w.protocol, "prompt_tokens": PROMPT, "new_tokens": NEW, "batch": [1, BATCH],
-                  "rounds": args.rounds, "threads": THREADS, "env": ENV, "prefix_caching": False, "enforce_eager": True},
+                  "threads": THREADS, "env": ENV, "prefix_caching": False, "enforce_eager": True},
         "models": "bench/serve.py's make_model (same plans and calibration)",
     }  # fmt: skip
     save(doc, args.output, engines)
