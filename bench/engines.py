@@ -1,7 +1,7 @@
 """What we prune, served by vLLM (its CPU build) and mlx-lm (mlx-cpu): agreement with layerprune and speed.
 
     python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--rounds 3]
-                            [--no-speed] [--markdown]
+                            [--no-speed] [--markdown [--docs]] [--serve ROW]
 
 1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (default
    `~/.cache/layerprune/engines/`) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
@@ -24,6 +24,13 @@
      first), pruned / dense per round, median and range: vLLM `LLM.generate` at batch 1 and 16 (prompts
      of 128 held-out tokens, 128 new tokens, ignore_eos, prefix caching off), prompt throughput (16 x 128
      tokens, 1 new); mlx-lm `generate_step` at batch 1. 2 CPU threads (vLLM: VLLM_CPU_OMP_THREADS_BIND=0-1).
+
+4. `--serve ROW`: the OpenAI-compatible server of vLLM on ROW's folder (started by its module: vLLM-CPU's
+   `vllm` command fails, see cli_check), on a free loopback port, asked by the official `openai` client
+   for 16 greedy tokens (the prompt as text, then as token ids) and compared with layerprune's greedy
+   continuation; under "vllm_serve".
+5. `--markdown [--docs]`: the two tables of docs/guides/serving.md's "Measured" (--docs: written there,
+   between its markers).
 
 Written to bench/results/engines.json after every row; rows already there are kept unless --fresh.
 vLLM's engine is a spawned process: that is why the worker's work sits under `if __name__ == "__main__"`.
@@ -51,9 +58,11 @@ from _results import write  # noqa: E402
 
 import layerprune as lp  # noqa: E402
 from layerprune.checkpoint import legacy_rope  # noqa: E402
-from layerprune.io import atomic_write_json  # noqa: E402
+from layerprune.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = HERE / "results" / "engines.json"
+DOCS = ROOT / "docs" / "guides" / "serving.md"
+DOCS_MARKS = ("<!-- bench/engines.py --markdown --docs: from here -->", "<!-- bench/engines.py: to here -->")
 SPECS = HERE / "serving_engines"
 WORKER = SPECS / "worker.py"
 MODELS = (
@@ -495,6 +504,9 @@ def main() -> int:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the table from the results and stop")
     p.add_argument(
+        "--docs", action="store_true", help="with --markdown: into docs/guides/serving.md's Measured"
+    )
+    p.add_argument(
         "--serve",
         metavar="ROW",
         default=None,
@@ -503,7 +515,14 @@ def main() -> int:
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.markdown:
-        print(markdown(json.loads(args.output.read_text())))
+        table = markdown(json.loads(args.output.read_text()))
+        if args.docs:
+            text = DOCS.read_text()
+            start, end = text.index(DOCS_MARKS[0]) + len(DOCS_MARKS[0]), text.index(DOCS_MARKS[1])
+            atomic_write_text(DOCS, text[:start] + "\n" + table + "\n" + text[end:])
+            print(f"wrote {DOCS}")
+        else:
+            print(table)
         return 0
     doc = json.loads(args.output.read_text()) if args.output.exists() else {}
     if args.serve:
