@@ -1,7 +1,7 @@
 """What we prune, served by vLLM (its CPU build) and mlx-lm (mlx-cpu): agreement with layerprune and speed.
 
-    python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--rounds 3]
-                            [--no-speed] [--markdown [--docs]] [--serve ROW]
+    python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--fresh-speed ROW,...]
+                            [--rounds 3] [--no-speed] [--markdown [--docs]] [--serve ROW]
 
 1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (default
    `~/.cache/layerprune/engines/`) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
@@ -498,6 +498,7 @@ def main() -> int:
     p.add_argument("--engines", default="vllm,mlx")
     p.add_argument("--only", default=None, help="comma-separated model ids (dense's own row only if named)")
     p.add_argument("--fresh", default="", help="comma-separated model ids to measure again")
+    p.add_argument("--fresh-speed", default="", help="comma-separated model ids whose speed to measure again")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--windows", type=int, default=AGREEMENT[0], help="held-out windows for the agreement")
     p.add_argument("--seqlen", type=int, default=AGREEMENT[1], help="tokens per agreement window")
@@ -535,9 +536,12 @@ def main() -> int:
         return 0
     doc["benchmark"] = "pruned SmolLM2-135M-Instruct served by vLLM (CPU build) and mlx-lm (mlx-cpu), fp32"
     fresh = set(filter(None, args.fresh.split(",")))
+    fresh_speed = set(filter(None, args.fresh_speed.split(",")))
     for models in doc.get("engines", {}).values():
         for k in fresh & set(models):
             del models[k]
+        for k in fresh_speed & set(models):
+            models[k].pop("speed", None)
     engines = args.engines.split(",")
     keys = models_wanted(set(args.only.split(",")) if args.only else None)
     models = Models()
