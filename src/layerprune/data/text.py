@@ -55,6 +55,7 @@ class Text:
     name: str  # how the source was named, e.g. "fixture:test", "wikitext2:test", a path
     documents: list[str]
     _text: str | None = field(default=None, repr=False)
+    _sha256: str | None = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -63,8 +64,15 @@ class Text:
         return self._text
 
     @property
+    def sha256(self) -> str:
+        """The joined text's sha256 (hex), computed once."""
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.text.encode()).hexdigest()
+        return self._sha256
+
+    @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+        return self.sha256[:16]
 
 
 def _split_of(spec: str, default: str) -> tuple[str, str]:

@@ -59,7 +59,7 @@ def encode_text(tokenizer, text: Text) -> Sequence[int]:
     tok = _tokenizer_key(tokenizer) if len(text.text) <= _CACHED_CHARS else None
     if tok is None:
         return encode(tokenizer, text.text)
-    key = (tok, hashlib.sha256(text.text.encode()).hexdigest())
+    key = (tok, text.sha256)
     hit = _ENCODED.get(key)
     if hit is None:
         hit = _ENCODED[key] = tuple(encode(tokenizer, text.text))

@@ -130,7 +130,8 @@ def kd_loss(
     with torch.set_grad_enabled(bool(mix) and torch.is_grad_enabled()):
         lse1 = lse if temperature == 1.0 else torch.logsumexp(s.float(), dim=-1)
         target = labels[:, 1:].clamp(min=0).unsqueeze(-1)
-        nll = lse1 - s.float().gather(-1, target).squeeze(-1)
+        # the label's logit gathered, then widened: no float32 copy of bf16 / fp16 logits for one value
+        nll = lse1 - s.gather(-1, target).squeeze(-1).float()
         lm = torch.where(mask, nll, torch.zeros_like(nll)).sum() / n
     loss = (1 - mix) * kd + mix * lm if mix else kd
     return loss, {"kd": float(kd.detach()), "lm": float(lm.detach())}
