@@ -62,15 +62,13 @@ def perplexity_in_llamacpp(
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True,
                           n_threads=threads, n_threads_batch=threads, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
                           verbose=False)  # fmt: skip
-    vocab = llm.n_vocab()
-    top = max(max(r) for r in rows)
-    if top >= vocab:
-        llm.close()
-        raise LayerpruneError(
-            f"the windows hold token id {top}, but {gguf.name} has {vocab} tokens: the tokenizer is not this model's"
-        )
     nll = 0.0
     try:
+        vocab, top = llm.n_vocab(), max(max(r) for r in rows)
+        if top >= vocab:
+            raise LayerpruneError(
+                f"the windows hold token id {top}, but {gguf.name} has {vocab} tokens: the tokenizer is not this model's"
+            )
         for row in tqdm(
             rows, desc="perplexity (llama.cpp)", unit="window", disable=not progress, leave=False
         ):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import LayerpruneError
@@ -70,32 +71,30 @@ def window_bodies(tokenizer, rows: list[list[int]]) -> tuple[str, list[str]]:
     return tokenizer.convert_ids_to_tokens(bos_id), bodies
 
 
-def window_ids(tools: Tools, gguf: Path, texts: list[str]) -> list[list[int]]:
-    """Each text as llama.cpp's tokenizer gives it (special tokens parsed, no BOS added: each text
-    starts with the BOS token's own text)."""
-    llama_cpp = bindings(tools)
-    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+@contextmanager
+def vocab_only(tools: Tools, gguf: Path):
+    """llama.cpp's tokenizer of a GGUF (the model's vocabulary only, no weights)."""
+    llm = bindings(tools).Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     try:
-        return [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+        yield llm
     finally:
         llm.close()
 
 
-def imatrix_input(
-    tools: Tools, gguf: Path, bos_text: str, bodies: list[str], seqlen: int
-) -> tuple[str, list[list[int]]]:
+def window_ids(llm, texts: list[str]) -> list[list[int]]:
+    """Each text as llama.cpp's tokenizer `llm` gives it (special tokens parsed, no BOS added: each
+    text starts with the BOS token's own text)."""
+    return [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+
+
+def imatrix_input(llm, bos_text: str, bodies: list[str], seqlen: int) -> tuple[str, list[list[int]]]:
     """The text for llama-imatrix and the chunks it forms from it, as the tool does: llama.cpp's
     tokenization (common_tokenize: BOS added where the vocabulary says so, special tokens parsed),
     cut into rows of seqlen tokens, the first of each set to BOS where the vocabulary adds one."""
-    llama_cpp = bindings(tools)
-    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
-    try:
-        add_bos = bool(llm.tokenize(b"", add_bos=True, special=True))
-        text = ("" if add_bos else bos_text) + bos_text.join(bodies)
-        ids = llm.tokenize(text.encode(), add_bos=True, special=True)
-        bos = llm.token_bos()
-    finally:
-        llm.close()
+    add_bos = bool(llm.tokenize(b"", add_bos=True, special=True))
+    text = ("" if add_bos else bos_text) + bos_text.join(bodies)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+    bos = llm.token_bos()
     rows = [ids[i : i + seqlen] for i in range(0, len(ids) - seqlen + 1, seqlen)]
     return text, [[bos, *r[1:]] if add_bos else r for r in rows]
 
@@ -109,15 +108,16 @@ def compute_imatrix(
     if len(rows) < 2:
         raise LayerpruneError("--imatrix needs at least 2 calibration windows (llama-imatrix's minimum)")
     bos_text, bodies = window_bodies(tokenizer, rows)
-    back = window_ids(tools, gguf, [bos_text + b for b in bodies])
-    dropped = [i for i, (row, ids) in enumerate(zip(rows, back)) if row != ids]
-    kept = [i for i in range(len(rows)) if i not in dropped]
-    if len(kept) < 2:
-        raise LayerpruneError(
-            f"{len(dropped)} of {len(rows)} calibration windows do not tokenize back to the same ids in llama.cpp, "
-            "and llama-imatrix needs 2; use another --imatrix source or a shorter --imatrix-seqlen"
-        )
-    text, seen = imatrix_input(tools, gguf, bos_text, [bodies[i] for i in kept], seqlen)
+    with vocab_only(tools, gguf) as llm:  # one load of the vocabulary for both tokenizations
+        back = window_ids(llm, [bos_text + b for b in bodies])
+        dropped = [i for i, (row, ids) in enumerate(zip(rows, back)) if row != ids]
+        kept = [i for i in range(len(rows)) if i not in dropped]
+        if len(kept) < 2:
+            raise LayerpruneError(
+                f"{len(dropped)} of {len(rows)} calibration windows do not tokenize back to the same ids in "
+                "llama.cpp, and llama-imatrix needs 2; use another --imatrix source or a shorter --imatrix-seqlen"
+            )
+        text, seen = imatrix_input(llm, bos_text, [bodies[i] for i in kept], seqlen)
     if seen != [
         rows[i] for i in kept
     ]:  # each window gives itself back, so only a broken separator lands here
