@@ -312,3 +312,15 @@ def test_encoded_decisions_decode_to_themselves():
         decision = [rng.choice(rule.options(i, b)) for i, b in enumerate(blocks)]
         rates = rule.encode(decision, blocks, table)
         assert rule.decision(rates, blocks, table, position=True) == decision
+
+
+def test_a_boolean_n_heads_in_group_is_refused_as_the_vllm_config_class_refuses_it(tmp_path):
+    """JSON `true` is an int to Python (1 KV group per head): the loader, like the config class vLLM reads
+    (serving/nemotron_nas_config.py), takes it for the malformed entry it is."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    config = {"model_type": "nemotron-nas", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+              "vocab_size": 128, "block_configs": [{"attention": {"n_heads_in_group": True}, "ffn": {"ffn_mult": 2.0}}]}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LayerpruneError, match="n_heads_in_group is True; it must divide 4"):
+        load(str(folder), quiet=True)

@@ -37,7 +37,9 @@ from ..serving.nemotron_nas import (  # the format's keys and arithmetic, torch-
     FFN_MULTIPLE,
     MODEL_TYPE,
     ffn_mult,
+    ffn_mult_ok,
     ffn_width,
+    heads_in_group_ok,
 )
 from .adapter import ModelAdapter, ZeroBranch, set_module
 
@@ -244,7 +246,7 @@ def _block_shapes(doc: dict, where: str) -> list[tuple[int | None, int | None]]:
             kv = None
         else:
             n = a.get("n_heads_in_group")
-            if not isinstance(n, int) or n < 1 or H % n:
+            if not heads_in_group_ok(n, H):
                 raise LayerpruneError(
                     f"{where}: block {i}'s attention.n_heads_in_group is {n!r}; it must divide {H} (or set no_op)"
                 )
@@ -253,7 +255,7 @@ def _block_shapes(doc: dict, where: str) -> list[tuple[int | None, int | None]]:
             width = None
         else:
             m = f.get("ffn_mult")
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0:
+            if not ffn_mult_ok(m):
                 raise LayerpruneError(
                     f"{where}: block {i}'s ffn.ffn_mult is {m!r}; give a positive number (or no_op)"
                 )

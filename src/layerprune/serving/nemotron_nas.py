@@ -39,6 +39,17 @@ def ffn_width(mult: float, hidden: int) -> int:
     return find_multiple(int(2 * mult * hidden / 3), FFN_MULTIPLE)
 
 
+def heads_in_group_ok(n, heads: int) -> bool:
+    """An attention entry's n_heads_in_group states whole KV groups: a positive integer (not a JSON
+    boolean) that divides the query heads."""
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and heads % n == 0
+
+
+def ffn_mult_ok(m) -> bool:
+    """An ffn entry's ffn_mult states a width: a positive number (not a JSON boolean)."""
+    return isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0
+
+
 class BlockPart:
     """One block's `attention` or `ffn` entry, read as attributes (vLLM reads `block.attention.no_op`,
     `block.ffn.ffn_mult`) and written back as the same dict: exactly the released keys, the missing

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .nemotron_nas import MODEL_TYPE, parse_blocks
+from .nemotron_nas import MODEL_TYPE, ffn_mult_ok, heads_in_group_ok, parse_blocks
 
 
 class NemotronNasConfig(PretrainedConfig):
@@ -53,21 +53,18 @@ class NemotronNasConfig(PretrainedConfig):
                 f"block_configs has {len(blocks)} entries for num_hidden_layers = {num_hidden_layers}"
             )
         for i, b in enumerate(blocks):
-            a = b.attention
-            if not a.no_op and not a.replace_with_linear:
-                n = a.n_heads_in_group
-                if isinstance(n, bool) or not isinstance(n, int) or n < 1 or num_attention_heads % n:
-                    raise ValueError(
-                        f"block_configs[{i}].attention.n_heads_in_group is {n!r}: it must divide "
-                        f"num_attention_heads = {num_attention_heads} (or set no_op)"
-                    )
-            f = b.ffn
-            if not f.no_op and not f.replace_with_linear:
-                m = f.ffn_mult
-                if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0:
-                    raise ValueError(
-                        f"block_configs[{i}].ffn.ffn_mult is {m!r}: give a positive number (or no_op)"
-                    )
+            a, f = b.attention, b.ffn
+            if not (
+                a.no_op or a.replace_with_linear or heads_in_group_ok(a.n_heads_in_group, num_attention_heads)
+            ):
+                raise ValueError(
+                    f"block_configs[{i}].attention.n_heads_in_group is {a.n_heads_in_group!r}: it must divide "
+                    f"num_attention_heads = {num_attention_heads} (or set no_op)"
+                )
+            if not (f.no_op or f.replace_with_linear or ffn_mult_ok(f.ffn_mult)):
+                raise ValueError(
+                    f"block_configs[{i}].ffn.ffn_mult is {f.ffn_mult!r}: give a positive number (or no_op)"
+                )
         self.block_configs = blocks
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
