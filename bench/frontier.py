@@ -227,14 +227,19 @@ def engine_check(folder: Path, model: str, windows: int, threads: int) -> dict:
             "same_windows": ours.protocol["fingerprint"] == theirs.protocol["fingerprint"]}  # fmt: skip
 
 
-def speed_rounds(doc: dict, folders: dict, rounds: int, repetitions: int, threads: int, path: Path) -> None:
-    """llama-bench over every point, interleaved; ratios to dense Q4_K_M of the same round. A point's
-    file that is gone is exported again first (the export is deterministic: same bytes)."""
-    pts = doc["points"]
+def ensure_files(pts: dict, folders: dict, threads: int) -> None:
+    """Every point's model folder and file, made again where gone (deterministic: the same bytes)."""
     for p in pts.values():
         if p["model"] not in folders:
             folders[p["model"]] = make_model(p["model"], str(folders["dense"]))
         ensure_gguf(folders[p["model"]], p["model"], p["quant"], p["imatrix"], threads)
+
+
+def speed_rounds(doc: dict, folders: dict, rounds: int, repetitions: int, threads: int, path: Path) -> None:
+    """llama-bench over every point, interleaved; ratios to dense Q4_K_M of the same round. A point's
+    file that is gone is exported again first (the export is deterministic: same bytes)."""
+    pts = doc["points"]
+    ensure_files(pts, folders, threads)
     done = min((len(p.get("speed_runs", [])) for p in pts.values()), default=0)
     for _ in range(done, rounds):
         runs = {k: speed(HERE / p["gguf"], threads=threads, repetitions=repetitions) for k, p in pts.items()}
@@ -281,10 +286,7 @@ def cpu_speed(gguf: Path, prompt: int = 128, generate: int = 64) -> dict:
 def cpu_rounds(doc: dict, folders: dict, rounds: int, threads: int, path: Path) -> None:
     """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians)."""
     pts = doc["points"]
-    for p in pts.values():
-        if p["model"] not in folders:
-            folders[p["model"]] = make_model(p["model"], str(folders["dense"]))
-        ensure_gguf(folders[p["model"]], p["model"], p["quant"], p["imatrix"], threads)
+    ensure_files(pts, folders, threads)
     timed = {k: p for k, p in pts.items() if not p["imatrix"]}  # an imatrix file runs as its twin: same types
     done = min((len(p.get("cpu_runs", [])) for p in timed.values()), default=0)
     for _ in range(done, rounds):
