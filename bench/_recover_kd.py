@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
+import _models
 from _results import write
 
 import layerprune as lp
@@ -36,10 +37,7 @@ CALIB = "fixture:val"
 LICENCES = ("Apache-2.0", "Artistic", "BSD", "GPL-3", "LGPL-3", "MPL-2.0")
 LICENCE_DIR = Path("/usr/share/common-licenses")
 # depth: the depth search's best 9 of 30 (search.json depth-9-fit512, 32 x 512 fitness windows)
-# width: the search's initial population of 30 (the heuristic allocations among them) and 2 generations
-# of 20 offspring: the default 20 generations cost ~1,265 s alone (serve.json search-30), too long on
-# the shared machine; the rates are not recorded in bench/results to reuse
-WIDTH_ITERATIONS = 2
+# width: bench/_models.py deploy_search(0.3), the searched deployable plan every bench shares
 DEPTH9 = ["12", "13", "14", "15", "16", "17", "18", "25", "26"]
 # (label, method, live teacher, cache k); LoRA rows at LoRA's lr, full rows at CPT's
 METHODS = [
@@ -103,18 +101,14 @@ def _depth9(folder: Path, work: Path, done: bool) -> str:
 
 
 def _width30(folder: Path, work: Path, done: bool) -> str:
+    """The deployable searched width 30 % of bench/_models.py (the same folder frontier.py and engines.py
+    measure); `folder` (this bench's older copy) is used where it exists, else a link to the shared one."""
     if not done:
-        lm = lp.load(DENSE, dtype="float32", quiet=True)
-        calib = lp.calibration(lm, CALIB, samples=16, seqlen=512)
-        t0 = time.perf_counter()
-        plan = lp.plan(lm, width=0.3, calib=calib, allocation="search", deploy="decilm", progress=False,
-                       iterations=WIDTH_ITERATIONS, store=str(work / "width30.store.db"))  # fmt: skip
-        seconds = time.perf_counter() - t0
-        report = lp.apply(lm, plan, calib, progress=False)
-        lp.export(lm, folder, plan, {"pruning": report, "plan_seconds": seconds}, overwrite=True)
+        shared, _ = _models.deploy_search(0.3)
+        folder.symlink_to(shared, target_is_directory=True)
     return ("width 30 %, searched allocation, --deploy decilm (bench/serve.py's deploy-search-30 recipe: "
             "Wanda-sp on 16 x 512 of fixture:val), redone here with a short search: population 30, "
-            f"{WIDTH_ITERATIONS} generations")  # fmt: skip
+            f"{_models.SEARCH_ITERATIONS} generations (bench/_models.py deploy_search)")  # fmt: skip
 
 
 def _wanda70(folder: Path, work: Path, done: bool) -> str:

@@ -23,7 +23,10 @@ TRAIN, HELDOUT = "fixture:train", "fixture:test"
 
 
 def config(spec: dict, method: str = "full") -> dict:
-    return {"method": method, "steps": spec["steps"], "batch_size": spec["batch"], "lr": spec["lr"]}
+    out = {"method": method, "steps": spec["steps"], "batch_size": spec["batch"], "lr": spec["lr"]}
+    if spec.get("kd_mix"):  # bench/_recover_kd_budget.py's mixed rows
+        out["kd_mix"] = spec["kd_mix"]
+    return out
 
 
 def build_cache(spec: dict) -> dict:
