@@ -391,13 +391,13 @@ def derived(doc: dict) -> dict:
             sum(p["kd_over_cpt_heldout"] <= 0.9 for p in per.values()) >= 2
         )
         fig["kd_full_le_cpt_other_on_all"] = all(p["kd_over_cpt_other"] <= 1 for p in per.values())
-        fig["live_time_le_1.5_cpt"] = all(p["live_time_over_cpt"] <= 1.5 for p in per.values())
+        # no time figure from the rows: they ran minutes to hours apart under other loads (per_model keeps
+        # their ratios); the figures' times are the interleaved measurement below
         with_cache = [p for p in per.values() if "cached_over_live_heldout" in p]
         if with_cache:
             fig["cached_within_2pct_of_live"] = all(
                 abs(p["cached_over_live_heldout"] - 1) <= 0.02 for p in with_cache
             )
-            fig["cached_time_le_1.1_cpt"] = all(p["cached_time_over_cpt"] <= 1.1 for p in with_cache)
             fig["cached_rss_le_cpt_plus_10pct"] = all(p["cached_rss_over_cpt"] <= 1.1 for p in with_cache)
     t = doc.get("timing")
     if t:  # the interleaved measurement: the figure's own numbers
