@@ -1,7 +1,7 @@
 """What we prune, served by vLLM (its CPU build) and mlx-lm (mlx-cpu): agreement with layerprune and speed.
 
     python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--fresh-speed ROW,...]
-                            [--rounds 3] [--no-speed] [--markdown [--docs]] [--serve ROW]
+                            [--rounds 5] [--no-speed] [--markdown [--docs]] [--serve ROW]
 
 1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (default
    `~/.cache/layerprune/engines/`) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
@@ -9,11 +9,14 @@
    torchcodec it pulls are left out: built for another torch, they break its import), and
    layerprune installed into it (`pip install --no-deps -e .`), whose `vllm.general_plugins` entry
    point registers our nemotron-nas config class: no remote code. mlx-cpu 0.32.4 + mlx-lm 0.32.2.
-2. The models of bench/serve.py on SmolLM2-135M-Instruct (made by its `make_model` into
-   bench/work/serve/ where absent, same plans and protocol): dense, depth -20 / -30 %, uniform width
-   20 / 30 % (standard checkpoints), and the deployable searched plans at 20 / 30 % (DeciLM); also the
-   deployable OWL allocation at 30 % (DeciLM without a search: on a shared 2-core machine the search
-   takes hours). Dense is served as layerprune exports it (bench/work/serve/dense).
+2. The models, on SmolLM2-135M-Instruct: dense, depth -20 / -30 %, uniform width 20 / 30 % (standard
+   checkpoints) and the deployable OWL allocation at 20 / 30 % (DeciLM), made by bench/serve.py's
+   `make_model` into bench/work/serve/ where absent (same plans and protocol); the deployable searched
+   plans at 20 / 30 % (DeciLM) are bench/_models.py's `deploy_search` (bench/work/models/deploy-search-NN:
+   a short search, population 30 and 2 generations, the same folders bench/recover.py and
+   bench/frontier.py measure; serve.py's 20-generation search takes hours on this shared machine). Each
+   row records how its model was made ("how"). Dense is served as layerprune exports it
+   (bench/work/serve/dense).
 3. Per engine and model, one engine process (bench/serving_engines/worker.py) holding the model:
    - agreement with layerprune's fp32 logits on 8 x 256 held-out tokens (fixture:test), the same token
      ids: top-1 share and max |Δ log-prob|. mlx-lm gives the whole vocabulary; vLLM its
@@ -53,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import _models  # noqa: E402
 import serve  # noqa: E402
 from _results import write  # noqa: E402
 
@@ -73,6 +77,7 @@ MODELS = (
     "uniform-30",
     "uniform-20",
     "deploy-owl-30",
+    "deploy-owl-20",
 )
 AGREEMENT = (8, 256)  # windows x tokens
 TOPK = 20
@@ -453,9 +458,25 @@ class Models:
         self.calib = self.depth_scores = None
         self.dense = self.folder("dense")
 
+    def describe(self, key: str) -> str:
+        """How the row's model was made, in words (written into its row of engines.json)."""
+        if key == "dense":
+            return "SmolLM2-135M-Instruct as layerprune exports it (bench/work/serve/dense)"
+        if key.startswith("deploy-search-"):
+            return _models.deploy_search(int(key.rsplit("-", 1)[1]) / 100)[1]
+        how = self.how[key]
+        if how["kind"] == "depth":
+            return f"depth {round(how['target'] * 100)} % of block parameters, ppl scores (bench/serve.py)"
+        deploy = ", --deploy decilm" if how.get("deploy") else ""
+        return (f"width {round(how['target'] * 100)} %, {how['allocation']} allocation{deploy}, Wanda-sp on "
+                f"16 x 512 of {serve.CALIB} (bench/serve.py)")  # fmt: skip
+
     def folder(self, key: str) -> Path:
         import fcntl
 
+        if key.startswith("deploy-search-"):  # shared with bench/recover.py and bench/frontier.py
+            folder = _models.deploy_search(int(key.rsplit("-", 1)[1]) / 100)[0]
+            return rope_keys(folder)
         serve.WORK.mkdir(parents=True, exist_ok=True)
         with open(serve.WORK / f"{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -471,11 +492,21 @@ class Models:
                     depth_calib = lp.calibration(lm, serve.CALIB, samples=10, seqlen=128, kind="depth")
                     self.depth_scores = lp.score(lm, "ppl", depth_calib, progress=False)
             folder = serve.make_model(key, self.how[key], str(self.source), self.calib, self.depth_scores)[0]
-            config = folder / "config.json"  # a folder exported before checkpoint.legacy_rope existed
-            doc = json.loads(config.read_text())
-            if "rope_theta" not in doc:
-                atomic_write_json(config, legacy_rope(doc))
-            return folder
+            return rope_keys(folder)
+
+
+def rope_keys(folder: Path) -> Path:
+    """A folder exported before checkpoint.legacy_rope existed gets the older RoPE keys too."""
+    config = folder / "config.json"
+    doc = json.loads(config.read_text())
+    if "rope_theta" not in doc:
+        atomic_write_json(config, legacy_rope(doc))
+    return folder
+
+
+def model_dir(key: str) -> Path:
+    """Where a row's model is (or will be) made."""
+    return (_models.WORK if key.startswith("deploy-search-") else serve.WORK) / key
 
 
 def save(doc: dict, path: Path, engines: list[str]) -> None:
@@ -499,7 +530,7 @@ def main() -> int:
     p.add_argument("--only", default=None, help="comma-separated model ids (dense's own row only if named)")
     p.add_argument("--fresh", default="", help="comma-separated model ids to measure again")
     p.add_argument("--fresh-speed", default="", help="comma-separated model ids whose speed to measure again")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--windows", type=int, default=AGREEMENT[0], help="held-out windows for the agreement")
     p.add_argument("--seqlen", type=int, default=AGREEMENT[1], help="tokens per agreement window")
     p.add_argument("--no-speed", action="store_true")
@@ -557,7 +588,9 @@ def main() -> int:
         "greedy": {"prompt": GREEDY[0], "new": GREEDY[1]},
         "speed": {"prompts": prompts_w.protocol, "prompt_tokens": PROMPT, "new_tokens": NEW, "batch": [1, BATCH],
                   "threads": THREADS, "env": ENV, "prefix_caching": False, "enforce_eager": True},
-        "models": "bench/serve.py's make_model (same plans and calibration)",
+        "models": "bench/serve.py's make_model (same plans and calibration), but deploy-search-NN: "
+                  "bench/_models.py's deploy_search (short search, shared with recover.py and frontier.py); "
+                  "each row's 'how'",
     }  # fmt: skip
     save(doc, args.output, engines)
     scratch = Path(tempfile.mkdtemp(prefix="engines-"))
@@ -572,7 +605,7 @@ def main() -> int:
             results = doc.setdefault("engines", {}).setdefault(engine, {})
             # models already made first: a search still running elsewhere (under its lock) is waited for last
             first = ["dense"] if args.only is None or "dense" in args.only.split(",") else []
-            order = first + sorted(keys, key=lambda k: not (serve.WORK / k / "report.json").is_file())
+            order = first + sorted(keys, key=lambda k: not (model_dir(k) / "report.json").is_file())
             todo = [k for k in order if "agreement" not in results.get(k, {}) or (k != "dense" and not args.no_speed
                     and "speed" not in results.get(k, {}))]  # fmt: skip
             if not todo:
@@ -594,12 +627,15 @@ def main() -> int:
                     w = dense_worker() if key == "dense" else None
                     try:
                         folder = models.folder(key)
+                        row["how"] = models.describe(key)
+                        row["folder"] = os.path.relpath(folder, ROOT)
                         if w is None:
                             w = Worker(engine, python, folder, HERE / "work" / "engines" / "logs")
                         row["load_seconds"] = w.load_seconds
                         if "agreement" not in row:
                             ref = reference(folder, windows.input_ids, greedy_prompt)
                             row["agreement"] = agreement(engine, w, windows.input_ids, ref, scratch)
+                            row["agreement"]["windows"] = windows.protocol  # this row's: mlx's may be fewer
                             got = w.ask(op="greedy", ids=greedy_prompt, new=GREEDY[1])["ids"]
                             row["greedy_equal"] = got == ref["greedy"]
                             row["greedy_first_difference"] = next(
