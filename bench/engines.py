@@ -389,6 +389,55 @@ def serve_check(python: Path, folder: Path, log_dir: Path, timeout: float = 900)
     }  # fmt: skip
 
 
+# ---- where a decode step's time goes (vLLM) -----------------------------------------------------------
+def anatomy(python: Path, folders: dict[str, Path], doc: dict, repeats: int = 7) -> dict:
+    """vLLM's own GEMM kernels timed on each model's shapes (bench/serving_engines/anatomy.py), set
+    against the engine's measured seconds per decode step (from the speed rows: a generate call's
+    seconds less its prompt's at the measured prompt throughput, over NEW steps). Answers: how much of
+    a step the parameters a plan removes can take away at most."""
+    spec = {"folders": {k: str(v) for k, v in folders.items()}, "batches": [1, BATCH], "threads": THREADS,
+            "repeats": repeats}  # fmt: skip
+    got = subprocess.run([str(python), str(SPECS / "anatomy.py"), json.dumps(spec)], capture_output=True,
+                         text=True, check=True, env={**os.environ, **ENV})  # fmt: skip
+    gemms = json.loads(got.stdout.strip().splitlines()[-1])
+    rows = doc.get("engines", {}).get("vllm", {})
+
+    def step_s(speed: dict, batch: int, who: str) -> float | None:
+        """Seconds of one decode step at `batch`, from the median tokens/s of `who` (model or dense)."""
+        key = "tokens_per_s" if who == "model" else "dense_tokens_per_s"
+        gen, pre = speed.get(f"generate_b{batch}"), speed.get(f"prompt_b{BATCH}")
+        if not gen or not pre:
+            return None
+        return (batch * NEW / gen[key] - batch * PROMPT / pre[key]) / NEW
+
+    out: dict = {"gemms": gemms, "repeats": repeats, "load_average_1min": os.getloadavg()[0], "models": {}}
+    d = gemms["dense"]
+    dense_weights = d["block_gemm_params"] + d["lm_head_params"]
+    for key, g in gemms.items():
+        if key == "dense":
+            continue
+        row = {"weights_bound": dense_weights / (g["block_gemm_params"] + g["lm_head_params"])}
+        speed = rows.get(key, {}).get("speed", {})
+        for b in (1, BATCH):
+            m, dm = g[f"m{b}"], d[f"m{b}"]
+            t_model, t_dense = step_s(speed, b, "model"), step_s(speed, b, "dense")
+            r = {"block_gemms_s": m["block_gemms_s"], "lm_head_s": m["lm_head_s"],
+                 "dense_block_gemms_s": dm["block_gemms_s"], "dense_lm_head_s": dm["lm_head_s"]}  # fmt: skip
+            if t_model and t_dense:
+                saved = dm["block_gemms_s"] + dm["lm_head_s"] - m["block_gemms_s"] - m["lm_head_s"]
+                r.update({
+                    "step_s": t_model, "dense_step_s": t_dense,
+                    "dense_rest_s": t_dense - dm["block_gemms_s"] - dm["lm_head_s"],  # attention, Python, ...
+                    "rest_s": t_model - m["block_gemms_s"] - m["lm_head_s"],
+                    # the speed-up if the plan saved exactly its GEMMs' time and all else stayed
+                    "bound_if_rest_unchanged": t_dense / (t_dense - saved),
+                    "measured": t_dense / t_model,
+                })  # fmt: skip
+            row[f"batch{b}"] = r
+        out["models"][key] = row
+    return out
+
+
 # ---- results -------------------------------------------------------------------------------------------
 ENGINE_NAMES = {"vllm": "vLLM", "mlx": "mlx-lm"}
 
@@ -514,7 +563,10 @@ def save(doc: dict, path: Path, engines: list[str]) -> None:
     on beside this one)."""
     current = json.loads(path.read_text()) if path.exists() else {}
     for key, value in doc.items():
-        if key == "vllm_serve":  # written by --serve runs alone, from the file as it is then
+        if key in (
+            "vllm_serve",
+            "vllm_anatomy",
+        ):  # written by --serve / --anatomy runs alone, from the file as it is then
             continue
         if key in ("engines", "environments"):
             section = current.setdefault(key, {})
@@ -544,6 +596,13 @@ def main() -> int:
         default=None,
         help="only check `vllm serve ROW's folder` with the openai client (results: vllm_serve)",
     )
+    p.add_argument(
+        "--anatomy",
+        metavar="ROW,...",
+        default=None,
+        help="only time vLLM's GEMMs on dense's and the rows' shapes against their measured steps "
+        "(results: vllm_anatomy)",
+    )
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.markdown:
@@ -562,6 +621,15 @@ def main() -> int:
         row = serve_check(venv("vllm"), folder, HERE / "work" / "engines" / "logs")
         doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
         doc.setdefault("vllm_serve", {})[args.serve] = row
+        write(doc, args.output)
+        print(json.dumps(row, indent=1))
+        return 0
+    if args.anatomy:
+        models = Models()
+        folders = {"dense": models.dense, **{k: models.folder(k) for k in args.anatomy.split(",")}}
+        row = anatomy(venv("vllm"), folders, doc)
+        doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
+        doc["vllm_anatomy"] = row
         write(doc, args.output)
         print(json.dumps(row, indent=1))
         return 0
