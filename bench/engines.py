@@ -2,6 +2,7 @@
 
     python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--fresh-speed ROW,...]
                             [--rounds 5] [--no-speed] [--markdown [--docs]] [--serve ROW]
+                            [--profile ROW,...]
 
 1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (default
    `~/.cache/layerprune/engines/`) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
@@ -32,7 +33,11 @@
    `vllm` command fails, see cli_check), on a free loopback port, asked by the official `openai` client
    for 16 greedy tokens (the prompt as text, then as token ids) and compared with layerprune's greedy
    continuation; under "vllm_serve".
-5. `--markdown [--docs]`: the two tables of docs/guides/serving.md's "Measured" (--docs: written there,
+5. `--profile ROW,...`: why a width plan's speed-up in vLLM stays under its parameter ratio. Dense and
+   each row generate (batch 1 and 16, 128 tokens) under torch's profiler inside vLLM's engine
+   (its `profiler_config`); the ops' self CPU time per step by kind (GEMMs, attention, the
+   forward's Python between ops, other ops) against the wall time; under "vllm_profile".
+6. `--markdown [--docs]`: the two tables of docs/guides/serving.md's "Measured" (--docs: written there,
    between its markers).
 
 Written to bench/results/engines.json after every row; rows already there are kept unless --fresh.
@@ -147,10 +152,10 @@ def plugin(python: Path, root: Path, log=print) -> None:
 
 # ---- 2. an engine process holding one model ------------------------------------------------------------
 class Worker:
-    def __init__(self, engine: str, python: Path, folder: Path, log_dir: Path):
+    def __init__(self, engine: str, python: Path, folder: Path, log_dir: Path, env: dict | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.err = open(log_dir / f"{engine}-{folder.name}.log", "w")  # noqa: SIM115 (closed by close())
-        env = {**os.environ, **ENV}
+        env = {**os.environ, **ENV, **(env or {})}
         # a session of its own: vLLM's EngineCore is a child that outlives a killed worker, so the group goes
         self.proc = subprocess.Popen([str(python), str(WORKER), engine, str(folder)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
@@ -389,52 +394,71 @@ def serve_check(python: Path, folder: Path, log_dir: Path, timeout: float = 900)
     }  # fmt: skip
 
 
-# ---- where a decode step's time goes (vLLM) -----------------------------------------------------------
-def anatomy(python: Path, folders: dict[str, Path], doc: dict, repeats: int = 7) -> dict:
-    """vLLM's own GEMM kernels timed on each model's shapes (bench/serving_engines/anatomy.py), set
-    against the engine's measured seconds per decode step (from the speed rows: a generate call's
-    seconds less its prompt's at the measured prompt throughput, over NEW steps). Answers: how much of
-    a step the parameters a plan removes can take away at most."""
-    spec = {"folders": {k: str(v) for k, v in folders.items()}, "batches": [1, BATCH], "threads": THREADS,
-            "repeats": repeats}  # fmt: skip
-    got = subprocess.run([str(python), str(SPECS / "anatomy.py"), json.dumps(spec)], capture_output=True,
-                         text=True, check=True, env={**os.environ, **ENV})  # fmt: skip
-    gemms = json.loads(got.stdout.strip().splitlines()[-1])
-    rows = doc.get("engines", {}).get("vllm", {})
-
-    def step_s(speed: dict, batch: int, who: str) -> float | None:
-        """Seconds of one decode step at `batch`, from the median tokens/s of `who` (model or dense)."""
-        key = "tokens_per_s" if who == "model" else "dense_tokens_per_s"
-        gen, pre = speed.get(f"generate_b{batch}"), speed.get(f"prompt_b{BATCH}")
-        if not gen or not pre:
-            return None
-        return (batch * NEW / gen[key] - batch * PROMPT / pre[key]) / NEW
-
-    out: dict = {"gemms": gemms, "repeats": repeats, "load_average_1min": os.getloadavg()[0], "models": {}}
-    d = gemms["dense"]
-    dense_weights = d["block_gemm_params"] + d["lm_head_params"]
-    for key, g in gemms.items():
-        if key == "dense":
+# ---- where a decode step's time goes (vLLM): torch's profiler inside the engine -------------------------
+def op_table(path: Path) -> dict[str, float]:
+    """torch's key_averages table as vLLM writes it: op name -> self CPU seconds."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    lines = path.read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("Name"))
+    cols = [c.strip() for c in lines[header].split("  ") if c.strip()]
+    at = cols.index("Self CPU")
+    out: dict[str, float] = {}
+    for line in lines[header + 2 :]:
+        cells = [c.strip() for c in line.split("  ") if c.strip()]
+        if len(cells) != len(cols) or line.lstrip().startswith("-"):
             continue
-        row = {"weights_bound": dense_weights / (g["block_gemm_params"] + g["lm_head_params"])}
-        speed = rows.get(key, {}).get("speed", {})
-        for b in (1, BATCH):
-            m, dm = g[f"m{b}"], d[f"m{b}"]
-            t_model, t_dense = step_s(speed, b, "model"), step_s(speed, b, "dense")
-            r = {"block_gemms_s": m["block_gemms_s"], "lm_head_s": m["lm_head_s"],
-                 "dense_block_gemms_s": dm["block_gemms_s"], "dense_lm_head_s": dm["lm_head_s"]}  # fmt: skip
-            if t_model and t_dense:
-                saved = dm["block_gemms_s"] + dm["lm_head_s"] - m["block_gemms_s"] - m["lm_head_s"]
-                r.update({
-                    "step_s": t_model, "dense_step_s": t_dense,
-                    "dense_rest_s": t_dense - dm["block_gemms_s"] - dm["lm_head_s"],  # attention, Python, ...
-                    "rest_s": t_model - m["block_gemms_s"] - m["lm_head_s"],
-                    # the speed-up if the plan saved exactly its GEMMs' time and all else stayed
-                    "bound_if_rest_unchanged": t_dense / (t_dense - saved),
-                    "measured": t_dense / t_model,
-                })  # fmt: skip
-            row[f"batch{b}"] = r
-        out["models"][key] = row
+        value = cells[at]
+        unit = next(u for u in ("us", "ms", "s") if value.endswith(u))
+        out[cells[0]] = out.get(cells[0], 0.0) + float(value[: -len(unit)]) * units[unit]
+    return out
+
+
+def op_kind(name: str) -> str:
+    """The profiler's op names grouped: GEMMs, attention, the forward's own Python (vLLM's
+    execute_context record_function: its self time is what no op inside covers), the rest."""
+    low = name.lower()
+    if low.startswith("execute_context"):
+        return "forward's Python between ops"
+    if any(
+        k in low for k in ("onednn_mm", "weight_packed_linear", "aten::mm", "aten::addmm", "aten::linear")
+    ):
+        return "gemm"
+    if "attention" in low or "attn" in low or "kv_cache" in low or "rotary" in low:
+        return "attention"
+    return "other ops"
+
+
+def profile(python: Path, folders: dict[str, Path], prompts, log_dir: Path) -> dict:
+    """Each model's generate calls (batch 1 and 16, NEW tokens: one prompt step, then NEW - 1 decode
+    steps) under torch's profiler inside vLLM's engine: the self CPU time of its ops by kind, per step,
+    against the call's wall time (profiled: the profiler's own cost is in both). The tables and traces
+    are kept under bench/work/engines/profile/ROW."""
+    out = {}
+    for key, folder in folders.items():
+        where = log_dir.parent / "profile" / key
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        w = Worker("vllm", python, folder, log_dir, env={"LAYERPRUNE_VLLM_PROFILE": str(where)})
+        try:
+            w.ask(op="generate", prompts=prompts[:1], new=8)  # warm-up
+            row = {}
+            for b in (1, BATCH):
+                wall = w.ask(op="profile", prompts=prompts[:b], new=NEW)["seconds"]
+                table = next(where.glob("*profiler_out.txt"))  # written when the profile stops
+                table = table.rename(table.with_suffix(f".b{b}.txt"))
+                ops = op_table(table)
+                kinds: dict[str, float] = {}
+                for name, sec in ops.items():
+                    kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + sec
+                row[f"batch{b}"] = {
+                    "wall_s": wall,
+                    "self_cpu_ms_per_step": {k: 1e3 * v / NEW for k, v in kinds.items()},
+                    "share_of_wall": {k: v / wall for k, v in kinds.items()},
+                    "top_ops_s": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:8]),
+                }
+            out[key] = row
+        finally:
+            w.close()
     return out
 
 
@@ -565,8 +589,8 @@ def save(doc: dict, path: Path, engines: list[str]) -> None:
     for key, value in doc.items():
         if key in (
             "vllm_serve",
-            "vllm_anatomy",
-        ):  # written by --serve / --anatomy runs alone, from the file as it is then
+            "vllm_profile",
+        ):  # written by --serve / --profile runs alone, from the file as it is then
             continue
         if key in ("engines", "environments"):
             section = current.setdefault(key, {})
@@ -597,11 +621,10 @@ def main() -> int:
         help="only check `vllm serve ROW's folder` with the openai client (results: vllm_serve)",
     )
     p.add_argument(
-        "--anatomy",
+        "--profile",
         metavar="ROW,...",
         default=None,
-        help="only time vLLM's GEMMs on dense's and the rows' shapes against their measured steps "
-        "(results: vllm_anatomy)",
+        help="only profile vLLM's ops for dense and the rows (results: vllm_profile)",
     )
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -624,12 +647,16 @@ def main() -> int:
         write(doc, args.output)
         print(json.dumps(row, indent=1))
         return 0
-    if args.anatomy:
+    if args.profile:
         models = Models()
-        folders = {"dense": models.dense, **{k: models.folder(k) for k in args.anatomy.split(",")}}
-        row = anatomy(venv("vllm"), folders, doc)
+        folders = {"dense": models.dense, **{k: models.folder(k) for k in args.profile.split(",")}}
+        dense_lm = lp.load(str(models.source), quiet=True)
+        pw = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+        row = profile(
+            venv("vllm"), folders, [r.tolist() for r in pw.input_ids], HERE / "work" / "engines" / "logs"
+        )
         doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
-        doc["vllm_anatomy"] = row
+        doc["vllm_profile"] = {"load_average_1min": os.getloadavg()[0], "new_tokens": NEW, "models": row}
         write(doc, args.output)
         print(json.dumps(row, indent=1))
         return 0
