@@ -514,7 +514,20 @@ def markdown(doc: dict) -> str:
             if s:
                 fast.append(f"| {name} | {model_name(key)} | {cell(s.get('generate_b1'))} | "
                             f"{cell(s.get(f'generate_b{BATCH}'))} | {cell(s.get(f'prompt_b{BATCH}'))} |")  # fmt: skip
-    return "\n".join(agree) + "\n\n" + "\n".join(fast)
+    out = "\n".join(agree) + "\n\n" + "\n".join(fast)
+    prof = doc.get("vllm_profile", {}).get("models")
+    if prof:  # where a step's time goes, from --profile
+        kinds = ("gemm", "forward's Python between ops", "attention", "other ops")
+        lines = ["| vLLM, profiled | batch | GEMMs | the forward's Python | attention | other ops | all ops | "
+                 "wall of the call |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for key, rows in prof.items():
+            for b, r in rows.items():
+                ms = r["self_cpu_ms_per_step"]
+                cells = " | ".join(f"{ms.get(k, 0.0):.1f} ms" for k in kinds)
+                lines.append(f"| {model_name(key)} | {b.removeprefix('batch')} | {cells} | "
+                             f"{sum(ms.values()):.1f} ms | {r['wall_s']:.2f} s |")  # fmt: skip
+        out += "\n\n" + "\n".join(lines)
+    return out
 
 
 def models_wanted(only) -> list[str]:
