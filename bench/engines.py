@@ -1,7 +1,8 @@
 """What we prune, served by vLLM (its CPU build) and mlx-lm (mlx-cpu): agreement with layerprune and speed.
 
     python bench/engines.py [--engines vllm,mlx] [--only ROW,...] [--fresh ROW,...] [--fresh-speed ROW,...]
-                            [--rounds 3] [--no-speed] [--markdown [--docs]] [--serve ROW]
+                            [--rounds 5] [--no-speed] [--markdown [--docs]] [--serve ROW]
+                            [--profile ROW,...]
 
 1. One venv per engine, built on first use under `$LAYERPRUNE_CACHE/engines/` (default
    `~/.cache/layerprune/engines/`) from the pinned `bench/serving_engines/<engine>.txt`, named by the file's
@@ -9,11 +10,14 @@
    torchcodec it pulls are left out: built for another torch, they break its import), and
    layerprune installed into it (`pip install --no-deps -e .`), whose `vllm.general_plugins` entry
    point registers our nemotron-nas config class: no remote code. mlx-cpu 0.32.4 + mlx-lm 0.32.2.
-2. The models of bench/serve.py on SmolLM2-135M-Instruct (made by its `make_model` into
-   bench/work/serve/ where absent, same plans and protocol): dense, depth -20 / -30 %, uniform width
-   20 / 30 % (standard checkpoints), and the deployable searched plans at 20 / 30 % (DeciLM); also the
-   deployable OWL allocation at 30 % (DeciLM without a search: on a shared 2-core machine the search
-   takes hours). Dense is served as layerprune exports it (bench/work/serve/dense).
+2. The models, on SmolLM2-135M-Instruct: dense, depth -20 / -30 %, uniform width 20 / 30 % (standard
+   checkpoints) and the deployable OWL allocation at 20 / 30 % (DeciLM), made by bench/serve.py's
+   `make_model` into bench/work/serve/ where absent (same plans and protocol); the deployable searched
+   plans at 20 / 30 % (DeciLM) are bench/_models.py's `deploy_search` (bench/work/models/deploy-search-NN:
+   a short search, population 30 and 2 generations, the same folders bench/recover.py and
+   bench/frontier.py measure; serve.py's 20-generation search takes hours on this shared machine). Each
+   row records how its model was made ("how"). Dense is served as layerprune exports it
+   (bench/work/serve/dense).
 3. Per engine and model, one engine process (bench/serving_engines/worker.py) holding the model:
    - agreement with layerprune's fp32 logits on 8 x 256 held-out tokens (fixture:test), the same token
      ids: top-1 share and max |Δ log-prob|. mlx-lm gives the whole vocabulary; vLLM its
@@ -29,7 +33,11 @@
    `vllm` command fails, see cli_check), on a free loopback port, asked by the official `openai` client
    for 16 greedy tokens (the prompt as text, then as token ids) and compared with layerprune's greedy
    continuation; under "vllm_serve".
-5. `--markdown [--docs]`: the two tables of docs/guides/serving.md's "Measured" (--docs: written there,
+5. `--profile ROW,...`: why a width plan's speed-up in vLLM stays under its parameter ratio. Dense and
+   each row generate (batch 1 and 16, 128 tokens) under torch's profiler inside vLLM's engine
+   (its `profiler_config`); the ops' self CPU time per step by kind (GEMMs, attention, the
+   forward's Python between ops, other ops) against the wall time; under "vllm_profile".
+6. `--markdown [--docs]`: the two tables of docs/guides/serving.md's "Measured" (--docs: written there,
    between its markers).
 
 Written to bench/results/engines.json after every row; rows already there are kept unless --fresh.
@@ -53,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import _models  # noqa: E402
 import serve  # noqa: E402
 from _results import write  # noqa: E402
 
@@ -73,6 +82,7 @@ MODELS = (
     "uniform-30",
     "uniform-20",
     "deploy-owl-30",
+    "deploy-owl-20",
 )
 AGREEMENT = (8, 256)  # windows x tokens
 TOPK = 20
@@ -142,10 +152,10 @@ def plugin(python: Path, root: Path, log=print) -> None:
 
 # ---- 2. an engine process holding one model ------------------------------------------------------------
 class Worker:
-    def __init__(self, engine: str, python: Path, folder: Path, log_dir: Path):
+    def __init__(self, engine: str, python: Path, folder: Path, log_dir: Path, env: dict | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.err = open(log_dir / f"{engine}-{folder.name}.log", "w")  # noqa: SIM115 (closed by close())
-        env = {**os.environ, **ENV}
+        env = {**os.environ, **ENV, **(env or {})}
         # a session of its own: vLLM's EngineCore is a child that outlives a killed worker, so the group goes
         self.proc = subprocess.Popen([str(python), str(WORKER), engine, str(folder)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
@@ -384,6 +394,74 @@ def serve_check(python: Path, folder: Path, log_dir: Path, timeout: float = 900)
     }  # fmt: skip
 
 
+# ---- where a decode step's time goes (vLLM): torch's profiler inside the engine -------------------------
+def op_table(path: Path) -> dict[str, float]:
+    """torch's key_averages table as vLLM writes it: op name -> self CPU seconds."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    lines = path.read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("Name"))
+    cols = [c.strip() for c in lines[header].split("  ") if c.strip()]
+    at = cols.index("Self CPU")
+    out: dict[str, float] = {}
+    for line in lines[header + 2 :]:
+        cells = [c.strip() for c in line.split("  ") if c.strip()]
+        if len(cells) != len(cols) or line.lstrip().startswith("-"):
+            continue
+        value = cells[at]
+        unit = next(u for u in ("us", "ms", "s") if value.endswith(u))
+        out[cells[0]] = out.get(cells[0], 0.0) + float(value[: -len(unit)]) * units[unit]
+    return out
+
+
+def op_kind(name: str) -> str:
+    """The profiler's op names grouped: GEMMs, attention, the forward's own Python (vLLM's
+    execute_context record_function: its self time is what no op inside covers), the rest."""
+    low = name.lower()
+    if low.startswith("execute_context"):
+        return "forward's Python between ops"
+    if any(
+        k in low for k in ("onednn_mm", "weight_packed_linear", "aten::mm", "aten::addmm", "aten::linear")
+    ):
+        return "gemm"
+    if "attention" in low or "attn" in low or "kv_cache" in low or "rotary" in low:
+        return "attention"
+    return "other ops"
+
+
+def profile(python: Path, folders: dict[str, Path], prompts, log_dir: Path) -> dict:
+    """Each model's generate calls (batch 1 and 16, NEW tokens: one prompt step, then NEW - 1 decode
+    steps) under torch's profiler inside vLLM's engine: the self CPU time of its ops by kind, per step,
+    against the call's wall time (profiled: the profiler's own cost is in both). The tables and traces
+    are kept under bench/work/engines/profile/ROW."""
+    out = {}
+    for key, folder in folders.items():
+        where = log_dir.parent / "profile" / key
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        w = Worker("vllm", python, folder, log_dir, env={"LAYERPRUNE_VLLM_PROFILE": str(where)})
+        try:
+            w.ask(op="generate", prompts=prompts[:1], new=8)  # warm-up
+            row = {}
+            for b in (1, BATCH):
+                wall = w.ask(op="profile", prompts=prompts[:b], new=NEW)["seconds"]
+                table = next(where.glob("*profiler_out.txt"))  # written when the profile stops
+                table = table.rename(table.with_suffix(f".b{b}.txt"))
+                ops = op_table(table)
+                kinds: dict[str, float] = {}
+                for name, sec in ops.items():
+                    kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + sec
+                row[f"batch{b}"] = {
+                    "wall_s": wall,
+                    "self_cpu_ms_per_step": {k: 1e3 * v / NEW for k, v in kinds.items()},
+                    "share_of_wall": {k: v / wall for k, v in kinds.items()},
+                    "top_ops_s": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:8]),
+                }
+            out[key] = row
+        finally:
+            w.close()
+    return out
+
+
 # ---- results -------------------------------------------------------------------------------------------
 ENGINE_NAMES = {"vllm": "vLLM", "mlx": "mlx-lm"}
 
@@ -436,7 +514,20 @@ def markdown(doc: dict) -> str:
             if s:
                 fast.append(f"| {name} | {model_name(key)} | {cell(s.get('generate_b1'))} | "
                             f"{cell(s.get(f'generate_b{BATCH}'))} | {cell(s.get(f'prompt_b{BATCH}'))} |")  # fmt: skip
-    return "\n".join(agree) + "\n\n" + "\n".join(fast)
+    out = "\n".join(agree) + "\n\n" + "\n".join(fast)
+    prof = doc.get("vllm_profile", {}).get("models")
+    if prof:  # where a step's time goes, from --profile
+        kinds = ("gemm", "forward's Python between ops", "attention", "other ops")
+        lines = ["| vLLM, profiled | batch | GEMMs | the forward's Python | attention | other ops | all ops | "
+                 "wall of the call |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for key, rows in prof.items():
+            for b, r in rows.items():
+                ms = r["self_cpu_ms_per_step"]
+                cells = " | ".join(f"{ms.get(k, 0.0):.1f} ms" for k in kinds)
+                lines.append(f"| {model_name(key)} | {b.removeprefix('batch')} | {cells} | "
+                             f"{sum(ms.values()):.1f} ms | {r['wall_s']:.2f} s |")  # fmt: skip
+        out += "\n\n" + "\n".join(lines)
+    return out
 
 
 def models_wanted(only) -> list[str]:
@@ -453,9 +544,25 @@ class Models:
         self.calib = self.depth_scores = None
         self.dense = self.folder("dense")
 
+    def describe(self, key: str) -> str:
+        """How the row's model was made, in words (written into its row of engines.json)."""
+        if key == "dense":
+            return "SmolLM2-135M-Instruct as layerprune exports it (bench/work/serve/dense)"
+        if key.startswith("deploy-search-"):
+            return _models.deploy_search(int(key.rsplit("-", 1)[1]) / 100)[1]
+        how = self.how[key]
+        if how["kind"] == "depth":
+            return f"depth {round(how['target'] * 100)} % of block parameters, ppl scores (bench/serve.py)"
+        deploy = ", --deploy decilm" if how.get("deploy") else ""
+        return (f"width {round(how['target'] * 100)} %, {how['allocation']} allocation{deploy}, Wanda-sp on "
+                f"16 x 512 of {serve.CALIB} (bench/serve.py)")  # fmt: skip
+
     def folder(self, key: str) -> Path:
         import fcntl
 
+        if key.startswith("deploy-search-"):  # shared with bench/recover.py and bench/frontier.py
+            folder = _models.deploy_search(int(key.rsplit("-", 1)[1]) / 100)[0]
+            return rope_keys(folder)
         serve.WORK.mkdir(parents=True, exist_ok=True)
         with open(serve.WORK / f"{key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -471,11 +578,21 @@ class Models:
                     depth_calib = lp.calibration(lm, serve.CALIB, samples=10, seqlen=128, kind="depth")
                     self.depth_scores = lp.score(lm, "ppl", depth_calib, progress=False)
             folder = serve.make_model(key, self.how[key], str(self.source), self.calib, self.depth_scores)[0]
-            config = folder / "config.json"  # a folder exported before checkpoint.legacy_rope existed
-            doc = json.loads(config.read_text())
-            if "rope_theta" not in doc:
-                atomic_write_json(config, legacy_rope(doc))
-            return folder
+            return rope_keys(folder)
+
+
+def rope_keys(folder: Path) -> Path:
+    """A folder exported before checkpoint.legacy_rope existed gets the older RoPE keys too."""
+    config = folder / "config.json"
+    doc = json.loads(config.read_text())
+    if "rope_theta" not in doc:
+        atomic_write_json(config, legacy_rope(doc))
+    return folder
+
+
+def model_dir(key: str) -> Path:
+    """Where a row's model is (or will be) made."""
+    return (_models.WORK if key.startswith("deploy-search-") else serve.WORK) / key
 
 
 def save(doc: dict, path: Path, engines: list[str]) -> None:
@@ -483,7 +600,10 @@ def save(doc: dict, path: Path, engines: list[str]) -> None:
     on beside this one)."""
     current = json.loads(path.read_text()) if path.exists() else {}
     for key, value in doc.items():
-        if key == "vllm_serve":  # written by --serve runs alone, from the file as it is then
+        if key in (
+            "vllm_serve",
+            "vllm_profile",
+        ):  # written by --serve / --profile runs alone, from the file as it is then
             continue
         if key in ("engines", "environments"):
             section = current.setdefault(key, {})
@@ -499,7 +619,7 @@ def main() -> int:
     p.add_argument("--only", default=None, help="comma-separated model ids (dense's own row only if named)")
     p.add_argument("--fresh", default="", help="comma-separated model ids to measure again")
     p.add_argument("--fresh-speed", default="", help="comma-separated model ids whose speed to measure again")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--windows", type=int, default=AGREEMENT[0], help="held-out windows for the agreement")
     p.add_argument("--seqlen", type=int, default=AGREEMENT[1], help="tokens per agreement window")
     p.add_argument("--no-speed", action="store_true")
@@ -512,6 +632,12 @@ def main() -> int:
         metavar="ROW",
         default=None,
         help="only check `vllm serve ROW's folder` with the openai client (results: vllm_serve)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="ROW,...",
+        default=None,
+        help="only profile vLLM's ops for dense and the rows (results: vllm_profile)",
     )
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -531,6 +657,19 @@ def main() -> int:
         row = serve_check(venv("vllm"), folder, HERE / "work" / "engines" / "logs")
         doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
         doc.setdefault("vllm_serve", {})[args.serve] = row
+        write(doc, args.output)
+        print(json.dumps(row, indent=1))
+        return 0
+    if args.profile:
+        models = Models()
+        folders = {"dense": models.dense, **{k: models.folder(k) for k in args.profile.split(",")}}
+        dense_lm = lp.load(str(models.source), quiet=True)
+        pw = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+        row = profile(
+            venv("vllm"), folders, [r.tolist() for r in pw.input_ids], HERE / "work" / "engines" / "logs"
+        )
+        doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
+        doc["vllm_profile"] = {"load_average_1min": os.getloadavg()[0], "new_tokens": NEW, "models": row}
         write(doc, args.output)
         print(json.dumps(row, indent=1))
         return 0
@@ -557,7 +696,9 @@ def main() -> int:
         "greedy": {"prompt": GREEDY[0], "new": GREEDY[1]},
         "speed": {"prompts": prompts_w.protocol, "prompt_tokens": PROMPT, "new_tokens": NEW, "batch": [1, BATCH],
                   "threads": THREADS, "env": ENV, "prefix_caching": False, "enforce_eager": True},
-        "models": "bench/serve.py's make_model (same plans and calibration)",
+        "models": "bench/serve.py's make_model (same plans and calibration), but deploy-search-NN: "
+                  "bench/_models.py's deploy_search (short search, shared with recover.py and frontier.py); "
+                  "each row's 'how'",
     }  # fmt: skip
     save(doc, args.output, engines)
     scratch = Path(tempfile.mkdtemp(prefix="engines-"))
@@ -572,7 +713,7 @@ def main() -> int:
             results = doc.setdefault("engines", {}).setdefault(engine, {})
             # models already made first: a search still running elsewhere (under its lock) is waited for last
             first = ["dense"] if args.only is None or "dense" in args.only.split(",") else []
-            order = first + sorted(keys, key=lambda k: not (serve.WORK / k / "report.json").is_file())
+            order = first + sorted(keys, key=lambda k: not (model_dir(k) / "report.json").is_file())
             todo = [k for k in order if "agreement" not in results.get(k, {}) or (k != "dense" and not args.no_speed
                     and "speed" not in results.get(k, {}))]  # fmt: skip
             if not todo:
@@ -594,12 +735,15 @@ def main() -> int:
                     w = dense_worker() if key == "dense" else None
                     try:
                         folder = models.folder(key)
+                        row["how"] = models.describe(key)
+                        row["folder"] = os.path.relpath(folder, ROOT)
                         if w is None:
                             w = Worker(engine, python, folder, HERE / "work" / "engines" / "logs")
                         row["load_seconds"] = w.load_seconds
                         if "agreement" not in row:
                             ref = reference(folder, windows.input_ids, greedy_prompt)
                             row["agreement"] = agreement(engine, w, windows.input_ids, ref, scratch)
+                            row["agreement"]["windows"] = windows.protocol  # this row's: mlx's may be fewer
                             got = w.ask(op="greedy", ids=greedy_prompt, new=GREEDY[1])["ids"]
                             row["greedy_equal"] = got == ref["greedy"]
                             row["greedy_first_difference"] = next(

@@ -14,6 +14,8 @@ token ids, never text, so both sides see the same tokens.
 - {"op": "greedy", "ids": [...], "new": N}: N greedily chosen token ids.
 - {"op": "generate", "prompts": [[...], ...], "new": N}: wall seconds of one call generating N tokens
   for every prompt at once (vLLM `LLM.generate`, ignore_eos; mlx-lm `generate_step`, one prompt).
+- {"op": "profile", "prompts": [[...], ...], "new": N}: vLLM only, started with LAYERPRUNE_VLLM_PROFILE=DIR:
+  a generate call under torch's profiler; vLLM writes its op table into DIR.
 - {"op": "quit"}.
 """
 
@@ -28,8 +30,11 @@ import time
 def vllm_engine(model: str):
     from vllm import LLM, SamplingParams
 
+    profile_dir = os.environ.get("LAYERPRUNE_VLLM_PROFILE")  # the "profile" op: torch's profiler, CPU ops
+    extra = {"profiler_config": {"profiler": "torch", "torch_profiler_dir": profile_dir,
+                                 "torch_profiler_with_stack": False}} if profile_dir else {}  # fmt: skip
     llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=0, max_num_seqs=16,
-              skip_tokenizer_init=True, max_logprobs=64, enable_prefix_caching=False)  # fmt: skip
+              skip_tokenizer_init=True, max_logprobs=64, enable_prefix_caching=False, **extra)  # fmt: skip
 
     def prompt(ids):
         return {"prompt_token_ids": list(ids)}
@@ -56,7 +61,18 @@ def vllm_engine(model: str):
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "generated": sum(len(o.outputs[0].token_ids) for o in outs)}
 
-    return {"logprobs": logprobs, "greedy": greedy, "generate": generate}
+    def profile(req):
+        """One generate call under torch's profiler; vLLM writes its table of the ops' self CPU time
+        (top 50) into the profile folder's *.profiler_out.txt when the profile stops."""
+        params = SamplingParams(max_tokens=req["new"], temperature=0.0, ignore_eos=True, detokenize=False)
+        llm.start_profile()
+        t0 = time.perf_counter()
+        llm.generate([prompt(p) for p in req["prompts"]], params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        llm.stop_profile()
+        return {"seconds": seconds}
+
+    return {"logprobs": logprobs, "greedy": greedy, "generate": generate, "profile": profile}
 
 
 def mlx_engine(model: str):
