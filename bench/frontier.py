@@ -345,12 +345,18 @@ def cpu_speed(gguf: Path, prompt: int = 128, generate: int = 64) -> dict:
     return {"pp128": pp, "tg64": tg}
 
 
-def cpu_rounds(doc: dict, folders: dict, rounds: int, threads: int, path: Path) -> None:
-    """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians)."""
+def cpu_rounds(
+    doc: dict, folders: dict, rounds: int, threads: int, path: Path, untimed: bool = False
+) -> None:
+    """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians).
+    `untimed`: only the points with no round yet, beside the reference (rounds for the newcomers when
+    a round of everything costs more than the machine has)."""
     pts = doc["points"]
-    ensure_files(pts, folders, threads)
     # an imatrix file runs as its twin (same types); the first grid's models keep their round
     timed = {k: p for k, p in pts.items() if not p["imatrix"] and p["model"] not in LEGACY}
+    if untimed:
+        timed = {k: p for k, p in timed.items() if k == REFERENCE or not p.get("cpu_runs")}
+    ensure_files(timed, folders, threads)
     done = min((len(p.get("cpu_runs", [])) for p in timed.values()), default=0)
     for _ in range(done, rounds):
         runs = {k: cpu_speed(HERE / p["gguf"]) for k, p in timed.items()}
@@ -413,8 +419,26 @@ def answer(doc: dict) -> dict:
                     }
                 )
         out[what] = {"front": [p["name"] for p in front], "pruned_on_front": on,
-                     "closest_pruned": min(gaps, key=lambda g: g["ppl_ratio"]) if gaps else None}  # fmt: skip
+                     "closest_pruned": min(gaps, key=lambda g: g["ppl_ratio"]) if gaps else None,
+                     "pruned_on_front_vs_dense": [versus_dense(p, have, x, lower) for p in front
+                                                  if p["model"] != "dense"]}  # fmt: skip
     return out
+
+
+def versus_dense(p: dict, have: list[dict], x: str, lower: bool) -> dict:
+    """A pruned point against the dense points: the best dense point at least as small / fast (its
+    perplexity over the pruned point's: > 1 is what pruning gains at that budget); where no dense point
+    is that small / fast, the nearest one on x (how much smaller / faster the pruned point is, and
+    its perplexity ratio)."""
+    dense = [q for q in have if q["model"] == "dense"]
+    within = [q for q in dense if (q[x] <= p[x] if lower else q[x] >= p[x])]
+    if within:
+        best = min(within, key=lambda q: q["heldout_ppl"])
+        return {"point": p["name"], "dense": best["name"], "relation": "best dense point at least as good on x",
+                "dense_ppl_over_pruned": best["heldout_ppl"] / p["heldout_ppl"], "x_ratio": p[x] / best[x]}  # fmt: skip
+    near = min(dense, key=lambda q: q[x]) if lower else max(dense, key=lambda q: q[x])
+    return {"point": p["name"], "dense": near["name"], "relation": "no dense point is as good on x: the nearest",
+            "dense_ppl_over_pruned": near["heldout_ppl"] / p["heldout_ppl"], "x_ratio": p[x] / near[x]}  # fmt: skip
 
 
 def charts(doc: dict, folder: Path) -> list[Path]:
@@ -426,7 +450,9 @@ def charts(doc: dict, folder: Path) -> list[Path]:
 
     pts = [{"name": k, **p} for k, p in doc["points"].items()]
     colors = {"dense": "black", "depth-10": "tab:purple", "depth-20": "tab:blue", "depth-30": "tab:cyan",
-              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange"}  # fmt: skip
+              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange",
+              "depth-ppl-20": "tab:gray", "width-owl-20": "tab:brown"}  # fmt: skip
+    colors.update({m + KD: c for m, c in colors.items() if m != "dense" and m not in LEGACY})
     made = []
     for x, lower, label, file in (
         ("bytes", True, "file size (MiB)", "frontier_bytes.png"),
@@ -443,7 +469,8 @@ def charts(doc: dict, folder: Path) -> list[Path]:
         scale = 2**20 if x == "bytes" else 1
         fig, ax = plt.subplots(figsize=(8, 5.5))
         for model in colors:
-            for imat, marker in ((False, "o"), (True, "^")):
+            kd = model.endswith(KD)  # recovered: squares / diamonds; pruned only: circles / triangles
+            for imat, marker in ((False, "s" if kd else "o"), (True, "D" if kd else "^")):
                 sel = [p for p in have if p["model"] == model and p["imatrix"] == imat]
                 if sel:
                     ax.scatter([p[x] / scale for p in sel], [p["heldout_ppl"] for p in sel], c=colors[model],
@@ -515,6 +542,10 @@ def markdown(doc: dict) -> str:
                f"{close['dense']}, the best dense point at least as small / fast" if close else "")  # fmt: skip
         out.append(f"- Front of ({what}, perplexity): {', '.join(a['front'])}. Pruned points on it: "
                    f"{', '.join(a['pruned_on_front']) or 'none'}{gap}.")  # fmt: skip
+        unit = "size" if what == "bytes" else "speed"
+        for v in a.get("pruned_on_front_vs_dense", []):
+            out.append(f"  - {v['point']} against {v['dense']} ({v['relation'].replace('x', unit)}): "
+                       f"{unit} × {v['x_ratio']:.2f}, dense perplexity / pruned {v['dense_ppl_over_pruned']:.2f}.")  # fmt: skip
     grid = doc.get("protocol", {}).get("grid", "full")
     missing = [name(*p) for p in points(grid if grid in GRIDS else "full") if name(*p) not in pts]
     if missing:
@@ -538,6 +569,10 @@ def main() -> int:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--checks", default="engine,prune-layers,prune-layers-ppl",
                    help="which checks run (comma-separated; prune-layers-ppl: evaluate llama-quantize's file when it differs)")  # fmt: skip
+    p.add_argument("--engine-models", default="dense,depth-20,width-20",
+                   help="the models whose F32 GGUF the engine check evaluates (dense, depth, DeciLM width)")  # fmt: skip
+    p.add_argument("--speed-untimed", action="store_true",
+                   help="speed rounds only for the points with none yet, beside the reference")  # fmt: skip
     p.add_argument("--speed-by", choices=("cpu", "wall"), default="cpu",
                    help="cpu: tokens per CPU-second in the bindings (what a busy machine can measure); wall: llama-bench")  # fmt: skip
     p.add_argument("--no-check", action="store_true",
@@ -602,9 +637,11 @@ def main() -> int:
         write(doc, args.output)
     checks = set() if args.no_check else set(args.checks.split(","))
     if "engine" in checks:
-        for model, folder in folders.items():
+        for model in args.engine_models.split(","):
             if model not in doc["engine_check"]:
-                doc["engine_check"][model] = engine_check(folder, model, args.windows, args.threads)
+                if model not in folders:
+                    folders[model] = make_model(model, dense)
+                doc["engine_check"][model] = engine_check(folders[model], model, args.windows, args.threads)
                 print(f"engine check {model}: {doc['engine_check'][model]}")
                 write(doc, args.output)
     key = f"{PRUNE_LAYERS[0]} {PRUNE_LAYERS[1]}"
@@ -622,7 +659,7 @@ def main() -> int:
         if args.speed_by == "wall":
             speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
         else:
-            cpu_rounds(doc, folders, args.rounds, args.threads, args.output)
+            cpu_rounds(doc, folders, args.rounds, args.threads, args.output, args.speed_untimed)
     doc["answer"] = answer(doc)
     write(doc, args.output)
     charts(doc, args.output.parent)
