@@ -5,10 +5,16 @@
     python bench/frontier.py --charts      # the charts and the answer from frontier.json, nothing measured
     python bench/frontier.py --markdown    # the docs page's tables
 
-Models (bench/work/frontier/, kept: a rerun reuses them): dense; depth-pruned at 10 / 20 / 30 % of the
-blocks' parameters (Shortened LLaMA's ppl criterion on 10 x 128 tokens of fixture:val, the blocks
-nearest the target); deployable width (`--deploy decilm`, OWL allocation, Wanda-sp on 16 x 512 tokens
-of fixture:val) at 10 / 20 / 30 %. All as pruned (no recovery).
+Models (made once, kept: a rerun reuses them): dense; depth-pruned at 10 / 20 / 30 % of the blocks'
+parameters: the depth search's best set (search.json depth-N-fit512, `_models.depth_search_blocks`) where
+it ran (20 %: 6 blocks, 30 %: 9), else Shortened LLaMA's ppl criterion on 10 x 128 tokens of fixture:val
+(10 %), in bench/work/frontier/; the deployable searched width (`_models.deploy_search`: `--allocation
+search --deploy decilm`, short search) at 10 / 20 / 30 %, in bench/work/models/; and each of those
+recovered, "<model> kd": issue 34's best recovery (bench/recover.py's smollm2 rows), full training with
+distillation from the cached SmolLM2 teacher (top-64 log-probabilities), 20 steps x batch 4 of 128 tokens
+of fixture:train, lr 2e-4, in bench/work/models/<model>.kd. Kept from the first grid under other names,
+their files gone and not timed again: depth-ppl-20 (the ppl criterion's 6 blocks) and width-owl-20 (OWL
+allocation, Wanda-sp 16 x 512, --deploy decilm).
 
 Points (`points`): every model exported by `layerprune export --quant TYPE [--imatrix fixture:val]` (the
 calibration text, never the held-out text; 8 windows of 512 tokens), perplexity computed by llama.cpp
@@ -18,7 +24,7 @@ then speed in --rounds interleaved rounds over every file, as ratios to dense Q4
 (`cpu_speed`; --speed-by wall: llama-bench's wall clock, which a niced process on this shared machine
 cannot measure: its `speed_runs` in frontier.json varied 18-fold between rounds). Checks: per model, llama.cpp's
 perplexity of the F32 GGUF against layerprune's own (torch, float32) on the same windows; and the
-depth-20 blocks dropped by llama.cpp's `llama-quantize --prune-layers` against our export, tensor by tensor.
+depth-20 (search) blocks dropped by llama.cpp's `llama-quantize --prune-layers` against our export, tensor by tensor.
 
 bench/results/frontier.json is written after every point; a rerun resumes (points there are kept, so
 keep --windows as they were measured).
@@ -36,6 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _models  # noqa: E402
 from _results import write  # noqa: E402
 
 import layerprune as lp  # noqa: E402
@@ -48,25 +55,38 @@ WORK = HERE / "work" / "frontier"
 CALIB, HELDOUT, SEQLEN = "fixture:val", "fixture:test", 512
 IMATRIX = {"samples": 8, "seqlen": 512}  # 4,096 tokens: llama-imatrix on f32 is minutes a window here
 DENSE_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")
-GRIDS = {"reduced": ("Q8_0", "Q4_K_M"), "medium": ("Q8_0", "Q4_K_M", "Q3_K_M"),
-         "full": ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M")}  # fmt: skip
+GRIDS = {"reduced": ("Q4_K_M", "Q8_0"), "medium": ("Q4_K_M", "Q8_0", "Q3_K_M"),
+         "full": ("Q4_K_M", "Q8_0", "Q3_K_M", "Q6_K")}  # fmt: skip
 PRUNED = {"depth-10": ("depth", 0.1), "depth-20": ("depth", 0.2), "depth-30": ("depth", 0.3),
-          "width-10": ("width", 0.1), "width-20": ("width", 0.2), "width-30": ("width", 0.3)}  # fmt: skip
+          "width-10": ("width", 0.1), "width-20": ("width", 0.2), "width-30": ("width", 0.3),
+          "depth-ppl-20": ("depth-ppl", 0.2), "width-owl-20": ("width-owl", 0.2)}  # fmt: skip
+LEGACY = ("depth-ppl-20", "width-owl-20")  # the first grid's models: measured, files gone, not timed again
+KD = " kd"  # "<model> kd": the model after distillation (RECIPE)
+RECIPE = {"data": "fixture:train", "seqlen": 128, "method": "full", "steps": 20, "batch_size": 4, "lr": 2e-4,
+          "kd_topk": 64}  # fmt: skip
+TEACHER_CACHE = HERE / "work" / "recover_kd" / "cache-k64"  # SmolLM2's top-64 over RECIPE's windows
+# bench/recover.py's row of the same recipe on the same folder (deploy-search-30): used, not trained again
+KEPT_KD = {"width-30": HERE / "work" / "models" / "kept_recovered" / "width30__kd-full-cache@lr0.0002"}
 REFERENCE = "dense Q4_K_M"
 PRUNE_LAYERS = ("depth-20", "Q4_K_M")  # the depth point llama-quantize --prune-layers re-makes
 
 
 def make_model(key: str, dense: str) -> Path:
-    """Plan, apply and export one pruned model into WORK/key (kept)."""
+    """The model's folder, planned, applied and exported once (kept)."""
+    if key.endswith(KD):
+        return make_kd(key.removesuffix(KD), dense)
+    kind, target = PRUNED[key]
+    if kind == "width":
+        return _models.deploy_search(target, dense)[0]
     folder = WORK / key
     if (folder / "report.json").is_file():
         return folder
-    kind, target = PRUNED[key]
     lm = lp.load(dense, quiet=True)
-    if kind == "depth":
+    if kind in ("depth", "depth-ppl"):
         per_block = sum(p.numel() for p in lm.adapter.blocks[0].parameters())
         count = round(target * sum(p.numel() for p in lm.adapter.blocks.parameters()) / per_block)
-        plan = real_depth_plan(lm, count)
+        plan = searched_depth_plan(lm, count) if kind == "depth" else None
+        plan = plan or real_depth_plan(lm, count)
         if plan is None:
             cached = WORK / "depth_scores.json"  # one scoring for every target (minutes on a busy CPU)
             if cached.is_file():
@@ -77,11 +97,53 @@ def make_model(key: str, dense: str) -> Path:
                 scores.save(cached)
             plan = lp.plan(lm, scores, remove=count)
         report = lp.apply(lm, plan, None, progress=False)
-    else:
+    else:  # width-owl: the first grid's width model
         calib = lp.calibration(lm, CALIB, samples=16, seqlen=512)
         plan = lp.plan(lm, width=target, calib=calib, progress=False, allocation="owl", deploy="decilm")
         report = lp.apply(lm, plan, calib, progress=False)
     lp.export(lm, folder, plan, {"pruning": report}, overwrite=True)
+    return folder
+
+
+def searched_depth_plan(lm, count: int):
+    """The depth search's best `count` blocks (search.json, 32 x 512 fitness windows), or None."""
+    from layerprune.plans import DepthPlan
+    from layerprune.scorers.run import model_info
+
+    blocks = _models.depth_search_blocks(count)
+    if not blocks:
+        return None
+    return DepthPlan(model=model_info(lm), method="search", remove=blocks,
+                     params={"remove": count, "from": f"bench/results/search.json smollm2 depth-{count}-fit512"})  # fmt: skip
+
+
+def kd_matches(folder: Path) -> bool:
+    """Whether a recovered folder's record is RECIPE (steps, batch, lr, method, data, seqlen, top-k)."""
+    rec = json.loads((folder / "report.json").read_text()).get("recovery") or {}
+    opts, data = rec.get("options", {}), rec.get("data", {})
+    return (rec.get("method") == RECIPE["method"] and opts.get("steps") == RECIPE["steps"]
+            and opts.get("batch_size") == RECIPE["batch_size"] and opts.get("lr") == RECIPE["lr"]
+            and data.get("dataset") == RECIPE["data"] and data.get("seqlen") == RECIPE["seqlen"]
+            and (rec.get("distillation") or {}).get("topk") == RECIPE["kd_topk"])  # fmt: skip
+
+
+def make_kd(base: str, dense: str) -> Path:
+    """`base` recovered by RECIPE (distillation from the teacher cache), once, into bench/work/models/."""
+    kept = KEPT_KD.get(base)
+    if kept is not None and (kept / "report.json").is_file() and kd_matches(kept):
+        return kept
+    source = make_model(base, dense)
+    with _models._locked(f"{base}.kd") as folder:
+        if not (folder / "report.json").is_file():
+            from layerprune.recovery import load_training_data
+
+            lm = lp.load(str(source), device="cpu", dtype="float32", quiet=True)
+            data = load_training_data(lm, RECIPE["data"], RECIPE["seqlen"])
+            record = lp.recover(lm, data, method=RECIPE["method"], steps=RECIPE["steps"],
+                                batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], teacher_cache=str(TEACHER_CACHE),
+                                kd_topk=RECIPE["kd_topk"], progress=False)  # fmt: skip
+            extra = {"recovery": {k: v for k, v in record.items() if k != "history"}, "source": str(source)}
+            lp.export(lm, folder, None, extra, overwrite=True)
     return folder
 
 
@@ -110,20 +172,18 @@ def real_depth_plan(lm, count: int):
 
 
 def points(grid: str) -> list[tuple[str, str, bool]]:
-    """(model, quant, imatrix) in measuring order, the answer's skeleton first: dense at every type,
-    the 20 % models at the grid's types, the imatrix comparison (dense and width-20 at Q4_K_M /
-    Q3_K_M / Q2_K, with and without), the 10 % and 30 % models, then imatrix everywhere else. F16
-    and Q8_0 without imatrix only (it changes nothing there); F16 last of the dense (its eval is slow)."""
+    """(model, quant, imatrix) in measuring order: dense (the reference first); the 20 / 30 % models,
+    pruned and recovered, at Q4_K_M and Q8_0, then the grid's other types; their imatrix pairs at
+    Q4_K_M / Q3_K_M; the 10 % models likewise; the dense imatrix pairs; dense F16 and IQ4_XS last
+    (F16's eval is slow). Q8_0 and above without imatrix only (it changes little there)."""
+    low = [q for q in ("Q4_K_M", "Q3_K_M") if q in GRIDS[grid]]
     out = [("dense", q, False) for q in DENSE_QUANTS if q not in ("IQ4_XS", "F16")]
-    by_share = {s: [k for k in PRUNED if k.endswith(s)] for s in ("20", "10", "30")}
-    out += [(k, q, False) for k in by_share["20"] for q in GRIDS[grid]]
-    low = ("Q4_K_M", "Q3_K_M", "Q2_K")
-    out += [("dense", q, True) for q in low]
-    out += [("width-20", q, imat) for q in low for imat in (False, True)]
-    out += [(k, q, False) for s in ("10", "30") for k in by_share[s] for q in GRIDS[grid]]
-    out += [("dense", "F16", False)]
-    out += [(k, q, True) for s in ("20", "10", "30") for k in by_share[s] for q in GRIDS[grid] if q != "Q8_0"]
-    out += [("dense", q, True) for q in ("Q6_K", "Q5_K_M", "IQ4_XS")]
+    for shares in (("20", "30"), ("10",)):
+        models = [f"{kind}-{share}{kd}" for kd in ("", KD) for kind in ("depth", "width") for share in shares]
+        out += [(m, q, False) for q in GRIDS[grid] for m in models]
+        out += [(m, q, True) for q in low for m in models]
+    out += [("dense", q, True) for q in ("Q4_K_M", "Q3_K_M", "Q2_K")]
+    out += [("dense", "F16", False), ("dense", "IQ4_XS", False)]
     seen = set()
     return [p for p in out if not (p in seen or seen.add(p))]
 
@@ -133,7 +193,7 @@ def name(model: str, quant: str, imatrix: bool) -> str:
 
 
 def gguf_path(model: str, quant: str, imatrix: bool) -> Path:
-    return WORK / "gguf" / f"{model}.{quant}{'.imatrix' if imatrix else ''}.gguf"
+    return WORK / "gguf" / f"{model.replace(' ', '.')}.{quant}{'.imatrix' if imatrix else ''}.gguf"
 
 
 def ensure_gguf(folder: Path, model: str, quant: str, imatrix: bool, threads: int) -> Path:
@@ -230,6 +290,8 @@ def engine_check(folder: Path, model: str, windows: int, threads: int) -> dict:
 def ensure_files(pts: dict, folders: dict, threads: int) -> None:
     """Every point's model folder and file, made again where gone (deterministic: the same bytes)."""
     for p in pts.values():
+        if p["model"] in LEGACY:  # kept as measured; not made again
+            continue
         if p["model"] not in folders:
             folders[p["model"]] = make_model(p["model"], str(folders["dense"]))
         ensure_gguf(folders[p["model"]], p["model"], p["quant"], p["imatrix"], threads)
@@ -283,11 +345,18 @@ def cpu_speed(gguf: Path, prompt: int = 128, generate: int = 64) -> dict:
     return {"pp128": pp, "tg64": tg}
 
 
-def cpu_rounds(doc: dict, folders: dict, rounds: int, threads: int, path: Path) -> None:
-    """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians)."""
+def cpu_rounds(
+    doc: dict, folders: dict, rounds: int, threads: int, path: Path, untimed: bool = False
+) -> None:
+    """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians).
+    `untimed`: only the points with no round yet, beside the reference (rounds for the newcomers when
+    a round of everything costs more than the machine has)."""
     pts = doc["points"]
-    ensure_files(pts, folders, threads)
-    timed = {k: p for k, p in pts.items() if not p["imatrix"]}  # an imatrix file runs as its twin: same types
+    # an imatrix file runs as its twin (same types); the first grid's models keep their round
+    timed = {k: p for k, p in pts.items() if not p["imatrix"] and p["model"] not in LEGACY}
+    if untimed:
+        timed = {k: p for k, p in timed.items() if k == REFERENCE or not p.get("cpu_runs")}
+    ensure_files(timed, folders, threads)
     done = min((len(p.get("cpu_runs", [])) for p in timed.values()), default=0)
     for _ in range(done, rounds):
         runs = {k: cpu_speed(HERE / p["gguf"]) for k, p in timed.items()}
@@ -300,7 +369,7 @@ def cpu_rounds(doc: dict, folders: dict, rounds: int, threads: int, path: Path) 
                 p[f"{m}_cpu_vs_ref"] = statistics.median(r[f"{m}_vs_ref"] for r in p["cpu_runs"])
         write(doc, path)
     for p in pts.values():
-        twin = timed.get(name(p["model"], p["quant"], False))
+        twin = pts.get(name(p["model"], p["quant"], False))
         if p["imatrix"] and twin and "tg64_cpu_vs_ref" in twin:
             p.update(
                 {k: v for k, v in twin.items() if "_cpu_" in k},
@@ -350,8 +419,26 @@ def answer(doc: dict) -> dict:
                     }
                 )
         out[what] = {"front": [p["name"] for p in front], "pruned_on_front": on,
-                     "closest_pruned": min(gaps, key=lambda g: g["ppl_ratio"]) if gaps else None}  # fmt: skip
+                     "closest_pruned": min(gaps, key=lambda g: g["ppl_ratio"]) if gaps else None,
+                     "pruned_on_front_vs_dense": [versus_dense(p, have, x, lower) for p in front
+                                                  if p["model"] != "dense"]}  # fmt: skip
     return out
+
+
+def versus_dense(p: dict, have: list[dict], x: str, lower: bool) -> dict:
+    """A pruned point against the dense points: the best dense point at least as small / fast (its
+    perplexity over the pruned point's: > 1 is what pruning gains at that budget); where no dense point
+    is that small / fast, the nearest one on x (how much smaller / faster the pruned point is, and
+    its perplexity ratio)."""
+    dense = [q for q in have if q["model"] == "dense"]
+    within = [q for q in dense if (q[x] <= p[x] if lower else q[x] >= p[x])]
+    if within:
+        best = min(within, key=lambda q: q["heldout_ppl"])
+        return {"point": p["name"], "dense": best["name"], "relation": "best dense point at least as good on x",
+                "dense_ppl_over_pruned": best["heldout_ppl"] / p["heldout_ppl"], "x_ratio": p[x] / best[x]}  # fmt: skip
+    near = min(dense, key=lambda q: q[x]) if lower else max(dense, key=lambda q: q[x])
+    return {"point": p["name"], "dense": near["name"], "relation": "no dense point is as good on x: the nearest",
+            "dense_ppl_over_pruned": near["heldout_ppl"] / p["heldout_ppl"], "x_ratio": p[x] / near[x]}  # fmt: skip
 
 
 def charts(doc: dict, folder: Path) -> list[Path]:
@@ -363,7 +450,9 @@ def charts(doc: dict, folder: Path) -> list[Path]:
 
     pts = [{"name": k, **p} for k, p in doc["points"].items()]
     colors = {"dense": "black", "depth-10": "tab:purple", "depth-20": "tab:blue", "depth-30": "tab:cyan",
-              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange"}  # fmt: skip
+              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange",
+              "depth-ppl-20": "tab:gray", "width-owl-20": "tab:brown"}  # fmt: skip
+    colors.update({m + KD: c for m, c in colors.items() if m != "dense" and m not in LEGACY})
     made = []
     for x, lower, label, file in (
         ("bytes", True, "file size (MiB)", "frontier_bytes.png"),
@@ -380,7 +469,8 @@ def charts(doc: dict, folder: Path) -> list[Path]:
         scale = 2**20 if x == "bytes" else 1
         fig, ax = plt.subplots(figsize=(8, 5.5))
         for model in colors:
-            for imat, marker in ((False, "o"), (True, "^")):
+            kd = model.endswith(KD)  # recovered: squares / diamonds; pruned only: circles / triangles
+            for imat, marker in ((False, "s" if kd else "o"), (True, "D" if kd else "^")):
                 sel = [p for p in have if p["model"] == model and p["imatrix"] == imat]
                 if sel:
                     ax.scatter([p[x] / scale for p in sel], [p["heldout_ppl"] for p in sel], c=colors[model],
@@ -452,8 +542,12 @@ def markdown(doc: dict) -> str:
                f"{close['dense']}, the best dense point at least as small / fast" if close else "")  # fmt: skip
         out.append(f"- Front of ({what}, perplexity): {', '.join(a['front'])}. Pruned points on it: "
                    f"{', '.join(a['pruned_on_front']) or 'none'}{gap}.")  # fmt: skip
-    grid = doc.get("protocol", {}).get("grid", "medium")
-    missing = [name(*p) for p in points(grid if grid in GRIDS else "medium") if name(*p) not in pts]
+        unit = "size" if what == "bytes" else "speed"
+        for v in a.get("pruned_on_front_vs_dense", []):
+            out.append(f"  - {v['point']} against {v['dense']} ({v['relation'].replace('x', unit)}): "
+                       f"{unit} × {v['x_ratio']:.2f}, dense perplexity / pruned {v['dense_ppl_over_pruned']:.2f}.")  # fmt: skip
+    grid = doc.get("protocol", {}).get("grid", "full")
+    missing = [name(*p) for p in points(grid if grid in GRIDS else "full") if name(*p) not in pts]
     if missing:
         out.append(f"- Not measured yet ({grid} grid): {', '.join(missing)}.")
     return "\n".join(out)
@@ -461,7 +555,7 @@ def markdown(doc: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", choices=tuple(GRIDS), default="medium")
+    p.add_argument("--grid", choices=tuple(GRIDS), default="full")
     p.add_argument("--windows", type=int, default=4, help="held-out windows of 512 tokens (as measured: 4)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repetitions", type=int, default=2, help="llama-bench repetitions per round")
@@ -475,6 +569,10 @@ def main() -> int:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--checks", default="engine,prune-layers,prune-layers-ppl",
                    help="which checks run (comma-separated; prune-layers-ppl: evaluate llama-quantize's file when it differs)")  # fmt: skip
+    p.add_argument("--engine-models", default="dense,depth-20,width-20",
+                   help="the models whose F32 GGUF the engine check evaluates (dense, depth, DeciLM width)")  # fmt: skip
+    p.add_argument("--speed-untimed", action="store_true",
+                   help="speed rounds only for the points with none yet, beside the reference")  # fmt: skip
     p.add_argument("--speed-by", choices=("cpu", "wall"), default="cpu",
                    help="cpu: tokens per CPU-second in the bindings (what a busy machine can measure); wall: llama-bench")  # fmt: skip
     p.add_argument("--no-check", action="store_true",
@@ -505,12 +603,21 @@ def main() -> int:
                   "wall": {"tool": "llama-bench", "prompt": 128, "generate": 64, "threads": args.threads,
                            "rounds": 2, "repetitions": 1, "reference": REFERENCE,
                            "note": "speed_runs: wall clock on the shared 2-core machine, niced; too noisy to use"}},
-        "pruning": {"depth": "ppl scores, 10 x 128 fixture:val", "width": "OWL, Wanda-sp 16 x 512 fixture:val, "
-                    "--deploy decilm", "recovery": None},
+        "pruning": {"depth": "the depth search's blocks (search.json smollm2 depth-N-fit512) where it ran (6, 9), "
+                             "else ppl scores on 10 x 128 fixture:val (3)",
+                    "width": "deployable searched allocation, --deploy decilm, Wanda-sp 16 x 512 fixture:val, short "
+                             f"search: population 30, {_models.SEARCH_ITERATIONS} generations (bench/_models.py)",
+                    "recovery": {"models": "<model> kd", "distillation": f"teacher SmolLM2 cached top-{RECIPE['kd_topk']}",
+                                 **RECIPE},
+                    "first grid (kept)": {"depth-ppl-20": "ppl scores, 10 x 128 fixture:val, 6 blocks",
+                                          "width-owl-20": "OWL, Wanda-sp 16 x 512 fixture:val, --deploy decilm"}},
         "grid": args.grid, "llama_cpp": VERSION,
     }  # fmt: skip
     doc.setdefault("points", {})
     doc.setdefault("engine_check", {})
+    import torch
+
+    torch.set_num_threads(args.threads)  # the CPU is shared: one thread for torch too (recovery, checks)
     WORK.mkdir(parents=True, exist_ok=True)
     dense = str(lp.load("smollm2", quiet=True).path)
     wanted = set(args.only.split(",")) if args.only else None
@@ -530,9 +637,11 @@ def main() -> int:
         write(doc, args.output)
     checks = set() if args.no_check else set(args.checks.split(","))
     if "engine" in checks:
-        for model, folder in folders.items():
+        for model in args.engine_models.split(","):
             if model not in doc["engine_check"]:
-                doc["engine_check"][model] = engine_check(folder, model, args.windows, args.threads)
+                if model not in folders:
+                    folders[model] = make_model(model, dense)
+                doc["engine_check"][model] = engine_check(folders[model], model, args.windows, args.threads)
                 print(f"engine check {model}: {doc['engine_check'][model]}")
                 write(doc, args.output)
     key = f"{PRUNE_LAYERS[0]} {PRUNE_LAYERS[1]}"
@@ -550,7 +659,7 @@ def main() -> int:
         if args.speed_by == "wall":
             speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
         else:
-            cpu_rounds(doc, folders, args.rounds, args.threads, args.output)
+            cpu_rounds(doc, folders, args.rounds, args.threads, args.output, args.speed_untimed)
     doc["answer"] = answer(doc)
     write(doc, args.output)
     charts(doc, args.output.parent)
