@@ -128,7 +128,9 @@ def kd_matches(folder: Path) -> bool:
 
 
 def make_kd(base: str, dense: str) -> Path:
-    """`base` recovered by RECIPE (distillation from the teacher cache), once, into bench/work/models/."""
+    """`base` recovered by RECIPE (distillation from the teacher cache), once, into bench/work/models/. The
+    teacher is named so that a missing cache is built (bench/recover.py builds the same one: the windows
+    those 20 steps train on); where it exists, the teacher is never loaded."""
     kept = KEPT_KD.get(base)
     if kept is not None and (kept / "report.json").is_file() and kd_matches(kept):
         return kept
@@ -141,7 +143,7 @@ def make_kd(base: str, dense: str) -> Path:
             data = load_training_data(lm, RECIPE["data"], RECIPE["seqlen"])
             record = lp.recover(lm, data, method=RECIPE["method"], steps=RECIPE["steps"],
                                 batch_size=RECIPE["batch_size"], lr=RECIPE["lr"], teacher_cache=str(TEACHER_CACHE),
-                                kd_topk=RECIPE["kd_topk"], progress=False)  # fmt: skip
+                                kd_topk=RECIPE["kd_topk"], teacher=dense, progress=False)  # fmt: skip
             extra = {"recovery": {k: v for k, v in record.items() if k != "history"}, "source": str(source)}
             lp.export(lm, folder, None, extra, overwrite=True)
     return folder
