@@ -53,6 +53,19 @@ def deploy_search(target: float, dense: str = DENSE) -> tuple[Path, str]:
     return folder, how
 
 
+def depth_search_plan(lm, count: int):
+    """A DepthPlan removing the depth search's best `count` blocks of `lm` (search.json), or None."""
+    from layerprune.plans import DepthPlan
+    from layerprune.provenance import stamp
+    from layerprune.scorers.run import model_info
+
+    blocks = depth_search_blocks(count)
+    if not blocks:
+        return None
+    return DepthPlan(model=model_info(lm), method="search", remove=blocks, provenance=stamp(),
+                     params={"remove": count, "from": f"bench/results/search.json smollm2 depth-{count}-fit512"})  # fmt: skip
+
+
 def depth_search_blocks(count: int) -> list[str] | None:
     """The depth search's best `count` blocks of SmolLM2 (search.json depth-N-fit512), or None."""
     path = HERE / "results" / "search.json"

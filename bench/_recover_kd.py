@@ -36,9 +36,8 @@ CALIB = "fixture:val"
 # the other-domain text: Debian base-files' licences, in this order (rendered, never committed)
 LICENCES = ("Apache-2.0", "Artistic", "BSD", "GPL-3", "LGPL-3", "MPL-2.0")
 LICENCE_DIR = Path("/usr/share/common-licenses")
-# depth: the depth search's best 9 of 30 (search.json depth-9-fit512, 32 x 512 fitness windows)
+# depth: the depth search's best 9 of 30 (bench/_models.py depth_search_plan: search.json depth-9-fit512)
 # width: bench/_models.py deploy_search(0.3), the searched deployable plan every bench shares
-DEPTH9 = ["12", "13", "14", "15", "16", "17", "18", "25", "26"]
 # (label, method, live teacher, cache k); LoRA rows at LoRA's lr, full rows at CPT's
 METHODS = [
     ("lora", "lora", False, None),
@@ -87,17 +86,12 @@ def prune(work: Path, only: set[str] | None = None) -> dict[str, dict]:
 
 def _depth9(folder: Path, work: Path, done: bool) -> str:
     if not done:
-        from layerprune.plans import DepthPlan
-        from layerprune.provenance import stamp
-        from layerprune.scorers.run import model_info
-
         lm = lp.load(DENSE, dtype="float32", quiet=True)
-        plan = DepthPlan(model=model_info(lm), method="search", remove=DEPTH9, params={"remove": 9},
-                         provenance=stamp())  # fmt: skip
+        plan = _models.depth_search_plan(lm, 9)
         lp.apply(lm, plan)
         lp.export(lm, folder, plan, overwrite=True)
-    return ("depth: blocks " + ",".join(DEPTH9) + " of 30 removed (search.json depth-9-fit512: the depth "
-            "search with 32 x 512 fitness windows)")  # fmt: skip
+    return ("depth: blocks " + ",".join(_models.depth_search_blocks(9)) + " of 30 removed (search.json "
+            "depth-9-fit512: the depth search with 32 x 512 fitness windows)")  # fmt: skip
 
 
 def _width30(folder: Path, work: Path, done: bool) -> str:

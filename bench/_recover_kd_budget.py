@@ -53,8 +53,7 @@ def main() -> None:
         rows += [(f"s{steps}/cpt", {"steps": steps}), (f"s{steps}/kd-full-cache", {"steps": steps, "topk": 64}),
                  (f"s{steps}/kd-mix0.5-cache", {"steps": steps, "topk": 64, "kd_mix": 0.5})]  # fmt: skip
     rows.append(("s20/kd-mix0.5-cache", {"steps": 20, "topk": 64, "kd_mix": 0.5}))
-    for steps in {s["steps"] for _, s in rows}:
-        cache(steps)
+    caches = {steps: cache(steps) for steps in {s["steps"] for _, s in rows}}
 
     lock = threading.Lock()
 
@@ -64,9 +63,7 @@ def main() -> None:
         spec = {"model": model, "method": "full", "batch": 4, "seqlen": 128, "lr": kd.LR_FULL, "other": str(other),
                 "heldout_windows": 8, "zeroshot_limit": 0, **extra}  # fmt: skip
         if spec.get("topk"):
-            spec["cache"] = str(
-                work / ("cache-k64" if spec["steps"] == 20 else f"cache-k64-s{spec['steps']}")
-            )
+            spec["cache"] = caches[spec["steps"]]
         out = {**kd.run(spec), **extra}
         with lock:
             doc["rows"][key] = out

@@ -65,8 +65,6 @@ KD = " kd"  # "<model> kd": the model after distillation (RECIPE)
 RECIPE = {"data": "fixture:train", "seqlen": 128, "method": "full", "steps": 20, "batch_size": 4, "lr": 2e-4,
           "kd_topk": 64}  # fmt: skip
 TEACHER_CACHE = HERE / "work" / "recover_kd" / "cache-k64"  # SmolLM2's top-64 over RECIPE's windows
-# bench/recover.py's row of the same recipe on the same folder (deploy-search-30): used, not trained again
-KEPT_KD = {"width-30": HERE / "work" / "models" / "kept_recovered" / "width30__kd-full-cache@lr0.0002"}
 REFERENCE = "dense Q4_K_M"
 PRUNE_LAYERS = ("depth-20", "Q4_K_M")  # the depth point llama-quantize --prune-layers re-makes
 
@@ -85,7 +83,7 @@ def make_model(key: str, dense: str) -> Path:
     if kind in ("depth", "depth-ppl"):
         per_block = sum(p.numel() for p in lm.adapter.blocks[0].parameters())
         count = round(target * sum(p.numel() for p in lm.adapter.blocks.parameters()) / per_block)
-        plan = searched_depth_plan(lm, count) if kind == "depth" else None
+        plan = _models.depth_search_plan(lm, count) if kind == "depth" else None
         plan = plan or real_depth_plan(lm, count)
         if plan is None:
             cached = WORK / "depth_scores.json"  # one scoring for every target (minutes on a busy CPU)
@@ -105,35 +103,10 @@ def make_model(key: str, dense: str) -> Path:
     return folder
 
 
-def searched_depth_plan(lm, count: int):
-    """The depth search's best `count` blocks (search.json, 32 x 512 fitness windows), or None."""
-    from layerprune.plans import DepthPlan
-    from layerprune.scorers.run import model_info
-
-    blocks = _models.depth_search_blocks(count)
-    if not blocks:
-        return None
-    return DepthPlan(model=model_info(lm), method="search", remove=blocks,
-                     params={"remove": count, "from": f"bench/results/search.json smollm2 depth-{count}-fit512"})  # fmt: skip
-
-
-def kd_matches(folder: Path) -> bool:
-    """Whether a recovered folder's record is RECIPE (steps, batch, lr, method, data, seqlen, top-k)."""
-    rec = json.loads((folder / "report.json").read_text()).get("recovery") or {}
-    opts, data = rec.get("options", {}), rec.get("data", {})
-    return (rec.get("method") == RECIPE["method"] and opts.get("steps") == RECIPE["steps"]
-            and opts.get("batch_size") == RECIPE["batch_size"] and opts.get("lr") == RECIPE["lr"]
-            and data.get("dataset") == RECIPE["data"] and data.get("seqlen") == RECIPE["seqlen"]
-            and (rec.get("distillation") or {}).get("topk") == RECIPE["kd_topk"])  # fmt: skip
-
-
 def make_kd(base: str, dense: str) -> Path:
     """`base` recovered by RECIPE (distillation from the teacher cache), once, into bench/work/models/. The
     teacher is named so that a missing cache is built (bench/recover.py builds the same one: the windows
     those 20 steps train on); where it exists, the teacher is never loaded."""
-    kept = KEPT_KD.get(base)
-    if kept is not None and (kept / "report.json").is_file() and kd_matches(kept):
-        return kept
     source = make_model(base, dense)
     with _models._locked(f"{base}.kd") as folder:
         if not (folder / "report.json").is_file():
