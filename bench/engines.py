@@ -99,8 +99,9 @@ ENV = {
 # ---- 1. the engines' venvs -----------------------------------------------------------------------------
 def cache_dir() -> Path:
     """Outside the checkout (layerprune's cache), so a new worktree does not rebuild the venvs."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerprune"
-    return Path(os.environ.get("LAYERPRUNE_CACHE", default)) / "engines"
+    from layerprune.io import cache_root
+
+    return cache_root() / "engines"
 
 
 def venv(engine: str, log=print) -> Path:
@@ -462,6 +463,34 @@ def profile(python: Path, folders: dict[str, Path], prompts, log_dir: Path) -> d
     return out
 
 
+def compiled_speed(python: Path, models, keys: list[str], prompts, rounds: int, log_dir: Path) -> dict:
+    """vLLM with its compiled forward (LAYERPRUNE_VLLM_COMPILE=1: enforce_eager off, vLLM's own
+    torch.compile at load): each row's speed against dense compiled alike (speed(), interleaved rounds),
+    the load time (compilation included) and whether its greedy continuation is still layerprune's."""
+    env = {"LAYERPRUNE_VLLM_COMPILE": "1"}
+    dense = Worker("vllm", python, models.dense, log_dir, env=env)
+    out = {}
+    try:
+        for key in keys:
+            folder = models.folder(key)
+            w = Worker("vllm", python, folder, log_dir, env=env)
+            try:
+                windows = lp.calibration(lp.load(str(models.source), quiet=True), serve.HELDOUT,
+                                         samples=AGREEMENT[0], seqlen=AGREEMENT[1], kind="sparsity")  # fmt: skip
+                greedy_prompt = windows.input_ids[0, : GREEDY[0]].tolist()
+                ref = reference(folder, windows.input_ids[:1], greedy_prompt)
+                got = w.ask(op="greedy", ids=greedy_prompt, new=GREEDY[1])["ids"]
+                row = speed("vllm", dense, w, prompts, rounds)
+                row.update(load_seconds=w.load_seconds, dense_load_seconds=dense.load_seconds,
+                           greedy_equal=got == ref["greedy"], enforce_eager=False)  # fmt: skip
+                out[key] = row
+            finally:
+                w.close()
+    finally:
+        dense.close()
+    return out
+
+
 # ---- results -------------------------------------------------------------------------------------------
 ENGINE_NAMES = {"vllm": "vLLM", "mlx": "mlx-lm"}
 
@@ -639,6 +668,13 @@ def main() -> int:
         default=None,
         help="only profile vLLM's ops for dense and the rows (results: vllm_profile)",
     )
+    p.add_argument(
+        "--compiled",
+        metavar="ROW,...",
+        default=None,
+        help="only vLLM's compiled forward (no enforce_eager): speed of the rows against dense, and greedy "
+        "equality (results: the row's speed_compiled)",
+    )
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.markdown:
@@ -672,6 +708,18 @@ def main() -> int:
         doc["vllm_profile"] = {"load_average_1min": os.getloadavg()[0], "new_tokens": NEW, "models": row}
         write(doc, args.output)
         print(json.dumps(row, indent=1))
+        return 0
+    if args.compiled:
+        models = Models()
+        dense_lm = lp.load(str(models.source), quiet=True)
+        pw = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+        rows = compiled_speed(venv("vllm"), models, args.compiled.split(","), [r.tolist() for r in pw.input_ids],
+                              args.rounds, HERE / "work" / "engines" / "logs")  # fmt: skip
+        doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
+        for key, row in rows.items():
+            doc["engines"]["vllm"].setdefault(key, {})["speed_compiled"] = row
+        write(doc, args.output)
+        print(json.dumps({k: {n: v for n, v in r.items() if n != "runs"} for k, r in rows.items()}, indent=1))
         return 0
     doc["benchmark"] = "pruned SmolLM2-135M-Instruct served by vLLM (CPU build) and mlx-lm (mlx-cpu), fp32"
     fresh = set(filter(None, args.fresh.split(",")))

@@ -131,10 +131,9 @@ RUNNERS = {
 
 # ---- venvs ------------------------------------------------------------------------------------
 def cache_dir() -> Path:
-    base = os.environ.get("LAYERPRUNE_CACHE")
-    return (
-        Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerprune"
-    )
+    from layerprune.io import cache_root
+
+    return cache_root()
 
 
 def peer_python(

@@ -17,6 +17,9 @@ token ids, never text, so both sides see the same tokens.
 - {"op": "profile", "prompts": [[...], ...], "new": N}: vLLM only, started with LAYERPRUNE_VLLM_PROFILE=DIR:
   a generate call under torch's profiler; vLLM writes its op table into DIR.
 - {"op": "quit"}.
+
+vLLM runs eagerly unless LAYERPRUNE_VLLM_COMPILE=1 (then its default compilation: torch.compile of the
+forward, compiled at load).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def vllm_engine(model: str):
     profile_dir = os.environ.get("LAYERPRUNE_VLLM_PROFILE")  # the "profile" op: torch's profiler, CPU ops
     extra = {"profiler_config": {"profiler": "torch", "torch_profiler_dir": profile_dir,
                                  "torch_profiler_with_stack": False}} if profile_dir else {}  # fmt: skip
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=0, max_num_seqs=16,
+    eager = os.environ.get("LAYERPRUNE_VLLM_COMPILE") != "1"  # 1: vLLM's compiled forward (torch.compile)
+    llm = LLM(model=model, dtype="float32", enforce_eager=eager, seed=0, max_num_seqs=16,
               skip_tokenizer_init=True, max_logprobs=64, enable_prefix_caching=False, **extra)  # fmt: skip
 
     def prompt(ids):

@@ -185,6 +185,17 @@ def _discard_own(path: Path) -> None:
             _remove(path.parent / name)
 
 
+CACHE_ENV = "LAYERPRUNE_CACHE"
+
+
+def cache_root() -> Path:
+    """layerprune's cache: $LAYERPRUNE_CACHE, else $XDG_CACHE_HOME/layerprune, else ~/.cache/layerprune
+    (converted GGUF models, llama.cpp's tools, ESD metrics, level databases, importance matrices)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "layerprune"
+
+
 def scratch_dir(kind: str) -> Path:
     """A private working folder in the system's temporary folder, `layerprune-<kind>-<pid>-<host>.*`
     (activations, offloaded blocks), after removing those of killed runs."""

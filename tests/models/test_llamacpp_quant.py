@@ -113,6 +113,51 @@ def test_imatrix_is_computed_on_the_calibration_windows(folders, tmp_path):
 
 
 @needs_tools
+def test_an_imatrix_is_computed_once_per_model_and_windows(folders, tmp_path, monkeypatch):
+    """Q4_K_M then Q3_K_M of one model with the same --imatrix windows: llama-imatrix runs once, and
+    the second file is byte for byte the one a cold cache makes; other windows or other weights run
+    it again."""
+    import layerprune.models.llamacpp_quant as quant_mod
+
+    runs = []
+    real = quant_mod.run_tool
+
+    def counting(tools, name, args, what):
+        runs.append(name)
+        return real(tools, name, args, what)
+
+    monkeypatch.setattr(quant_mod, "run_tool", counting)
+    opts = dict(imatrix="fixture:val", imatrix_samples=3, imatrix_seqlen=128, threads=1)
+
+    def export(folder, quant, cache, name, **kw):
+        monkeypatch.setattr(quant_mod, "imatrix_cache", lambda: tmp_path / cache)
+        out = lp.export_gguf(folder, tmp_path / name, quant=quant, **{**opts, **kw})
+        return out, json.loads((tmp_path / f"{name}.json").read_text())["quantization"]["imatrix"]
+
+    llama, deci = folders / "llama", folders / "deci"
+    _, first = export(llama, "Q4_K_M", "warm", "a.gguf")
+    warm, second = export(llama, "Q3_K_M", "warm", "b.gguf")
+    assert runs.count("llama-imatrix") == 1 and "reused" not in first and second["reused"]
+    assert {k: v for k, v in second.items() if k != "reused"} == first
+    cold, _ = export(llama, "Q3_K_M", "cold", "c.gguf")
+    assert runs.count("llama-imatrix") == 2
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(str(warm)), GGUFReader(str(cold))
+    assert [(t.name, t.tensor_type, bytes(t.data)) for t in a.tensors] == [
+        (t.name, t.tensor_type, bytes(t.data)) for t in b.tensors
+    ]
+    # the metadata too, but the matrix's file name, which llama-quantize records
+    assert {k for k in a.fields if k != "quantize.imatrix.file"} == {
+        k for k in b.fields if k != "quantize.imatrix.file"
+    }
+    assert "quantize.imatrix.file" in a.fields
+    export(llama, "Q3_K_M", "warm", "d.gguf", imatrix_samples=4)  # other windows
+    export(deci, "Q3_K_M", "warm", "e.gguf")  # other weights
+    assert runs.count("llama-imatrix") == 4
+
+
+@needs_tools
 def test_a_window_llamacpp_does_not_give_back_is_left_out_of_the_imatrix(folders, tmp_path):
     """llama-imatrix reads text: a window whose ids are not what the tokenizer makes of its text (here
     one token written as two pieces that BPE merges back; on SmolLM2, whitespace before a digit, where

@@ -27,10 +27,9 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import LayerpruneError
-from ..io import publish, temp_dir_beside
+from ..io import CACHE_ENV, cache_root, publish, temp_dir_beside
 
 SOURCE_FILE = "layerprune_source.json"
-CACHE_ENV = "LAYERPRUNE_CACHE"
 # name -> (distribution, file inside it, what it is)
 NAMED_MODELS = {
     "smollm2": (
@@ -43,7 +42,7 @@ _RESOLVED: dict[tuple[str, int, int], Path] = {}  # (path, size, mtime) -> conve
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "layerprune").expanduser()
+    return cache_root()
 
 
 def writable_cache(sub: str) -> Path:

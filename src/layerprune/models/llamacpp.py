@@ -37,9 +37,9 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 
 
 def cache_root() -> Path:
-    from .gguf import CACHE_ENV
+    from ..io import cache_root as root
 
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "layerprune")) / "llama.cpp"
+    return root() / "llama.cpp"
 
 
 def find_converter(converter: str | Path | None = None) -> Path:

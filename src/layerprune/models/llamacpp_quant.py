@@ -138,6 +138,56 @@ def compute_imatrix(
     return out, record
 
 
+def imatrix_key(fingerprint: str, config: bytes, base_type: str, version: str, windows) -> str:
+    """What an importance matrix depends on: the weights (layerprune's fingerprint), the config the
+    converter reads, the GGUF type it was computed on, llama.cpp's version (its tokenizer decides which
+    windows reach the tool) and the windows' token ids and length."""
+    rows = windows.input_ids.tolist()
+    parts = {"weights": fingerprint, "config": hashlib.sha256(config).hexdigest(), "base": base_type,
+             "llama_cpp": version, "ids": ids_fingerprint(rows), "seqlen": len(rows[0])}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def imatrix_cache() -> Path:
+    from ..io import cache_root
+
+    return cache_root() / "imatrix"
+
+
+def cached_imatrix(
+    tools: Tools, base: Path, base_type: str, model_dir: Path, fingerprint, tokenizer, windows, work: Path,
+    threads: int
+) -> tuple[Path, dict]:  # fmt: skip
+    """compute_imatrix's file and record, kept in `$LAYERPRUNE_CACHE/imatrix/KEY.*` (imatrix_key) and
+    taken from there when the same weights, config, type, llama.cpp and windows come again (Q4_K_M and
+    Q3_K_M of one model: one llama-imatrix run). Without the weights' fingerprint nothing is kept; a
+    cache that cannot be written is passed by (the matrix is then only this export's)."""
+    if not fingerprint:
+        return compute_imatrix(tools, base, tokenizer, windows, work, threads)
+    key = imatrix_key(
+        fingerprint, (model_dir / "config.json").read_bytes(), base_type, tools.version, windows
+    )
+    folder = imatrix_cache()
+    kept, kept_record = folder / f"{key}.gguf", folder / f"{key}.json"
+    if kept.is_file() and kept_record.is_file():
+        try:
+            record = json.loads(kept_record.read_text())
+        except (OSError, ValueError):
+            record = None
+        if record is not None:
+            return kept, {**record, "reused": key}
+    out, record = compute_imatrix(tools, base, tokenizer, windows, work, threads)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, work / "imatrix.kept")
+        publish(work / "imatrix.kept")
+        os.replace(work / "imatrix.kept", kept)  # the matrix first: a record names a whole file
+        atomic_write_json(kept_record, record)
+    except OSError:
+        pass
+    return out, record
+
+
 def quantize(
     model_dir: str | Path,
     out: str | Path,
@@ -169,8 +219,16 @@ def quantize(
         }
         args = []
         if windows is not None:
-            imatrix, doc["quantization"]["imatrix"] = compute_imatrix(
-                tools, base, tokenizer, windows, work, threads
+            imatrix, doc["quantization"]["imatrix"] = cached_imatrix(
+                tools,
+                base,
+                base_type,
+                model_dir,
+                doc.get("source_fingerprint"),
+                tokenizer,
+                windows,
+                work,
+                threads,
             )
             args += ["--imatrix", str(imatrix)]
         for key, value in _metadata(doc).items():

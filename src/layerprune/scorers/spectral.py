@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -142,11 +141,9 @@ def matrix_metrics(
 
 
 def _cache_path(fingerprint: str, lower_bound: str, filter_zeros: bool = False) -> Path:
-    root = Path(
-        os.environ.get(
-            "LAYERPRUNE_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerprune"
-        )
-    )
+    from ..io import cache_root
+
+    root = cache_root()
     zeros = "filterzeros" if filter_zeros else "keepzeros"
     return root / "esd" / f"{fingerprint}-{lower_bound}-{zeros}-v{CACHE_VERSION}.json"
 
