@@ -66,7 +66,9 @@ RECIPE = {"data": "fixture:train", "seqlen": 128, "method": "full", "steps": 20,
           "kd_topk": 64}  # fmt: skip
 TEACHER_CACHE = HERE / "work" / "recover_kd" / "cache-k64"  # SmolLM2's top-64 over RECIPE's windows
 REFERENCE = "dense Q4_K_M"
-PRUNE_LAYERS = ("depth-20", "Q4_K_M")  # the depth point llama-quantize --prune-layers re-makes
+# the depth points llama-quantize --prune-layers re-makes: Q8_0, one type for every tensor (the files must
+# be equal), and Q4_K_M, whose mix of types llama-quantize chooses by layer index and layer count
+PRUNE_LAYERS = (("depth-20", "Q8_0"), ("depth-20", "Q4_K_M"))
 
 
 MERGED = ("points", "engine_check", "prune_layers_check")
@@ -638,17 +640,14 @@ def main() -> int:
                 doc["engine_check"][model] = engine_check(folders[model], model, args.windows, args.threads)
                 print(f"engine check {model}: {doc['engine_check'][model]}")
                 write(doc, args.output)
-    key = f"{PRUNE_LAYERS[0]} {PRUNE_LAYERS[1]}"
-    if (
-        "prune-layers" in checks
-        and key in doc["points"]
-        and key not in doc.setdefault("prune_layers_check", {})
-    ):
-        folders.setdefault(PRUNE_LAYERS[0], make_model(PRUNE_LAYERS[0], dense))
-        doc["prune_layers_check"][key] = prune_layers_check(doc, folders, *PRUNE_LAYERS, args.windows, args.threads,
-                                                            evaluate="prune-layers-ppl" in checks)  # fmt: skip
-        print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
-        write(doc, args.output)
+    for model, quant in PRUNE_LAYERS if "prune-layers" in checks else ():
+        key = name(model, quant, False)
+        if key in doc["points"] and key not in doc.setdefault("prune_layers_check", {}):
+            folders.setdefault(model, make_model(model, dense))
+            doc["prune_layers_check"][key] = prune_layers_check(doc, folders, model, quant, args.windows, args.threads,
+                                                                evaluate="prune-layers-ppl" in checks)  # fmt: skip
+            print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
+            write(doc, args.output)
     if not args.no_speed and REFERENCE in doc["points"]:
         if args.speed_by == "wall":
             speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
