@@ -499,6 +499,8 @@ def model_name(key: str) -> str:
     """deploy-owl-30 -> deployable OWL 30 %, the words of docs/guides/serving.md."""
     if key == "dense":
         return key
+    if key == "dense-decilm":
+        return "dense as DeciLM"
     *kind, pct = key.split("-")
     if kind == ["depth"]:
         return f"depth −{pct} %"
@@ -540,9 +542,10 @@ def markdown(doc: dict) -> str:
                              f"{a['max_abs_logprob_difference']:.1e} | {greedy} |")  # fmt: skip
             elif row.get("error"):
                 agree.append(f"| {name} | {model_name(key)} | {fmt} | {row['error']} | | |")
-            if s:
-                fast.append(f"| {name} | {model_name(key)} | {cell(s.get('generate_b1'))} | "
-                            f"{cell(s.get(f'generate_b{BATCH}'))} | {cell(s.get(f'prompt_b{BATCH}'))} |")  # fmt: skip
+            for label, v in ((name, s), (f"{name}, compiled", row.get("speed_compiled"))):
+                if v:
+                    fast.append(f"| {label} | {model_name(key)} | {cell(v.get('generate_b1'))} | "
+                                f"{cell(v.get(f'generate_b{BATCH}'))} | {cell(v.get(f'prompt_b{BATCH}'))} |")  # fmt: skip
     out = "\n".join(agree) + "\n\n" + "\n".join(fast)
     prof = doc.get("vllm_profile", {}).get("models")
     if prof:  # where a step's time goes, from --profile
@@ -577,6 +580,9 @@ class Models:
         """How the row's model was made, in words (written into its row of engines.json)."""
         if key == "dense":
             return "SmolLM2-135M-Instruct as layerprune exports it (bench/work/serve/dense)"
+        if key == "dense-decilm":
+            return ("SmolLM2-135M-Instruct unpruned, exported as a DeciLM (nemotron-nas, every block whole): "
+                    "dense through the DeciLM plans' code path in the engine")  # fmt: skip
         if key.startswith("deploy-search-"):
             return _models.deploy_search(int(key.rsplit("-", 1)[1]) / 100)[1]
         how = self.how[key]
@@ -599,6 +605,14 @@ class Models:
                 if not (serve.WORK / key / "report.json").is_file():
                     lp.export(lp.load(str(self.source), quiet=True), serve.WORK / key, None, overwrite=True)
                 return serve.WORK / key
+            if key == "dense-decilm":  # the control: the same weights, the DeciLM plans' architecture
+                if not (serve.WORK / key / "report.json").is_file():
+                    from layerprune.models.decilm import to_decilm
+
+                    lm = lp.load(str(self.source), quiet=True)
+                    to_decilm(lm.adapter, {})
+                    lp.export(lm, serve.WORK / key, None, overwrite=True)
+                return rope_keys(serve.WORK / key)
             if not (serve.WORK / key / "report.json").is_file():
                 lm = lp.load(str(self.source), quiet=True)
                 if self.calib is None:
