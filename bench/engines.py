@@ -524,7 +524,11 @@ def markdown(doc: dict) -> str:
         return f"{v['vs_dense']:.2f} × ({lo:.2f}–{hi:.2f}), {v['tokens_per_s']:.1f} vs {v['dense_tokens_per_s']:.1f} tok/s"
 
     for engine, models in sorted(doc.get("engines", {}).items(), key=lambda e: e[0] != "vllm"):
-        for key in ["dense", *MODELS]:
+        for key in [
+            "dense",
+            *MODELS,
+            *sorted(set(models) - {"dense", *MODELS}),
+        ]:  # then controls (dense-decilm)
             row = models.get(key)
             if row is None:
                 continue
