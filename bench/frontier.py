@@ -54,6 +54,7 @@ RESULTS = HERE / "results" / "frontier.json"
 WORK = HERE / "work" / "frontier"
 CALIB, HELDOUT, SEQLEN = "fixture:val", "fixture:test", 512
 IMATRIX = {"samples": 8, "seqlen": 512}  # 4,096 tokens: llama-imatrix on f32 is minutes a window here
+IQ_LOW = ("IQ3_M", "IQ3_XXS", "IQ2_M")  # llama.cpp's i-quants below 4 bits: with an importance matrix only
 DENSE_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")
 GRIDS = {"reduced": ("Q4_K_M", "Q8_0"), "medium": ("Q4_K_M", "Q8_0", "Q3_K_M"),
          "full": ("Q4_K_M", "Q8_0", "Q3_K_M", "Q6_K")}  # fmt: skip
@@ -170,8 +171,8 @@ def real_depth_plan(lm, count: int):
 def points(grid: str) -> list[tuple[str, str, bool]]:
     """(model, quant, imatrix) in measuring order: dense (the reference first); the 20 / 30 % models,
     pruned and recovered, at Q4_K_M and Q8_0, then the grid's other types; their imatrix pairs at
-    Q4_K_M / Q3_K_M; the 10 % models likewise; the dense imatrix pairs; dense F16 and IQ4_XS last
-    (F16's eval is slow). Q8_0 and above without imatrix only (it changes little there)."""
+    Q4_K_M / Q3_K_M; the 10 % models likewise; the dense imatrix pairs; dense F16, IQ4_XS, IQ4_NL and
+    the i-quants below 4 bits (with imatrix) last (F16's eval is slow). Q8_0 and above without imatrix only (it changes little there)."""
     low = [q for q in ("Q4_K_M", "Q3_K_M") if q in GRIDS[grid]]
     out = [("dense", q, False) for q in DENSE_QUANTS if q not in ("IQ4_XS", "F16")]
     for shares in (("20", "30"), ("10",)):
@@ -179,7 +180,8 @@ def points(grid: str) -> list[tuple[str, str, bool]]:
         out += [(m, q, False) for q in GRIDS[grid] for m in models]
         out += [(m, q, True) for q in low for m in models]
     out += [("dense", q, True) for q in ("Q4_K_M", "Q3_K_M", "Q2_K")]
-    out += [("dense", "F16", False), ("dense", "IQ4_XS", False)]
+    out += [("dense", "F16", False), ("dense", "IQ4_XS", False), ("dense", "IQ4_NL", False)]
+    out += [("dense", q, True) for q in IQ_LOW]
     seen = set()
     return [p for p in out if not (p in seen or seen.add(p))]
 
