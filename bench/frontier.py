@@ -76,9 +76,9 @@ MERGED = ("points", "engine_check", "prune_layers_check")
 
 
 def write(doc: dict, path: Path) -> dict:
-    """The results written with what another run of this bench wrote meanwhile (two runs may measure
-    disjoint points side by side, `--only`): entries on disk that this run lacks are taken in first,
-    under a lock; an entry this run has wins (it is the newer)."""
+    """The results written with what another run of this bench wrote meanwhile (runs may measure
+    disjoint points side by side, `--only`, and one time them): entries and fields on disk that this run
+    lacks are taken in first, under a lock; a field this run has wins (it is the newer)."""
     import fcntl
 
     with open(str(path) + ".lock", "w") as lock:
@@ -87,7 +87,10 @@ def write(doc: dict, path: Path) -> dict:
             disk = json.loads(Path(path).read_text())
             for part in MERGED:
                 for key, value in disk.get(part, {}).items():
-                    doc.setdefault(part, {}).setdefault(key, value)
+                    mine = doc.setdefault(part, {}).setdefault(key, value)
+                    if isinstance(mine, dict) and isinstance(value, dict):
+                        for field, v in value.items():
+                            mine.setdefault(field, v)
         return _write(doc, path)
 
 
