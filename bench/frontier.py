@@ -58,9 +58,11 @@ IQ_LOW = ("IQ3_M", "IQ3_XXS", "IQ2_M")  # llama.cpp's i-quants below 4 bits: wit
 DENSE_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")
 GRIDS = {"reduced": ("Q4_K_M", "Q8_0"), "medium": ("Q4_K_M", "Q8_0", "Q3_K_M"),
          "full": ("Q4_K_M", "Q8_0", "Q3_K_M", "Q6_K")}  # fmt: skip
+# uniform-20: not a point of the grid; the F32 engine check's standard-checkpoint width model
 PRUNED = {"depth-10": ("depth", 0.1), "depth-20": ("depth", 0.2), "depth-30": ("depth", 0.3),
           "width-10": ("width", 0.1), "width-20": ("width", 0.2), "width-30": ("width", 0.3),
-          "depth-ppl-20": ("depth-ppl", 0.2), "width-owl-20": ("width-owl", 0.2)}  # fmt: skip
+          "depth-ppl-20": ("depth-ppl", 0.2), "width-owl-20": ("width-owl", 0.2),
+          "uniform-20": ("width-uniform", 0.2)}  # fmt: skip
 LEGACY = ("depth-ppl-20", "width-owl-20")  # the first grid's models: measured, files gone, not timed again
 KD = " kd"  # "<model> kd": the model after distillation (RECIPE)
 RECIPE = {"data": "fixture:train", "seqlen": 128, "method": "full", "steps": 20, "batch_size": 4, "lr": 2e-4,
@@ -120,9 +122,12 @@ def make_model(key: str, dense: str) -> Path:
                 scores.save(cached)
             plan = lp.plan(lm, scores, remove=count)
         report = lp.apply(lm, plan, None, progress=False)
-    else:  # width-owl: the first grid's width model
+    else:  # width-owl: the first grid's width model; width-uniform: a standard checkpoint, every block alike
         calib = lp.calibration(lm, CALIB, samples=16, seqlen=512)
-        plan = lp.plan(lm, width=target, calib=calib, progress=False, allocation="owl", deploy="decilm")
+        options = (
+            {"allocation": "owl", "deploy": "decilm"} if kind == "width-owl" else {"allocation": "uniform"}
+        )
+        plan = lp.plan(lm, width=target, calib=calib, progress=False, **options)
         report = lp.apply(lm, plan, calib, progress=False)
     lp.export(lm, folder, plan, {"pruning": report}, overwrite=True)
     return folder
@@ -570,8 +575,8 @@ def main() -> int:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--checks", default="engine,prune-layers,prune-layers-ppl",
                    help="which checks run (comma-separated; prune-layers-ppl: evaluate llama-quantize's file when it differs)")  # fmt: skip
-    p.add_argument("--engine-models", default="dense,depth-20,width-20",
-                   help="the models whose F32 GGUF the engine check evaluates (dense, depth, DeciLM width)")  # fmt: skip
+    p.add_argument("--engine-models", default="dense,depth-20,width-20,uniform-20",
+                   help="the models whose F32 GGUF the engine check evaluates (dense, depth, DeciLM width, uniform width)")  # fmt: skip
     p.add_argument("--speed-untimed", action="store_true",
                    help="speed rounds only for the points with none yet, beside the reference")  # fmt: skip
     p.add_argument("--speed-by", choices=("cpu", "wall"), default="cpu",
