@@ -134,6 +134,21 @@ def test_export_of_mixed_blocks_reloads_with_identical_logits(arch, tmp_path, to
     assert torch.equal(logits(lm.model, x), expected)
 
 
+def test_a_decilm_folders_tokenizer_is_read_without_transformers_warnings(tmp_path, tokenizer, caplog):
+    """Its tokenizer alone (`eval FILE.gguf --engine llama.cpp`, `--imatrix`): transformers reads the
+    nemotron-nas config.json as a generic one first and warns twice; the folder is known for what it is."""
+    from layerprune.models.loading import read_tokenizer
+
+    adapter = ModelAdapter(tiny("llama"))
+    to_decilm(adapter, {1: {"attn"}})
+    export(LoadedModel("tiny", adapter.model, tokenizer, adapter, None), tmp_path / "out", None)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tok = read_tokenizer(str(tmp_path / "out"), None, "out")
+    assert tok("a b").input_ids == tokenizer("a b").input_ids
+    assert not [r.getMessage() for r in caplog.records if "nemotron-nas" in r.getMessage()]
+
+
 def test_a_hand_written_decilm_checkpoint_loads(tmp_path, tokenizer):
     """A DeciLM checkpoint from elsewhere: fewer KV heads than the base (all query heads kept), an
     attention-free block, an MLP-free block. The reference is plain transformers' dense Llama with

@@ -345,6 +345,18 @@ def load(
     )
 
 
+def _is_decilm(source: str) -> bool:
+    """Whether `source` is a local folder whose config.json is a DeciLM / nemotron-nas one (a tokenizer
+    read without the model's config: `eval FILE.gguf --engine llama.cpp`, an importance matrix)."""
+    from .decilm import MODEL_TYPE
+
+    try:
+        doc = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE
+
+
 def read_tokenizer(source: str, config, name: str):
     """The tokenizer; never remote code. For a DeciLM checkpoint transformers reads its config.json
     as a generic config first and warns that it is one (and of its rope_scaling key): silenced.
@@ -355,7 +367,7 @@ def read_tokenizer(source: str, config, name: str):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    quiet = getattr(config, "layerprune_deploy", None) == "decilm"
+    quiet = getattr(config, "layerprune_deploy", None) == "decilm" or (config is None and _is_decilm(source))
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         if quiet:
             warnings.simplefilter("ignore", FutureWarning)
