@@ -75,25 +75,46 @@ PRUNE_LAYERS = (("depth-20", "Q8_0"), ("depth-20", "Q4_K_M"))
 
 
 MERGED = ("points", "engine_check", "prune_layers_check")
+_BASE: dict = {}  # MERGED's parts as this run last read or wrote them: what it changed since is its own
+
+
+def _copy(doc: dict) -> dict:
+    return json.loads(json.dumps({part: doc.get(part, {}) for part in MERGED}))
+
+
+def load(path: Path) -> dict:
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    _BASE.clear()
+    _BASE.update(_copy(doc))
+    return doc
 
 
 def write(doc: dict, path: Path) -> dict:
-    """The results written with what another run of this bench wrote meanwhile (runs may measure
-    disjoint points side by side, `--only`, and one time them): entries and fields on disk that this run
-    lacks are taken in first, under a lock; a field this run has wins (it is the newer)."""
+    """The results written with what other runs of this bench wrote meanwhile (runs measure disjoint
+    points side by side, `--only`, and time them): a three-way merge, field by field, under a lock. A
+    field this run changed since it last read or wrote the file is this run's; every other field is the
+    file's. Entries are updated in place (callers hold them)."""
     import fcntl
 
     with open(str(path) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if Path(path).is_file():
-            disk = json.loads(Path(path).read_text())
-            for part in MERGED:
-                for key, value in disk.get(part, {}).items():
-                    mine = doc.setdefault(part, {}).setdefault(key, value)
-                    if isinstance(mine, dict) and isinstance(value, dict):
-                        for field, v in value.items():
-                            mine.setdefault(field, v)
-        return _write(doc, path)
+        disk = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+        for part in MERGED:
+            mine, base, theirs = doc.setdefault(part, {}), _BASE.get(part, {}), disk.get(part, {})
+            for key, entry in theirs.items():
+                if key not in mine:
+                    mine[key] = entry
+                    continue
+                old = base.get(key, {})
+                if not (isinstance(mine[key], dict) and isinstance(entry, dict) and isinstance(old, dict)):
+                    continue
+                changed = {f: v for f, v in mine[key].items() if f not in old or old[f] != v}
+                mine[key].clear()
+                mine[key].update({**entry, **changed})
+        out = _write(doc, path)
+        _BASE.clear()
+        _BASE.update(_copy(doc))
+        return out
 
 
 def make_model(key: str, dense: str) -> Path:
@@ -362,16 +383,17 @@ def cpu_speed(gguf: Path, prompt: int = 128, generate: int = 64) -> dict:
 
 
 def cpu_rounds(
-    doc: dict, folders: dict, rounds: int, threads: int, path: Path, untimed: bool = False
+    doc: dict, folders: dict, rounds: int, threads: int, path: Path, untimed: bool = False, wanted=None
 ) -> None:
-    """cpu_speed over every point, interleaved; ratios to dense Q4_K_M of the same round (medians).
-    `untimed`: only the points with no round yet, beside the reference (rounds for the newcomers when
-    a round of everything costs more than the machine has)."""
+    """cpu_speed over every point (of the `wanted` models), interleaved; ratios to dense Q4_K_M of the
+    same round (medians). `untimed`: only the points with fewer than `rounds` rounds, beside the
+    reference (rounds for the newcomers when a round of everything costs more than the machine has)."""
     pts = doc["points"]
     # an imatrix file runs as its twin (same types); the first grid's models keep their round
-    timed = {k: p for k, p in pts.items() if not p["imatrix"] and p["model"] not in LEGACY}
+    timed = {k: p for k, p in pts.items() if not p["imatrix"] and p["model"] not in LEGACY
+             and (wanted is None or p["model"] in wanted or k == REFERENCE)}  # fmt: skip
     if untimed:
-        timed = {k: p for k, p in timed.items() if k == REFERENCE or not p.get("cpu_runs")}
+        timed = {k: p for k, p in timed.items() if k == REFERENCE or len(p.get("cpu_runs", [])) < rounds}
     ensure_files(timed, folders, threads)
     done = min((len(p.get("cpu_runs", [])) for p in timed.values()), default=0)
     for _ in range(done, rounds):
@@ -599,7 +621,7 @@ def main() -> int:
     p.add_argument("--markdown", action="store_true", help="print the docs page's tables from the results")
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
-    doc = json.loads(args.output.read_text()) if args.output.exists() else {}
+    doc = load(args.output)
     if args.markdown:
         print(markdown(doc))
         return 0
@@ -672,7 +694,7 @@ def main() -> int:
         if args.speed_by == "wall":
             speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
         else:
-            cpu_rounds(doc, folders, args.rounds, args.threads, args.output, args.speed_untimed)
+            cpu_rounds(doc, folders, args.rounds, args.threads, args.output, args.speed_untimed, wanted)
     doc["answer"] = answer(doc)
     write(doc, args.output)
     charts(doc, args.output.parent)
