@@ -253,3 +253,30 @@ def test_width_search_plan_apply_and_reload(tmp_path, cli):
     lp.apply(lm, lp.Plan.load(tmp_path / "plan.json"), progress=False)
     want = lp.perplexity(lm, "fixture:val", seqlen=128, max_windows=8, progress=False).ppl
     assert f"perplexity {want:.4f}" in r.stdout, (want, r.stdout)
+
+
+@pytest.mark.parametrize("env", ["layerprune", "xdg", "home"])
+def test_info_env_names_the_cache_every_stage_uses(env, cli, tmp_path, monkeypatch):
+    """$LAYERPRUNE_CACHE, else $XDG_CACHE_HOME/layerprune, else ~/.cache/layerprune; the GGUF
+    conversions, llama.cpp's build and the importance matrices all live under it."""
+    from layerprune.models.gguf import cache_dir
+    from layerprune.models.llamacpp import cache_root as llamacpp_root
+    from layerprune.models.llamacpp_quant import imatrix_cache
+
+    monkeypatch.delenv("LAYERPRUNE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if env == "layerprune":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "lp"))
+        want = tmp_path / "lp"
+    elif env == "xdg":
+        monkeypatch.setenv("LAYERPRUNE_CACHE", "")  # empty: unset
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        want = tmp_path / "xdg" / "layerprune"
+    else:
+        want = tmp_path / "home" / ".cache" / "layerprune"
+    r = cli("info", "--env", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cache"] == str(want)
+    assert (cache_dir(), llamacpp_root(), imatrix_cache()) == (want, want / "llama.cpp", want / "imatrix")

@@ -10,13 +10,16 @@ from .common import MODEL_HELP, _common
 
 
 def _env(as_json: bool) -> int:
-    """Which llama.cpp layerprune uses (converter, tools, bindings) and where; what installs it if missing."""
+    """layerprune's cache, and which llama.cpp it uses (converter, tools, bindings) and where; what
+    installs it if missing."""
+    from ..io import cache_root
     from ..models.llamacpp_tools import describe
 
-    d = {"llama.cpp": describe()}
+    d = {"cache": str(cache_root()), "llama.cpp": describe()}
     if as_json:
         print(json.dumps(d, indent=2))
         return 0
+    print(f"cache          {d['cache']} ($LAYERPRUNE_CACHE, else $XDG_CACHE_HOME/layerprune)")
     lc = d["llama.cpp"]
     print(f"llama.cpp      {lc['version']} (llama-cpp-python's source distribution)")
     print(f"  converter    {lc['converter'] or lc['converter_missing']}")
