@@ -466,15 +466,18 @@ def answer(doc: dict) -> dict:
 def versus_dense(p: dict, have: list[dict], x: str, lower: bool) -> dict:
     """A pruned point against the dense points: the best dense point at least as small / fast (its
     perplexity over the pruned point's: > 1 is what pruning gains at that budget); where no dense point
-    is that small / fast, the nearest one on x (how much smaller / faster the pruned point is, and
-    its perplexity ratio)."""
+    is that small / fast, the nearest one on x, the best of those within 1 % of it (Q2_K and Q2_K with
+    the importance matrix differ by a few hundred bytes): how much smaller / faster the pruned point is,
+    and its perplexity ratio."""
     dense = [q for q in have if q["model"] == "dense"]
     within = [q for q in dense if (q[x] <= p[x] if lower else q[x] >= p[x])]
     if within:
         best = min(within, key=lambda q: q["heldout_ppl"])
         return {"point": p["name"], "dense": best["name"], "relation": "best dense point at least as good on x",
                 "dense_ppl_over_pruned": best["heldout_ppl"] / p["heldout_ppl"], "x_ratio": p[x] / best[x]}  # fmt: skip
-    near = min(dense, key=lambda q: q[x]) if lower else max(dense, key=lambda q: q[x])
+    edge = min(q[x] for q in dense) if lower else max(q[x] for q in dense)
+    near = min((q for q in dense if (q[x] <= edge * 1.01 if lower else q[x] >= edge / 1.01)),
+               key=lambda q: q["heldout_ppl"])  # fmt: skip
     return {"point": p["name"], "dense": near["name"], "relation": "no dense point is as good on x: the nearest",
             "dense_ppl_over_pruned": near["heldout_ppl"] / p["heldout_ppl"], "x_ratio": p[x] / near[x]}  # fmt: skip
 
