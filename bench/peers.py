@@ -38,6 +38,7 @@ from _results import write  # noqa: E402
 from ids import save_ids, set_fingerprint  # noqa: E402
 
 import layerprune as lp  # noqa: E402
+from layerprune.io import cache_root  # noqa: E402
 
 RESULTS = HERE / "results" / "peers.json"
 WORK = HERE / "work" / "peers"
@@ -130,12 +131,6 @@ RUNNERS = {
 
 
 # ---- venvs ------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    from layerprune.io import cache_root
-
-    return cache_root()
-
-
 def peer_python(
     peer: str, requirements: Path | None = None, cache: Path | None = None
 ) -> tuple[Path | None, str]:
@@ -145,7 +140,7 @@ def peer_python(
     second copy of pip; its folder is named by the requirements' hash, so a changed pin builds anew."""
     req = requirements or HERE / "peers" / f"{PEERS[peer]}.txt"
     digest = hashlib.sha256(req.read_bytes()).hexdigest()[:10]
-    venv = (cache or cache_dir()) / "peers" / f"{req.stem}-{digest}"
+    venv = (cache or cache_root()) / "peers" / f"{req.stem}-{digest}"
     python = venv / "bin" / "python"
     if (venv / "ok").exists():
         return python, "cached"

@@ -141,7 +141,8 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
 
     from .distributed import group
     from .engine.levels import LevelDatabase
-    from .models.gguf import cache_dir, writable_cache
+    from .io import cache_root
+    from .models.gguf import writable_cache
     from .options import accepted
     from .planners import sparsity as sp
     from .planners.search.levels import check_request
@@ -168,7 +169,7 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
         ident = [lm.fingerprint, o.pruner, windows.fingerprint if windows else None, wanted, o.levels_inputs]
         ident.append(lm.numerics_key)  # a database per precision: levels of another one are never reused
         digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
-        path = cache_dir() / "levels" / digest
+        path = cache_root() / "levels" / digest
         if not path.exists():  # a cache that cannot take the database fails before it is built
             writable_cache("levels")
 

@@ -41,14 +41,10 @@ NAMED_MODELS = {
 _RESOLVED: dict[tuple[str, int, int], Path] = {}  # (path, size, mtime) -> converted folder
 
 
-def cache_dir() -> Path:
-    return cache_root()
-
-
 def writable_cache(sub: str) -> Path:
-    """`cache_dir() / sub`, created; one line naming the fix when it cannot be written, checked before
+    """`cache_root() / sub`, created; one line naming the fix when it cannot be written, checked before
     the work whose result goes there (a conversion, a level database)."""
-    folder = cache_dir() / sub
+    folder = cache_root() / sub
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -123,7 +119,7 @@ def converted(path: str | Path, quiet: bool = False) -> Path:
     memo = (str(path), st.st_size, st.st_mtime_ns)
     if memo in _RESOLVED and (_RESOLVED[memo] / SOURCE_FILE).is_file():
         return _RESOLVED[memo]
-    root = cache_dir() / "gguf"
+    root = cache_root() / "gguf"
     if not root.is_dir():  # nothing can be cached there yet: refused before hashing the file
         writable_cache("gguf")
     digest = _sha256(path)
