@@ -105,18 +105,13 @@ def load_config(name: str, quiet: bool = False):
     )
 
     source, path = resolve(name, quiet=quiet)
-    if path is not None and (path / "config.json").is_file():
-        from .decilm import MODEL_TYPE, llama_config
+    doc = _decilm_config(path) if path is not None else None
+    if doc is not None:  # DeciLM / Nemotron-NAS: read natively, no remote code
+        from .decilm import llama_config
 
-        try:
-            doc = json.loads((path / "config.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            doc = None  # transformers' reading below says what is wrong
-        # DeciLM / Nemotron-NAS: read natively, no remote code
-        if isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE:
-            config = llama_config(doc, f"{name}/config.json")
-            spec_for(config)
-            return config
+        config = llama_config(doc, f"{name}/config.json")
+        spec_for(config)
+        return config
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -345,16 +340,16 @@ def load(
     )
 
 
-def _is_decilm(source: str) -> bool:
-    """Whether `source` is a local folder whose config.json is a DeciLM / nemotron-nas one (a tokenizer
-    read without the model's config: `eval FILE.gguf --engine llama.cpp`, an importance matrix)."""
+def _decilm_config(folder: str | Path) -> dict | None:
+    """The config.json of a local folder when it is a DeciLM / nemotron-nas one, else None (no such
+    file, or one that does not read: transformers' own reading says what is wrong)."""
     from .decilm import MODEL_TYPE
 
     try:
-        doc = json.loads((Path(source) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE
+        doc = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError alike
+        return None
+    return doc if isinstance(doc, dict) and doc.get("model_type") == MODEL_TYPE else None
 
 
 def read_tokenizer(source: str, config, name: str):
@@ -367,7 +362,10 @@ def read_tokenizer(source: str, config, name: str):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    quiet = getattr(config, "layerprune_deploy", None) == "decilm" or (config is None and _is_decilm(source))
+    # a tokenizer read without the model's config (`eval FILE.gguf --engine llama.cpp`, --imatrix): the folder's
+    quiet = getattr(config, "layerprune_deploy", None) == "decilm" or (
+        config is None and _decilm_config(source) is not None
+    )
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         if quiet:
             warnings.simplefilter("ignore", FutureWarning)
