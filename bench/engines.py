@@ -463,7 +463,19 @@ def profile(python: Path, folders: dict[str, Path], prompts, log_dir: Path) -> d
     return out
 
 
-def compiled_speed(python: Path, models, keys: list[str], prompts, rounds: int, log_dir: Path) -> dict:
+def held_out(models, windows: int = AGREEMENT[0], seqlen: int = AGREEMENT[1]):
+    """The held-out token ids every check uses, drawn once with dense's tokenizer: the agreement
+    windows, the speed prompts (BATCH x PROMPT, seed 1; their Windows for the protocol) and the greedy
+    prompt (the first window's first GREEDY[0] tokens)."""
+    dense_lm = lp.load(str(models.source), quiet=True)
+    agree = lp.calibration(dense_lm, serve.HELDOUT, samples=windows, seqlen=seqlen, kind="sparsity")
+    prompts = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+    return agree, prompts, agree.input_ids[0, : GREEDY[0]].tolist()
+
+
+def compiled_speed(
+    python: Path, models, keys: list[str], prompts, greedy_prompt, rounds: int, log_dir: Path
+) -> dict:
     """vLLM with its compiled forward (LAYERPRUNE_VLLM_COMPILE=1: enforce_eager off, vLLM's own
     torch.compile at load): each row's speed against dense compiled alike (speed(), interleaved rounds),
     the load time (compilation included) and whether its greedy continuation is still layerprune's."""
@@ -475,10 +487,7 @@ def compiled_speed(python: Path, models, keys: list[str], prompts, rounds: int, 
             folder = models.folder(key)
             w = Worker("vllm", python, folder, log_dir, env=env)
             try:
-                windows = lp.calibration(lp.load(str(models.source), quiet=True), serve.HELDOUT,
-                                         samples=AGREEMENT[0], seqlen=AGREEMENT[1], kind="sparsity")  # fmt: skip
-                greedy_prompt = windows.input_ids[0, : GREEDY[0]].tolist()
-                ref = reference(folder, windows.input_ids[:1], greedy_prompt)
+                ref = reference(folder, [], greedy_prompt)  # the greedy continuation only
                 got = w.ask(op="greedy", ids=greedy_prompt, new=GREEDY[1])["ids"]
                 row = speed("vllm", dense, w, prompts, rounds)
                 row.update(load_seconds=w.load_seconds, dense_load_seconds=dense.load_seconds,
@@ -717,8 +726,7 @@ def main() -> int:
     if args.profile:
         models = Models()
         folders = {"dense": models.dense, **{k: models.folder(k) for k in args.profile.split(",")}}
-        dense_lm = lp.load(str(models.source), quiet=True)
-        pw = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+        _, pw, _ = held_out(models)
         row = profile(
             venv("vllm"), folders, [r.tolist() for r in pw.input_ids], HERE / "work" / "engines" / "logs"
         )
@@ -729,10 +737,9 @@ def main() -> int:
         return 0
     if args.compiled:
         models = Models()
-        dense_lm = lp.load(str(models.source), quiet=True)
-        pw = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+        _, pw, greedy_prompt = held_out(models)
         rows = compiled_speed(venv("vllm"), models, args.compiled.split(","), [r.tolist() for r in pw.input_ids],
-                              args.rounds, HERE / "work" / "engines" / "logs")  # fmt: skip
+                              greedy_prompt, args.rounds, HERE / "work" / "engines" / "logs")  # fmt: skip
         doc = json.loads(args.output.read_text()) if args.output.exists() else {}  # as it is now
         for key, row in rows.items():
             doc["engines"]["vllm"].setdefault(key, {})["speed_compiled"] = row
@@ -750,13 +757,8 @@ def main() -> int:
     engines = args.engines.split(",")
     keys = models_wanted(set(args.only.split(",")) if args.only else None)
     models = Models()
-    dense_lm = lp.load(str(models.source), quiet=True)
-    windows = lp.calibration(
-        dense_lm, serve.HELDOUT, samples=args.windows, seqlen=args.seqlen, kind="sparsity"
-    )
-    prompts_w = lp.calibration(dense_lm, serve.HELDOUT, samples=BATCH, seqlen=PROMPT, seed=1, kind="sparsity")
+    windows, prompts_w, greedy_prompt = held_out(models, args.windows, args.seqlen)
     prompts = [r.tolist() for r in prompts_w.input_ids]
-    greedy_prompt = windows.input_ids[0, : GREEDY[0]].tolist()
     doc["protocol"] = {
         "agreement": {**windows.protocol, "top_k_vllm": TOPK, "dtype": "float32", "reference": "layerprune, float64 log-softmax of fp32 logits"},
         "greedy": {"prompt": GREEDY[0], "new": GREEDY[1]},
