@@ -204,22 +204,19 @@ def points(grid: str) -> list[tuple[str, str, bool]]:
     the i-quants below 4 bits (with imatrix); the imatrix pairs of Q6_K, dense Q5_K_M and Q8_0 last."""
     low = [q for q in ("Q4_K_M", "Q3_K_M") if q in GRIDS[grid]]
     out = [("dense", q, False) for q in DENSE_QUANTS if q not in ("IQ4_XS", "F16")]
+
+    def models(shares):  # pruned, then recovered; depth and width at each share
+        return [f"{kind}-{share}{kd}" for kd in ("", KD) for kind in ("depth", "width") for share in shares]
+
     for shares in (("20", "30"), ("10",)):
-        models = [f"{kind}-{share}{kd}" for kd in ("", KD) for kind in ("depth", "width") for share in shares]
-        out += [(m, q, False) for q in GRIDS[grid] for m in models]
-        out += [(m, q, True) for q in low for m in models]
+        out += [(m, q, False) for q in GRIDS[grid] for m in models(shares)]
+        out += [(m, q, True) for q in low for m in models(shares)]
     out += [("dense", q, True) for q in ("Q4_K_M", "Q3_K_M", "Q2_K")]
     out += [("dense", "F16", False), ("dense", "IQ4_XS", False), ("dense", "IQ4_NL", False)]
     out += [("dense", q, True) for q in IQ_LOW]
     # the imatrix pairs above 4 bits, last: Q6_K (llama-quantize uses the matrix there too) and dense
     # Q5_K_M; dense Q8_0, which it ignores (the same tensors: the ppl must come out equal)
-    pruned = [
-        f"{kind}-{share}{kd}"
-        for share in ("20", "30", "10")
-        for kd in ("", KD)
-        for kind in ("depth", "width")
-    ]
-    out += [(m, "Q6_K", True) for m in pruned if "Q6_K" in GRIDS[grid]]
+    out += [(m, "Q6_K", True) for s in ("20", "30", "10") for m in models([s]) if "Q6_K" in GRIDS[grid]]
     out += [("dense", q, True) for q in ("Q6_K", "Q5_K_M", "Q8_0")]
     seen = set()
     return [p for p in out if not (p in seen or seen.add(p))]
