@@ -386,8 +386,10 @@ def cpu_rounds(
     same round (medians). `untimed`: only the points with fewer than `rounds` rounds, beside the
     reference (rounds for the newcomers when a round of everything costs more than the machine has)."""
     pts = doc["points"]
-    # an imatrix file runs as its twin (same types); the first grid's models keep their round
-    timed = {k: p for k, p in pts.items() if not p["imatrix"] and p["model"] not in LEGACY
+    # an imatrix file runs as its twin (same types), where it has one (the i-quants below 4 bits exist only
+    # with a matrix: timed themselves); the first grid's models keep their round
+    timed = {k: p for k, p in pts.items() if p["model"] not in LEGACY
+             and (not p["imatrix"] or name(p["model"], p["quant"], False) not in pts)
              and (wanted is None or p["model"] in wanted or k == REFERENCE)}  # fmt: skip
     if untimed:
         timed = {k: p for k, p in timed.items() if k == REFERENCE or len(p.get("cpu_runs", [])) < rounds}
