@@ -12,9 +12,7 @@ it ran (20 %: 6 blocks, 30 %: 9), else Shortened LLaMA's ppl criterion on 10 x 1
 search --deploy decilm`, short search) at 10 / 20 / 30 %, in bench/work/models/; and each of those
 recovered, "<model> kd": issue 34's best recovery (bench/recover.py's smollm2 rows), full training with
 distillation from the cached SmolLM2 teacher (top-64 log-probabilities), 20 steps x batch 4 of 128 tokens
-of fixture:train, lr 2e-4, in bench/work/models/<model>.kd. Kept from the first grid under other names,
-their files gone and not timed again: depth-ppl-20 (the ppl criterion's 6 blocks) and width-owl-20 (OWL
-allocation, Wanda-sp 16 x 512, --deploy decilm).
+of fixture:train, lr 2e-4, in bench/work/models/<model>.kd.
 
 Points (`points`): every model exported by `layerprune export --quant TYPE [--imatrix fixture:val]` (the
 calibration text, never the held-out text; 8 windows of 512 tokens), perplexity computed by llama.cpp
@@ -48,6 +46,7 @@ from _results import write as _write  # noqa: E402
 import layerprune as lp  # noqa: E402
 from layerprune.evaluation.llamacpp import speed  # noqa: E402
 from layerprune.models.llamacpp import to_gguf  # noqa: E402
+from layerprune.models.llamacpp_quant import sidecar  # noqa: E402
 from layerprune.models.llamacpp_tools import VERSION  # noqa: E402
 
 RESULTS = HERE / "results" / "frontier.json"
@@ -61,9 +60,7 @@ GRIDS = {"reduced": ("Q4_K_M", "Q8_0"), "medium": ("Q4_K_M", "Q8_0", "Q3_K_M"),
 # uniform-20: not a point of the grid; the F32 engine check's standard-checkpoint width model
 PRUNED = {"depth-10": ("depth", 0.1), "depth-20": ("depth", 0.2), "depth-30": ("depth", 0.3),
           "width-10": ("width", 0.1), "width-20": ("width", 0.2), "width-30": ("width", 0.3),
-          "depth-ppl-20": ("depth-ppl", 0.2), "width-owl-20": ("width-owl", 0.2),
           "uniform-20": ("width-uniform", 0.2)}  # fmt: skip
-LEGACY = ("depth-ppl-20", "width-owl-20")  # the first grid's models: measured, files gone, not timed again
 KD = " kd"  # "<model> kd": the model after distillation (RECIPE)
 RECIPE = {"data": "fixture:train", "seqlen": 128, "method": "full", "steps": 20, "batch_size": 4, "lr": 2e-4,
           "kd_topk": 64}  # fmt: skip
@@ -74,7 +71,7 @@ REFERENCE = "dense Q4_K_M"
 PRUNE_LAYERS = (("depth-20", "Q8_0"), ("depth-20", "Q4_K_M"))
 
 
-MERGED = ("points", "engine_check", "prune_layers_check")
+MERGED = ("points", "engine_check", "prune_layers_check", "imatrix_samples_check")
 _BASE: dict = {}  # MERGED's parts as this run last read or wrote them: what it changed since is its own
 
 
@@ -117,6 +114,27 @@ def write(doc: dict, path: Path) -> dict:
         return out
 
 
+def machine() -> dict:
+    """The CPU the figures come from. llama.cpp is built for the machine it runs on (GGML_NATIVE), and
+    its kernels differ between CPUs: the same files' perplexities moved by up to ~0.3 % between two
+    machines of this project (versus_previous in frontier.json)."""
+    import os
+    import platform
+
+    info: dict = {"machine": platform.machine(), "cores": os.cpu_count()}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}  # the last CPU's: they are alike
+    flags = fields.get("flags", "").split()
+    info.update(
+        cpu=fields.get("model name"), simd=sorted(f for f in flags if f.startswith(("avx", "amx", "f16c")))
+    )
+    return info
+
+
 def make_model(key: str, dense: str) -> Path:
     """The model's folder, planned, applied and exported once (kept)."""
     if key.endswith(KD):
@@ -128,11 +146,10 @@ def make_model(key: str, dense: str) -> Path:
     if (folder / "report.json").is_file():
         return folder
     lm = lp.load(dense, quiet=True)
-    if kind in ("depth", "depth-ppl"):
+    if kind == "depth":
         per_block = sum(p.numel() for p in lm.adapter.blocks[0].parameters())
         count = round(target * sum(p.numel() for p in lm.adapter.blocks.parameters()) / per_block)
-        plan = _models.depth_search_plan(lm, count) if kind == "depth" else None
-        plan = plan or real_depth_plan(lm, count)
+        plan = _models.depth_search_plan(lm, count) or real_depth_plan(lm, count)
         if plan is None:
             cached = WORK / "depth_scores.json"  # one scoring for every target (minutes on a busy CPU)
             if cached.is_file():
@@ -143,12 +160,9 @@ def make_model(key: str, dense: str) -> Path:
                 scores.save(cached)
             plan = lp.plan(lm, scores, remove=count)
         report = lp.apply(lm, plan, None, progress=False)
-    else:  # width-owl: the first grid's width model; width-uniform: a standard checkpoint, every block alike
+    else:  # width-uniform: a standard checkpoint, every block alike
         calib = lp.calibration(lm, CALIB, samples=16, seqlen=512)
-        options = (
-            {"allocation": "owl", "deploy": "decilm"} if kind == "width-owl" else {"allocation": "uniform"}
-        )
-        plan = lp.plan(lm, width=target, calib=calib, progress=False, **options)
+        plan = lp.plan(lm, width=target, calib=calib, progress=False, allocation="uniform")
         report = lp.apply(lm, plan, calib, progress=False)
     lp.export(lm, folder, plan, {"pruning": report}, overwrite=True)
     return folder
@@ -226,22 +240,34 @@ def name(model: str, quant: str, imatrix: bool) -> str:
     return f"{model} {quant}" + (" imatrix" if imatrix else "")
 
 
-def gguf_path(model: str, quant: str, imatrix: bool) -> Path:
-    return WORK / "gguf" / f"{model.replace(' ', '.')}.{quant}{'.imatrix' if imatrix else ''}.gguf"
+def gguf_path(model: str, quant: str, imatrix: bool, samples: int = IMATRIX["samples"]) -> Path:
+    tag = (".imatrix" + ("" if samples == IMATRIX["samples"] else str(samples))) if imatrix else ""
+    return WORK / "gguf" / f"{model.replace(' ', '.')}.{quant}{tag}.gguf"
 
 
-def ensure_gguf(folder: Path, model: str, quant: str, imatrix: bool, threads: int) -> Path:
-    """The point's file, exported by `layerprune export --quant` unless it is there (kept for speed)."""
-    gguf = gguf_path(model, quant, imatrix)
+def ensure_gguf(
+    folder: Path, model: str, quant: str, imatrix: bool, threads: int, samples: int = IMATRIX["samples"]
+) -> Path:
+    """The point's file, exported by `layerprune export --quant` unless it is there (kept for speed);
+    with imatrix, the matrix from `samples` windows of CALIB."""
+    gguf = gguf_path(model, quant, imatrix, samples)
     if not gguf.is_file():
         lp.export_gguf(folder, gguf, quant=quant, imatrix=CALIB if imatrix else None, threads=threads,
-                       imatrix_samples=IMATRIX["samples"], imatrix_seqlen=IMATRIX["seqlen"])  # fmt: skip
+                       imatrix_samples=samples, imatrix_seqlen=IMATRIX["seqlen"])  # fmt: skip
     return gguf
 
 
-def measure_point(folder: Path, model: str, quant: str, imatrix: bool, windows: int, threads: int) -> dict:
+def measure_point(
+    folder: Path,
+    model: str,
+    quant: str,
+    imatrix: bool,
+    windows: int,
+    threads: int,
+    samples: int = IMATRIX["samples"],
+) -> dict:
     t0 = time.perf_counter()
-    gguf = ensure_gguf(folder, model, quant, imatrix, threads)
+    gguf = ensure_gguf(folder, model, quant, imatrix, threads, samples)
     export_s = time.perf_counter() - t0
     r = lp.perplexity_gguf(gguf, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads, progress=False)
     return {"model": model, "quant": quant, "imatrix": imatrix, "gguf": str(gguf.relative_to(HERE)),
@@ -321,11 +347,34 @@ def engine_check(folder: Path, model: str, windows: int, threads: int) -> dict:
             "same_windows": ours.protocol["fingerprint"] == theirs.protocol["fingerprint"]}  # fmt: skip
 
 
+def imatrix_samples_check(
+    doc: dict, folders: dict, samples: int, windows: int, threads: int, path: Path
+) -> None:
+    """The models whose importance matrix made Q4_K_M or Q3_K_M worse than none, measured again at both
+    types with a matrix from `samples` windows of the same text (IMATRIX's 8 x 512 is thin): was it the
+    matrix's size? Entries "<point> <samples>", beside the grid's points (the grid keeps its protocol)."""
+    pts, out = doc["points"], doc.setdefault("imatrix_samples_check", {})
+    pairs = [(p, pts.get(name(p["model"], p["quant"], False))) for p in pts.values()]
+    worse = sorted({p["model"] for p, plain in pairs if p["imatrix"] and p["quant"] in ("Q4_K_M", "Q3_K_M")
+                    and plain and p["heldout_ppl"] > plain["heldout_ppl"]})  # fmt: skip
+    for model in worse:
+        for quant in ("Q4_K_M", "Q3_K_M"):
+            key = f"{name(model, quant, True)} {samples}"
+            if key in out or name(model, quant, True) not in pts:
+                continue
+            folders.setdefault(model, make_model(model, str(folders["dense"])))
+            row = measure_point(folders[model], model, quant, True, windows, threads, samples)
+            matrix = json.loads(sidecar(HERE / row["gguf"]).read_text())["quantization"]["imatrix"]
+            out[key] = {**row, "imatrix_samples": samples, "imatrix_chunks": matrix["chunks"],
+                        "ppl_without": pts[name(model, quant, False)]["heldout_ppl"],
+                        f"ppl_with_{IMATRIX['samples']}": pts[name(model, quant, True)]["heldout_ppl"]}  # fmt: skip
+            print(f"{key}: ppl {row['heldout_ppl']:.3f} (without {out[key]['ppl_without']:.3f})")
+            write(doc, path)
+
+
 def ensure_files(pts: dict, folders: dict, threads: int) -> None:
     """Every point's model folder and file, made again where gone (deterministic: the same bytes)."""
     for p in pts.values():
-        if p["model"] in LEGACY:  # kept as measured; not made again
-            continue
         if p["model"] not in folders:
             folders[p["model"]] = make_model(p["model"], str(folders["dense"]))
         ensure_gguf(folders[p["model"]], p["model"], p["quant"], p["imatrix"], threads)
@@ -387,9 +436,8 @@ def cpu_rounds(
     reference (rounds for the newcomers when a round of everything costs more than the machine has)."""
     pts = doc["points"]
     # an imatrix file runs as its twin (same types), where it has one (the i-quants below 4 bits exist only
-    # with a matrix: timed themselves); the first grid's models keep their round
-    timed = {k: p for k, p in pts.items() if p["model"] not in LEGACY
-             and (not p["imatrix"] or name(p["model"], p["quant"], False) not in pts)
+    # with a matrix: timed themselves)
+    timed = {k: p for k, p in pts.items() if (not p["imatrix"] or name(p["model"], p["quant"], False) not in pts)
              and (wanted is None or p["model"] in wanted or k == REFERENCE)}  # fmt: skip
     if untimed:
         timed = {k: p for k, p in timed.items() if k == REFERENCE or len(p.get("cpu_runs", [])) < rounds}
@@ -469,6 +517,8 @@ def versus_dense(p: dict, have: list[dict], x: str, lower: bool) -> dict:
     the importance matrix differ by a few hundred bytes): how much smaller / faster the pruned point is,
     and its perplexity ratio."""
     dense = [q for q in have if q["model"] == "dense"]
+    if not dense:
+        return {"point": p["name"], "dense": None, "relation": "no dense point measured"}
     within = [q for q in dense if (q[x] <= p[x] if lower else q[x] >= p[x])]
     if within:
         best = min(within, key=lambda q: q["heldout_ppl"])
@@ -490,9 +540,8 @@ def charts(doc: dict, folder: Path) -> list[Path]:
 
     pts = [{"name": k, **p} for k, p in doc["points"].items()]
     colors = {"dense": "black", "depth-10": "tab:purple", "depth-20": "tab:blue", "depth-30": "tab:cyan",
-              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange",
-              "depth-ppl-20": "tab:gray", "width-owl-20": "tab:brown"}  # fmt: skip
-    colors.update({m + KD: c for m, c in colors.items() if m != "dense" and m not in LEGACY})
+              "width-10": "tab:pink", "width-20": "tab:red", "width-30": "tab:orange"}  # fmt: skip
+    colors.update({m + KD: c for m, c in colors.items() if m != "dense"})
     made = []
     for x, lower, label, file in (
         ("bytes", True, "file size (MiB)", "frontier_bytes.png"),
@@ -607,8 +656,12 @@ def main() -> int:
         "--points", default=None, help="comma-separated point names ('dense Q4_K_M,width-20 Q8_0')"
     )
     p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--checks", default="engine,prune-layers,prune-layers-ppl",
-                   help="which checks run (comma-separated; prune-layers-ppl: evaluate llama-quantize's file when it differs)")  # fmt: skip
+    p.add_argument("--checks", default="engine,prune-layers,prune-layers-ppl,imatrix-samples",
+                   help="which checks run (comma-separated; prune-layers-ppl: evaluate llama-quantize's file when it differs; "
+                        "imatrix-samples: the pairs the matrix made worse, again with --imatrix-samples windows)")  # fmt: skip
+    p.add_argument(
+        "--imatrix-samples", type=int, default=32, help="windows of the imatrix-samples check's matrix"
+    )
     p.add_argument("--engine-models", default="dense,depth-20,width-20,uniform-20",
                    help="the models whose F32 GGUF the engine check evaluates (dense, depth, DeciLM width, uniform width)")  # fmt: skip
     p.add_argument("--speed-untimed", action="store_true",
@@ -648,10 +701,8 @@ def main() -> int:
                     "width": "deployable searched allocation, --deploy decilm, Wanda-sp 16 x 512 fixture:val, short "
                              f"search: population 30, {_models.SEARCH_ITERATIONS} generations (bench/_models.py)",
                     "recovery": {"models": "<model> kd", "distillation": f"teacher SmolLM2 cached top-{RECIPE['kd_topk']}",
-                                 **RECIPE},
-                    "first grid (kept)": {"depth-ppl-20": "ppl scores, 10 x 128 fixture:val, 6 blocks",
-                                          "width-owl-20": "OWL, Wanda-sp 16 x 512 fixture:val, --deploy decilm"}},
-        "grid": args.grid, "llama_cpp": VERSION,
+                                 **RECIPE}},
+        "grid": args.grid, "llama_cpp": VERSION, "machine": machine(),
     }  # fmt: skip
     doc.setdefault("points", {})
     doc.setdefault("engine_check", {})
@@ -692,6 +743,8 @@ def main() -> int:
                                                                 evaluate="prune-layers-ppl" in checks)  # fmt: skip
             print(f"llama-quantize --prune-layers {key}: {doc['prune_layers_check'][key]}")
             write(doc, args.output)
+    if "imatrix-samples" in checks:
+        imatrix_samples_check(doc, folders, args.imatrix_samples, args.windows, args.threads, args.output)
     if not args.no_speed and REFERENCE in doc["points"]:
         if args.speed_by == "wall":
             speed_rounds(doc, folders, args.rounds, args.repetitions, args.threads, args.output)
