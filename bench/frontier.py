@@ -463,6 +463,25 @@ def cpu_rounds(
     write(doc, path)
 
 
+def versus_previous(doc: dict, old: dict, source: str) -> dict:
+    """The points both runs measured on files of the same bytes, this run's figures over the other's:
+    held-out perplexity and generation speed (x dense Q4_K_M). Two machines, same files: what moves is
+    llama.cpp's kernels (and their rounding), not the models."""
+    same = [(k, p, old["points"][k]) for k, p in doc["points"].items()
+            if k in old.get("points", {}) and old["points"][k].get("bytes") == p["bytes"]]  # fmt: skip
+
+    def spread(field: str) -> dict | None:
+        r = sorted((p[field] / o[field], k) for k, p, o in same if field in p and field in o)
+        if not r:
+            return None
+        return {"points": len(r), "median": statistics.median(v for v, _ in r), "min": r[0][0], "max": r[-1][0],
+                "min_point": r[0][1], "max_point": r[-1][1]}  # fmt: skip
+
+    return {"source": source, "machine": old.get("protocol", {}).get("machine", "not recorded"),
+            "same_bytes": len(same), "heldout_ppl": spread("heldout_ppl"), "tg64_cpu_vs_ref": spread("tg64_cpu_vs_ref"),
+            "pp128_cpu_vs_ref": spread("pp128_cpu_vs_ref")}  # fmt: skip
+
+
 def pareto(pts: list[dict], x: str, lower_x: bool) -> list[dict]:
     """The points no other beats on both x and perplexity (x lower or higher is better)."""
 
@@ -674,11 +693,28 @@ def main() -> int:
         "--charts", action="store_true", help="charts and the answer from the results; measure nothing"
     )
     p.add_argument("--markdown", action="store_true", help="print the docs page's tables from the results")
+    p.add_argument("--versus-previous", metavar="OLD.json", default=None,
+                   help="compare with an earlier run's results (a file or a git revision; another machine): versus_previous; measure nothing")  # fmt: skip
     p.add_argument("-o", "--output", type=Path, default=RESULTS)
     args = p.parse_args()
     doc = load(args.output)
     if args.markdown:
         print(markdown(doc))
+        return 0
+    if args.versus_previous:  # a file, or a git revision of this one ("95d2192")
+        src = args.versus_previous
+        if Path(src).is_file():
+            text = Path(src).read_text()
+        else:
+            import subprocess
+
+            rel = RESULTS.relative_to(HERE.parent).as_posix()
+            text = subprocess.run(["git", "show", f"{src}:{rel}"], cwd=HERE, capture_output=True, text=True,
+                                  check=True).stdout  # fmt: skip
+            src = f"git {src}:{rel}"
+        doc["versus_previous"] = versus_previous(doc, json.loads(text), src)
+        write(doc, args.output)
+        print(json.dumps(doc["versus_previous"], indent=1))
         return 0
     if args.charts:
         doc["answer"] = answer(doc)

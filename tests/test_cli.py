@@ -259,7 +259,7 @@ def test_width_search_plan_apply_and_reload(tmp_path, cli):
 def test_info_env_names_the_cache_every_stage_uses(env, cli, tmp_path, monkeypatch):
     """$LAYERPRUNE_CACHE, else $XDG_CACHE_HOME/layerprune, else ~/.cache/layerprune; the GGUF
     conversions, llama.cpp's build and the importance matrices all live under it."""
-    from layerprune.models.gguf import writable_cache
+    from layerprune.io import writable_cache
     from layerprune.models.llamacpp import cache_root as llamacpp_root
     from layerprune.models.llamacpp_quant import imatrix_cache
 

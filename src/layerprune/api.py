@@ -141,8 +141,7 @@ def _plan_sparsity_search(lm, sparsity, scores, calib, progress, options) -> Spa
 
     from .distributed import group
     from .engine.levels import LevelDatabase
-    from .io import cache_root
-    from .models.gguf import writable_cache
+    from .io import cache_root, writable_cache
     from .options import accepted
     from .planners import sparsity as sp
     from .planners.search.levels import check_request

@@ -196,6 +196,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "layerprune"
 
 
+def writable_cache(sub: str) -> Path:
+    """`cache_root() / sub`, created; one line naming the fix when it cannot be written, checked before
+    the work whose result goes there (a conversion, a level database)."""
+    folder = cache_root() / sub
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise LayerpruneError(
+            f"the layerprune cache {folder} cannot be written ({e.strerror or e}); point {CACHE_ENV} at a "
+            "folder you can write, or unset it (default ~/.cache/layerprune)"
+        ) from None
+    return folder
+
+
 def scratch_dir(kind: str) -> Path:
     """A private working folder in the system's temporary folder, `layerprune-<kind>-<pid>-<host>.*`
     (activations, offloaded blocks), after removing those of killed runs."""

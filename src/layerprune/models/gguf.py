@@ -22,12 +22,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from ..errors import LayerpruneError
-from ..io import CACHE_ENV, cache_root, publish, temp_dir_beside
+from ..io import cache_root, publish, temp_dir_beside, writable_cache
 
 SOURCE_FILE = "layerprune_source.json"
 # name -> (distribution, file inside it, what it is)
@@ -39,21 +38,6 @@ NAMED_MODELS = {
     ),
 }
 _RESOLVED: dict[tuple[str, int, int], Path] = {}  # (path, size, mtime) -> converted folder
-
-
-def writable_cache(sub: str) -> Path:
-    """`cache_root() / sub`, created; one line naming the fix when it cannot be written, checked before
-    the work whose result goes there (a conversion, a level database)."""
-    folder = cache_root() / sub
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise LayerpruneError(
-            f"the layerprune cache {folder} cannot be written ({e.strerror or e}); point {CACHE_ENV} at a "
-            "folder you can write, or unset it (default ~/.cache/layerprune)"
-        ) from None
-    return folder
 
 
 def named_model_file(name: str) -> Path:
