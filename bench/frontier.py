@@ -643,6 +643,15 @@ def markdown(doc: dict) -> str:
                 f"| {key} | {', '.join(map(str, c['pruned_layers']))} | {len(c['tensors_differing'])} of "
                 f"{c['tensors']} ({types}) | {', '.join(c['metadata_differing']) or 'none'} | "
                 f"{ppl['layerprune_export']:.4f} | {theirs_s} | {ratio_s} |"]  # fmt: skip
+    checks = doc.get("imatrix_samples_check") or {}
+    if checks:
+        n = IMATRIX["samples"]
+        out += ["", f"| the matrix from more windows | ppl without | ppl, matrix of {n} × 512 | ppl, matrix of more | "
+                "windows (kept) | with / without |", "|---|---:|---:|---:|---|---:|"]  # fmt: skip
+        for c in checks.values():
+            out.append(f"| {name(c['model'], c['quant'], True)} | {c['ppl_without']:.2f} | {c[f'ppl_with_{n}']:.2f} | "
+                       f"{c['heldout_ppl']:.2f} | {c['imatrix_samples']} ({c['imatrix_chunks']}) | "
+                       f"{c['heldout_ppl'] / c['ppl_without']:.3f} |")  # fmt: skip
     out.append("")
     for what, a in ans.items():
         close = a.get("closest_pruned")
@@ -652,8 +661,26 @@ def markdown(doc: dict) -> str:
                    f"{', '.join(a['pruned_on_front']) or 'none'}{gap}.")  # fmt: skip
         unit = "size" if what == "bytes" else "speed"
         for v in a.get("pruned_on_front_vs_dense", []):
+            if v["dense"] is None:
+                continue
             out.append(f"  - {v['point']} against {v['dense']} ({v['relation'].replace('x', unit)}): "
                        f"{unit} × {v['x_ratio']:.2f}, dense perplexity / pruned {v['dense_ppl_over_pruned']:.2f}.")  # fmt: skip
+    machine, prev = doc.get("protocol", {}).get("machine"), doc.get("versus_previous")
+    if machine:
+        simd = [
+            f
+            for f in ("avx2", "avx512f", "avx512_vnni", "avx512_fp16", "amx_int8")
+            if f in machine.get("simd", [])
+        ]
+        out.append(f"- Machine: {machine.get('cpu')}, {machine['cores']} cores ({', '.join(simd) or 'no AVX2'}); "
+                   "llama.cpp built for it.")  # fmt: skip
+    if prev and prev.get("heldout_ppl"):
+        ppl, tg = prev["heldout_ppl"], prev.get("tg64_cpu_vs_ref")
+        speed_s = (f"; generation × dense Q4_K_M {tg['min']:.2f}–{tg['max']:.2f} × the other's (median "
+                   f"{tg['median']:.2f}, {tg['points']} points)" if tg else "")  # fmt: skip
+        out.append(f"- The same files measured on another machine ({prev['source']}, CPU {prev['machine']}): "
+                   f"held-out perplexity {ppl['min']:.4f}–{ppl['max']:.4f} × the other's (median {ppl['median']:.4f}, "
+                   f"{ppl['points']} points){speed_s}.")  # fmt: skip
     grid = doc.get("protocol", {}).get("grid", "full")
     missing = [name(*p) for p in points(grid if grid in GRIDS else "full") if name(*p) not in pts]
     if missing:
