@@ -115,9 +115,8 @@ def write(doc: dict, path: Path) -> dict:
 
 
 def machine() -> dict:
-    """The CPU the figures come from. llama.cpp is built for the machine it runs on (GGML_NATIVE), and
-    its kernels differ between CPUs: the same files' perplexities moved by up to ~0.3 % between two
-    machines of this project (versus_previous in frontier.json)."""
+    """The CPU the figures come from (llama.cpp is built portable, AVX2, but speed ratios depend on the
+    CPU, and a run compared with another, versus_previous, should say on what each ran)."""
     import os
     import platform
 
