@@ -672,7 +672,7 @@ def markdown(doc: dict) -> str:
             if f in machine.get("simd", [])
         ]
         out.append(f"- Machine: {machine.get('cpu')}, {machine['cores']} cores ({', '.join(simd) or 'no AVX2'}); "
-                   "llama.cpp built for it.")  # fmt: skip
+                   "llama.cpp built portable (AVX2, not -march=native).")  # fmt: skip
     if prev and prev.get("heldout_ppl"):
         ppl, tg = prev["heldout_ppl"], prev.get("tg64_cpu_vs_ref")
         speed_s = (f"; generation × dense Q4_K_M {tg['min']:.2f}–{tg['max']:.2f} × the other's (median "
