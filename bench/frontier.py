@@ -20,7 +20,7 @@ on layerprune's held-out windows (fixture:test, seqlen 512, the first --windows 
 then speed in --rounds interleaved rounds over every file, as ratios to dense Q4_K_M in the same round
 (medians): tokens per CPU-second of one llama.cpp thread, prompt 128 and generation 64 tokens
 (`cpu_speed`; --speed-by wall: llama-bench's wall clock, which a niced process on this shared machine
-cannot measure: its `speed_runs` in frontier.json varied 18-fold between rounds). Checks: per model, llama.cpp's
+cannot measure: one file's generation varied 18-fold between two rounds of an earlier run). Checks: per model, llama.cpp's
 perplexity of the F32 GGUF against layerprune's own (torch, float32) on the same windows; and the
 depth-20 (search) blocks dropped by llama.cpp's `llama-quantize --prune-layers` against our export, tensor by tensor.
 
