@@ -22,7 +22,9 @@ then speed in --rounds interleaved rounds over every file, as ratios to dense Q4
 (`cpu_speed`; --speed-by wall: llama-bench's wall clock, which a niced process on this shared machine
 cannot measure: one file's generation varied 18-fold between two rounds of an earlier run). Checks: per model, llama.cpp's
 perplexity of the F32 GGUF against layerprune's own (torch, float32) on the same windows; and the
-depth-20 (search) blocks dropped by llama.cpp's `llama-quantize --prune-layers` against our export, tensor by tensor.
+depth-20 (search) blocks dropped by llama.cpp's `llama-quantize --prune-layers` against our export, tensor by tensor;
+and the models whose Q4_K_M / Q3_K_M imatrix point came out worse than without, again with a matrix from
+--imatrix-samples windows (imatrix_samples_check). `--versus-previous REV` compares with an earlier run.
 
 bench/results/frontier.json is written after every point; a rerun resumes (points there are kept, so
 keep --windows as they were measured).
