@@ -478,7 +478,7 @@ def versus_previous(doc: dict, old: dict, source: str) -> dict:
                 "min_point": r[0][1], "max_point": r[-1][1]}  # fmt: skip
 
     return {"source": source, "machine": old.get("protocol", {}).get("machine", "not recorded"),
-            "same_bytes": len(same), "heldout_ppl": spread("heldout_ppl"), "tg64_cpu_vs_ref": spread("tg64_cpu_vs_ref"),
+            "files_compared": len(same), "heldout_ppl": spread("heldout_ppl"), "tg64_cpu_vs_ref": spread("tg64_cpu_vs_ref"),
             "pp128_cpu_vs_ref": spread("pp128_cpu_vs_ref")}  # fmt: skip
 
 
