@@ -19,8 +19,10 @@ import layerprune as lp
 from layerprune.checkpoint import export
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
+from layerprune.evaluation.llamacpp import gguf_summary
 from layerprune.models.decilm import to_decilm
 from layerprune.models.llamacpp import to_gguf
+from layerprune.models.llamacpp_quant import fallback_note
 from layerprune.models.llamacpp_tools import find_tools
 from layerprune.models.shrink import shrink
 from layerprune.models.width import WidthMask
@@ -82,6 +84,15 @@ def test_quantized_gguf_loads_and_computes_in_llamacpp(kind, folders, tmp_path):
         assert bytes(fields["layerprune.quantization"].parts[-1]).decode().startswith(quant)
         record = json.loads((tmp_path / f"m.{quant}.gguf.json").read_text())
         assert record["quantization"]["type"] == quant and record["bytes"] == out.stat().st_size
+        # every matrix of these models has an input size in multiples of 256 (hidden 256, MLP 768 / 512,
+        # 4 heads x 64): the type's own block types hold all of it, and nothing is said of a fallback
+        types = record["tensor_types"]
+        if quant == "Q8_0":
+            assert types == {"Q8_0": 1.0}
+        else:
+            assert sum(v for k, v in types.items() if k.endswith("_K")) == pytest.approx(1.0)
+        assert fallback_note(quant, types) is None
+        assert gguf_summary(out)["type"] == quant and gguf_summary(out)["tensor_types"] == types
     assert abs(got["f32"].ppl / want - 1) < 0.005
     assert abs(got["Q8_0"].ppl / want - 1) < 0.01
     assert abs(got["Q4_K_M"].ppl / want - 1) < 0.15
@@ -91,6 +102,33 @@ def test_quantized_gguf_loads_and_computes_in_llamacpp(kind, folders, tmp_path):
     # the same windows as layerprune's evaluation: same protocol fingerprint
     assert got["Q8_0"].protocol["fingerprint"] == ref.protocol["fingerprint"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@needs_tools
+def test_a_model_whose_widths_k_quants_cannot_take_is_said_to_have_fallen_back(tmp_path, capsys):
+    """Hidden 64, MLP 192: no matrix's input size is a multiple of 256, so no element of a Q4_K_M file
+    can be in a K type (QK_K = 256); the export says so in one line, and the file's type stays named."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(lp.load("fixture", quiet=True).path)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "narrow")
+    tok.save_pretrained(tmp_path / "narrow")
+    out = tmp_path / "narrow.Q4_K_M.gguf"
+    assert (
+        main(["export", str(tmp_path / "narrow"), "--gguf", str(out), "--quant", "Q4_K_M", "--threads", "1"])
+        == 0
+    )
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    types = json.loads((tmp_path / "narrow.Q4_K_M.gguf.json").read_text())["tensor_types"]
+    assert sum(types.values()) == pytest.approx(1.0)
+    assert not [k for k in types if k.endswith("_K") or k.startswith("IQ")], types
+    assert len(notes) == 1 and "Q4_K_M covers 0% of the weights" in notes[0]
+    assert gguf_summary(out)["type"] == "Q4_K_M"
 
 
 @needs_tools

@@ -123,6 +123,7 @@ def _eval_llamacpp(args) -> int:
             "model_path": None,
             "model_fingerprint": summary["fingerprint"],
             "numerics": {"dtype": summary["type"], "device": "llama.cpp (CPU)"},
+            "tensor_types": summary["tensor_types"],  # the type's recipe on this model's shapes
             "parameters": summary["parameters"],
             "gguf": facts,
             "speed": s if args.speed else None,

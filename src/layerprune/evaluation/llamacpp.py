@@ -104,31 +104,43 @@ def speed(
     return out
 
 
+def file_type(gguf: str | Path) -> str | None:
+    """The file's type as llama.cpp names it (general.file_type: Q4_K_M, IQ3_XXS, F16, ...), or None."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(str(gguf)).fields.get("general.file_type")
+    if field is None:
+        return None
+    try:
+        name = LlamaFileType(int(field.parts[-1][0])).name
+    except ValueError:
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def gguf_summary(gguf: str | Path) -> dict:
     """What an eval record says of a GGUF file: bytes, sha256 prefix (its fingerprint), parameters
-    (elements of its tensors), its weights' main type, and the export's sidecar record if present."""
+    (elements of its tensors), its type as llama.cpp names it (the recipe: Q4_K_M) and the share of
+    its matrix elements in each tensor type (what the recipe gave this model's shapes), and the
+    export's sidecar record if present."""
     import hashlib
-    from collections import Counter
 
     from gguf import GGUFReader
 
-    from ..models.llamacpp_quant import sidecar
+    from ..models.llamacpp_quant import sidecar, tensor_types
 
     gguf = check_gguf(gguf)
     h = hashlib.sha256()
     with open(gguf, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
-    tensors = GGUFReader(str(gguf)).tensors
-    kinds = Counter()
-    for t in tensors:
-        if len(t.shape) >= 2 or int(t.n_elements) > 1 << 16:  # what the weights are in, not the norms'
-            kinds[t.tensor_type.name] += int(t.n_elements)
+    types = tensor_types(gguf)
     side = sidecar(gguf)
     return {
         "bytes": gguf.stat().st_size,
         "fingerprint": h.hexdigest()[:16],
-        "parameters": sum(int(t.n_elements) for t in tensors),
-        "type": kinds.most_common(1)[0][0] if kinds else None,
+        "parameters": sum(int(t.n_elements) for t in GGUFReader(str(gguf)).tensors),
+        "type": file_type(gguf) or next(iter(types), None),
+        "tensor_types": types,
         "record": json.loads(side.read_text()) if side.is_file() else None,
     }

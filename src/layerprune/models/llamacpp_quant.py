@@ -99,6 +99,38 @@ def imatrix_input(llm, bos_text: str, bodies: list[str], seqlen: int) -> tuple[s
     return text, [[bos, *r[1:]] if add_bos else r for r in rows]
 
 
+def tensor_types(gguf: str | Path) -> dict[str, float]:
+    """The share of the file's matrix elements (2-D tensors) in each GGML type, largest first. A type
+    name is llama-quantize's recipe, not every tensor's type: K-quants (and most i-quants) need a
+    matrix's input size in multiples of 256, and llama.cpp stores any other matrix in a fallback type."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    counts: Counter = Counter()
+    for t in GGUFReader(str(gguf)).tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name] += int(t.n_elements)
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.most_common()} if total else {}
+
+
+def fallback_note(quant: str, types: dict[str, float]) -> str | None:
+    """One line when most of a K-quant / i-quant file is in other types (llama.cpp's fallback for
+    matrices whose input size is not a multiple of 256), else None."""
+    family = ("_K", "IQ")
+    if not any(f in quant.upper() for f in family) or not types:
+        return None
+    covered = sum(v for k, v in types.items() if any(f in k for f in family))
+    if covered >= 0.5:
+        return None
+    mix = ", ".join(f"{v:.0%} {k}" for k, v in types.items() if v >= 0.005)
+    return (
+        f"{quant} covers {covered:.0%} of the weights ({mix}): llama.cpp stores a matrix whose input size is "
+        "not a multiple of 256 in a fallback type, so compare this file by its size, not its type's name"
+    )
+
+
 def compute_imatrix(
     tools: Tools, gguf: Path, tokenizer, windows, work: Path, threads: int
 ) -> tuple[Path, dict]:
@@ -236,6 +268,7 @@ def quantize(
         tmp = work / "out.gguf"
         run_tool(tools, "llama-quantize", [*args, str(base), str(tmp), quant, str(threads)], str(model_dir))
         doc["bytes"] = tmp.stat().st_size
+        doc["tensor_types"] = tensor_types(tmp)
         atomic_write_json(sidecar(out), doc)
         publish(tmp)
         os.replace(tmp, out)
