@@ -48,7 +48,7 @@ from _results import write as _write  # noqa: E402
 import layerprune as lp  # noqa: E402
 from layerprune.evaluation.llamacpp import speed  # noqa: E402
 from layerprune.models.llamacpp import to_gguf  # noqa: E402
-from layerprune.models.llamacpp_quant import sidecar  # noqa: E402
+from layerprune.models.llamacpp_quant import sidecar, tensor_types  # noqa: E402
 from layerprune.models.llamacpp_tools import VERSION  # noqa: E402
 
 RESULTS = HERE / "results" / "frontier.json"
@@ -273,7 +273,7 @@ def measure_point(
     r = lp.perplexity_gguf(gguf, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads, progress=False)
     return {"model": model, "quant": quant, "imatrix": imatrix, "gguf": str(gguf.relative_to(HERE)),
             "bytes": gguf.stat().st_size, "heldout_ppl": r.ppl, "windows_fingerprint": r.protocol["fingerprint"],
-            "export_seconds": export_s, "eval_seconds": r.seconds}  # fmt: skip
+            "export_seconds": export_s, "eval_seconds": r.seconds, "tensor_types": tensor_types(gguf)}  # fmt: skip
 
 
 def prune_layers_check(
@@ -613,12 +613,15 @@ def markdown(doc: dict) -> str:
     fronts = {what: set(a["front"]) for what, a in ans.items()}
     pts = doc["points"]
     out = ["| point | MiB | held-out ppl (llama.cpp) | generation × dense Q4_K_M | prompt × dense Q4_K_M | "
-           "on a front |", "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+           "on a front | tensor types (share of the weights) |", "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for key, p in sorted(pts.items(), key=lambda kv: kv[1]["bytes"]):
         on = ", ".join("size" if w == "bytes" else "speed" for w, f in fronts.items() if key in f)
         tg, pp = p.get("tg64_cpu_vs_ref"), p.get("pp128_cpu_vs_ref")
+        types = (
+            ", ".join(f"{k} {v:.0%}" for k, v in (p.get("tensor_types") or {}).items() if v >= 0.005) or "—"
+        )
         out.append(f"| {key} | {p['bytes'] / 2**20:.1f} | {p['heldout_ppl']:.2f} | "
-                   f"{f'{tg:.2f}' if tg else '—'} | {f'{pp:.2f}' if pp else '—'} | {on} |")  # fmt: skip
+                   f"{f'{tg:.2f}' if tg else '—'} | {f'{pp:.2f}' if pp else '—'} | {on} | {types} |")  # fmt: skip
     pairs = [(k, pts[k], pts[f"{k} imatrix"]) for k in pts if f"{k} imatrix" in pts]
     if pairs:
         out += ["", "| point | ppl without imatrix | ppl with imatrix (fixture:val) | with / without |",
@@ -789,6 +792,10 @@ def main() -> int:
             f"{key}: ppl {doc['points'][key]['heldout_ppl']:.3f}, {doc['points'][key]['bytes'] / 2**20:.1f} MiB"
         )
         write(doc, args.output)
+    for p in doc["points"].values():  # points measured before tensor_types was recorded: read their files
+        if "tensor_types" not in p and (HERE / p["gguf"]).is_file():
+            p["tensor_types"] = tensor_types(HERE / p["gguf"])
+    write(doc, args.output)
     checks = set() if args.no_check else set(args.checks.split(","))
     if "engine" in checks:
         for model in args.engine_models.split(","):
