@@ -46,9 +46,9 @@ import _models  # noqa: E402
 from _results import write as _write  # noqa: E402
 
 import layerprune as lp  # noqa: E402
-from layerprune.evaluation.llamacpp import speed  # noqa: E402
+from layerprune.evaluation.llamacpp import gguf_summary, speed  # noqa: E402
 from layerprune.models.llamacpp import to_gguf  # noqa: E402
-from layerprune.models.llamacpp_quant import sidecar, tensor_types  # noqa: E402
+from layerprune.models.llamacpp_quant import sidecar  # noqa: E402
 from layerprune.models.llamacpp_tools import VERSION  # noqa: E402
 
 RESULTS = HERE / "results" / "frontier.json"
@@ -258,6 +258,13 @@ def ensure_gguf(
     return gguf
 
 
+def file_facts(gguf: Path) -> dict:
+    """The file's sha256 prefix (two runs can tell the same file from one of the same size) and the share
+    of its weights in each tensor type (a K-quant's name on SmolLM2 is mostly fallback types)."""
+    summary = gguf_summary(gguf)
+    return {"fingerprint": summary["fingerprint"], "tensor_types": summary["tensor_types"]}
+
+
 def measure_point(
     folder: Path,
     model: str,
@@ -273,7 +280,7 @@ def measure_point(
     r = lp.perplexity_gguf(gguf, HELDOUT, seqlen=SEQLEN, max_windows=windows, threads=threads, progress=False)
     return {"model": model, "quant": quant, "imatrix": imatrix, "gguf": str(gguf.relative_to(HERE)),
             "bytes": gguf.stat().st_size, "heldout_ppl": r.ppl, "windows_fingerprint": r.protocol["fingerprint"],
-            "export_seconds": export_s, "eval_seconds": r.seconds, "tensor_types": tensor_types(gguf)}  # fmt: skip
+            "export_seconds": export_s, "eval_seconds": r.seconds, **file_facts(gguf)}  # fmt: skip
 
 
 def prune_layers_check(
@@ -477,8 +484,12 @@ def versus_previous(doc: dict, old: dict, source: str) -> dict:
         return {"points": len(r), "median": statistics.median(v for v, _ in r), "min": r[0][0], "max": r[-1][0],
                 "min_point": r[0][1], "max_point": r[-1][1]}  # fmt: skip
 
+    hashed = [
+        (p["fingerprint"], o["fingerprint"]) for _, p, o in same if "fingerprint" in p and "fingerprint" in o
+    ]
     return {"source": source, "machine": old.get("protocol", {}).get("machine", "not recorded"),
-            "files_compared": len(same), "heldout_ppl": spread("heldout_ppl"), "tg64_cpu_vs_ref": spread("tg64_cpu_vs_ref"),
+            "files_compared": len(same), "files_hashed_both": len(hashed),
+            "identical_files": sum(a == b for a, b in hashed), "heldout_ppl": spread("heldout_ppl"), "tg64_cpu_vs_ref": spread("tg64_cpu_vs_ref"),
             "pp128_cpu_vs_ref": spread("pp128_cpu_vs_ref")}  # fmt: skip
 
 
@@ -792,9 +803,9 @@ def main() -> int:
             f"{key}: ppl {doc['points'][key]['heldout_ppl']:.3f}, {doc['points'][key]['bytes'] / 2**20:.1f} MiB"
         )
         write(doc, args.output)
-    for p in doc["points"].values():  # points measured before tensor_types was recorded: read their files
-        if "tensor_types" not in p and (HERE / p["gguf"]).is_file():
-            p["tensor_types"] = tensor_types(HERE / p["gguf"])
+    for p in doc["points"].values():  # points measured before file_facts was recorded: read their files
+        if "fingerprint" not in p and (HERE / p["gguf"]).is_file():
+            p.update(file_facts(HERE / p["gguf"]))
     write(doc, args.output)
     checks = set() if args.no_check else set(args.checks.split(","))
     if "engine" in checks:
