@@ -803,10 +803,11 @@ def main() -> int:
             f"{key}: ppl {doc['points'][key]['heldout_ppl']:.3f}, {doc['points'][key]['bytes'] / 2**20:.1f} MiB"
         )
         write(doc, args.output)
-    for p in doc["points"].values():  # points measured before file_facts was recorded: read their files
-        if "fingerprint" not in p and (HERE / p["gguf"]).is_file():
-            p.update(file_facts(HERE / p["gguf"]))
-    write(doc, args.output)
+    unread = [p for p in doc["points"].values() if "fingerprint" not in p and (HERE / p["gguf"]).is_file()]
+    for p in unread:  # points measured before file_facts was recorded: read their files
+        p.update(file_facts(HERE / p["gguf"]))
+    if unread:
+        write(doc, args.output)
     checks = set() if args.no_check else set(args.checks.split(","))
     if "engine" in checks:
         for model in args.engine_models.split(","):

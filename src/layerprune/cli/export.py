@@ -27,10 +27,12 @@ def cmd_export(args) -> int:
         kind += f", importance matrix from {args.imatrix}"
     size = out.stat().st_size / 2**20
     print(f"wrote {out} (llama.cpp architecture {architecture(out)}, {kind}, {size:.1f} MiB)")
-    if args.quant:
-        from ..models.llamacpp_quant import fallback_note, tensor_types
+    if args.quant:  # the export's record holds the file's tensor types
+        import json
 
-        note = fallback_note(args.quant, tensor_types(out))
+        from ..models.llamacpp_quant import fallback_note, sidecar
+
+        note = fallback_note(args.quant, json.loads(sidecar(out).read_text())["tensor_types"])
         if note:
             print(f"note: {note}")
     return 0

@@ -104,11 +104,13 @@ def speed(
     return out
 
 
-def file_type(gguf: str | Path) -> str | None:
-    """The file's type as llama.cpp names it (general.file_type: Q4_K_M, IQ3_XXS, F16, ...), or None."""
+def file_type(gguf) -> str | None:
+    """The file's type as llama.cpp names it (general.file_type: Q4_K_M, IQ3_XXS, F16, ...), or None
+    (`gguf`: a path, or a GGUFReader already open on it)."""
     from gguf import GGUFReader, LlamaFileType
 
-    field = GGUFReader(str(gguf)).fields.get("general.file_type")
+    reader = gguf if isinstance(gguf, GGUFReader) else GGUFReader(str(gguf))
+    field = reader.fields.get("general.file_type")
     if field is None:
         return None
     try:
@@ -134,13 +136,14 @@ def gguf_summary(gguf: str | Path) -> dict:
     with open(gguf, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
-    types = tensor_types(gguf)
+    reader = GGUFReader(str(gguf))  # one reading of the header for the three facts below
+    types = tensor_types(reader)
     side = sidecar(gguf)
     return {
         "bytes": gguf.stat().st_size,
         "fingerprint": h.hexdigest()[:16],
-        "parameters": sum(int(t.n_elements) for t in GGUFReader(str(gguf)).tensors),
-        "type": file_type(gguf) or next(iter(types), None),
+        "parameters": sum(int(t.n_elements) for t in reader.tensors),
+        "type": file_type(reader) or next(iter(types), None),
         "tensor_types": types,
         "record": json.loads(side.read_text()) if side.is_file() else None,
     }

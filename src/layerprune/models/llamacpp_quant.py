@@ -99,16 +99,18 @@ def imatrix_input(llm, bos_text: str, bodies: list[str], seqlen: int) -> tuple[s
     return text, [[bos, *r[1:]] if add_bos else r for r in rows]
 
 
-def tensor_types(gguf: str | Path) -> dict[str, float]:
-    """The share of the file's matrix elements (2-D tensors) in each GGML type, largest first. A type
-    name is llama-quantize's recipe, not every tensor's type: K-quants (and most i-quants) need a
-    matrix's input size in multiples of 256, and llama.cpp stores any other matrix in a fallback type."""
+def tensor_types(gguf) -> dict[str, float]:
+    """The share of the file's matrix elements (2-D tensors) in each GGML type, largest first (`gguf`: a
+    path, or a GGUFReader already open on it). A type name is llama-quantize's recipe, not every
+    tensor's type: K-quants (and most i-quants) need a matrix's input size in multiples of 256, and
+    llama.cpp stores any other matrix in a fallback type."""
     from collections import Counter
 
     from gguf import GGUFReader
 
+    reader = gguf if isinstance(gguf, GGUFReader) else GGUFReader(str(gguf))
     counts: Counter = Counter()
-    for t in GGUFReader(str(gguf)).tensors:
+    for t in reader.tensors:
         if len(t.shape) >= 2:
             counts[t.tensor_type.name] += int(t.n_elements)
     total = sum(counts.values())
